@@ -1,0 +1,273 @@
+//! The engine's error type: which side, which connection, what went wrong.
+
+use std::fmt;
+use std::io;
+
+use multifd_wire::{RejectReason, WireError};
+
+/// The end of a migration an error happened on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The sending host.
+    Source,
+    /// The receiving host.
+    Destination,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(match self {
+            Self::Source => "source",
+            Self::Destination => "destination",
+        })
+    }
+}
+
+/// The connection an error happened on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// The listening socket, before a connection is identified.
+    Listener,
+    /// The control channel.
+    Control,
+    /// Multifd channel with this id.
+    Channel(u8),
+}
+
+impl fmt::Display for Link {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Listener => formatter.write_str("listener"),
+            Self::Control => formatter.write_str("control channel"),
+            Self::Channel(id) => write!(formatter, "channel {id}"),
+        }
+    }
+}
+
+/// A well-formed message or packet that breaks the protocol's rules.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    /// The first four bytes of a connection are neither the control nor the multifd magic.
+    #[error("connection magic {0:#010x} is neither control nor multifd")]
+    UnknownConnectionMagic(u32),
+    /// A second control connection.
+    #[error("a second control connection")]
+    DuplicateControl,
+    /// A channel id at or above the negotiated count.
+    #[error("channel id {id} not below the channel count {count}")]
+    ChannelIdOutOfRange {
+        /// The id received.
+        id: u8,
+        /// The negotiated count.
+        count: u8,
+    },
+    /// Two channels with the same id.
+    #[error("duplicate channel id {0}")]
+    DuplicateChannel(u8),
+    /// A channel hello for another migration.
+    #[error("channel uuid {received} differs from the migration's {expected}")]
+    UuidMismatch {
+        /// The migration's uuid.
+        expected: Uuid,
+        /// The uuid the channel sent.
+        received: Uuid,
+    },
+    /// A RAM packet naming a block that was not announced.
+    #[error("unknown ramblock {0:?}")]
+    UnknownRamBlock(String),
+    /// A page offset outside its block.
+    #[error("offset {offset:#x} past the end of ramblock {block:?} ({length:#x} bytes)")]
+    OffsetPastBlock {
+        /// The block.
+        block: String,
+        /// The offset received.
+        offset: u64,
+        /// The block's length.
+        length: u64,
+    },
+    /// A device-state packet for a device that was not announced.
+    #[error("unknown device {idstr:?} instance {instance_id}")]
+    UnknownDevice {
+        /// The device's id string.
+        idstr: String,
+        /// The device's instance id.
+        instance_id: u32,
+    },
+    /// A control message where the protocol does not allow it.
+    #[error("unexpected control message {0}")]
+    UnexpectedMessage(&'static str),
+    /// A round ended out of sequence.
+    #[error("round {received} ended, expected round {expected}")]
+    RoundOutOfOrder {
+        /// The next round.
+        expected: u64,
+        /// The round the message named.
+        received: u64,
+    },
+    /// The two ends counted different totals.
+    #[error("totals differ: source {source_totals}, destination {destination_totals}")]
+    TotalsMismatch {
+        /// What the source says it sent.
+        source_totals: String,
+        /// What the destination received.
+        destination_totals: String,
+    },
+}
+
+/// A migration's uuid, printed in the usual hyphenated form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Uuid(pub [u8; 16]);
+
+impl fmt::Display for Uuid {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, byte) in self.0.iter().enumerate() {
+            if matches!(index, 4 | 6 | 8 | 10) {
+                formatter.write_str("-")?;
+            }
+            write!(formatter, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Everything that can make a migration fail.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The caller's configuration or memory layout is unusable.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// An address string that is not `tcp:HOST:PORT` or `unix:PATH`.
+    #[error("invalid address {address:?}: expected tcp:HOST:PORT or unix:PATH")]
+    Address {
+        /// The string given.
+        address: String,
+    },
+    /// A system call on a connection failed.
+    #[error("{side} {link}: {context}: {source}")]
+    Io {
+        /// Where.
+        side: Side,
+        /// Which connection.
+        link: Link,
+        /// What was being done.
+        context: &'static str,
+        /// The system error.
+        #[source]
+        source: io::Error,
+    },
+    /// The peer closed a connection the migration still needed.
+    #[error("{side} {link}: connection closed by peer {context}")]
+    Closed {
+        /// Where.
+        side: Side,
+        /// Which connection.
+        link: Link,
+        /// What was being read (e.g. "mid-packet").
+        context: &'static str,
+    },
+    /// Bytes from the peer that do not decode.
+    #[error("{side} {link}: {source}")]
+    Wire {
+        /// Where.
+        side: Side,
+        /// Which connection.
+        link: Link,
+        /// The decoding error.
+        #[source]
+        source: WireError,
+    },
+    /// Decodable input that breaks the protocol.
+    #[error("{side} {link}: {source}")]
+    Protocol {
+        /// Where.
+        side: Side,
+        /// Which connection.
+        link: Link,
+        /// The broken rule.
+        #[source]
+        source: Violation,
+    },
+    /// The destination refused the source's settings.
+    #[error("{side}: migration rejected ({code:?}): {detail}", code = reason.code, detail = reason.detail)]
+    Rejected {
+        /// Where the rejection is reported.
+        side: Side,
+        /// Why.
+        reason: RejectReason,
+    },
+    /// The peer reported a failure of its own.
+    #[error("{side}: peer failed: {reason}")]
+    PeerFailed {
+        /// The side that received the report.
+        side: Side,
+        /// The peer's message.
+        reason: String,
+    },
+    /// Something did not happen in time.
+    #[error("{side}: timed out {what}")]
+    Timeout {
+        /// Where.
+        side: Side,
+        /// What was awaited.
+        what: &'static str,
+    },
+    /// The migration was cancelled through its [`crate::CancelHandle`].
+    #[error("{side}: migration cancelled")]
+    Cancelled {
+        /// Where.
+        side: Side,
+    },
+    /// A page queued by the caller that is not a whole page inside a block.
+    #[error(
+        "source: page at offset {offset:#x} of ramblock {block} is not a whole page inside it"
+    )]
+    PageOutOfRange {
+        /// Index of the block.
+        block: usize,
+        /// The offset given.
+        offset: u64,
+    },
+    /// A migration thread panicked (a bug); the migration was stopped.
+    #[error("{side}: internal error: {what}")]
+    Internal {
+        /// Where.
+        side: Side,
+        /// What.
+        what: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(side: Side, link: Link, context: &'static str, source: io::Error) -> Self {
+        Self::Io {
+            side,
+            link,
+            context,
+            source,
+        }
+    }
+
+    pub(crate) fn wire(side: Side, link: Link, source: WireError) -> Self {
+        Self::Wire { side, link, source }
+    }
+
+    pub(crate) fn protocol(side: Side, link: Link, source: Violation) -> Self {
+        Self::Protocol { side, link, source }
+    }
+
+    /// The wire error inside, if this error is one.
+    pub fn wire_error(&self) -> Option<&WireError> {
+        match self {
+            Self::Wire { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+
+    /// The protocol violation inside, if this error is one.
+    pub fn violation(&self) -> Option<&Violation> {
+        match self {
+            Self::Protocol { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! The control channel's framing over a connection.
+
+use std::io::{self, Read, Write};
+use std::time::Duration;
+
+use multifd_wire::{ControlMessage, CONTROL_FRAME_HEADER_LEN, CONTROL_MAGIC};
+
+use crate::transport::Stream;
+use crate::{Error, Link, Side};
+
+/// A control connection: frames out, frames in, each side's errors named.
+pub(crate) struct ControlChannel {
+    side: Side,
+    stream: Stream,
+    frame: Vec<u8>,
+}
+
+/// How long a control write may block: the peer reads its control channel promptly, so a
+/// write stuck this long means the peer is gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl ControlChannel {
+    pub(crate) fn new(side: Side, stream: Stream) -> Result<Self, Error> {
+        let channel = Self {
+            side,
+            stream,
+            frame: Vec::new(),
+        };
+        channel
+            .stream
+            .set_write_timeout(Some(WRITE_TIMEOUT))
+            .map_err(|error| channel.io("set write timeout", error))?;
+        Ok(channel)
+    }
+
+    pub(crate) fn stream(&self) -> &Stream {
+        &self.stream
+    }
+
+    pub(crate) fn try_clone(&self) -> Result<Self, Error> {
+        Ok(Self {
+            side: self.side,
+            stream: self
+                .stream
+                .try_clone()
+                .map_err(|error| self.io("clone", error))?,
+            frame: Vec::new(),
+        })
+    }
+
+    fn io(&self, context: &'static str, error: io::Error) -> Error {
+        if error.kind() == io::ErrorKind::UnexpectedEof {
+            Error::Closed {
+                side: self.side,
+                link: Link::Control,
+                context,
+            }
+        } else {
+            Error::io(self.side, Link::Control, context, error)
+        }
+    }
+
+    pub(crate) fn send_magic(&self) -> Result<(), Error> {
+        (&self.stream)
+            .write_all(&CONTROL_MAGIC.to_be_bytes())
+            .map_err(|error| self.io("write magic", error))
+    }
+
+    pub(crate) fn send(&mut self, message: &ControlMessage) -> Result<(), Error> {
+        self.frame.clear();
+        message
+            .encode(&mut self.frame)
+            .map_err(|error| Error::wire(self.side, Link::Control, error))?;
+        (&self.stream)
+            .write_all(&self.frame)
+            .map_err(|error| Error::io(self.side, Link::Control, "write message", error))
+    }
+
+    /// Reads one message; EOF between messages is [`Error::Closed`].
+    pub(crate) fn receive(&mut self) -> Result<ControlMessage, Error> {
+        self.frame.resize(CONTROL_FRAME_HEADER_LEN, 0);
+        (&self.stream)
+            .read_exact(&mut self.frame)
+            .map_err(|error| self.io("while awaiting a message", error))?;
+        let length = ControlMessage::payload_len(&self.frame)
+            .map_err(|error| Error::wire(self.side, Link::Control, error))?;
+        self.frame.resize(CONTROL_FRAME_HEADER_LEN + length, 0);
+        (&self.stream)
+            .read_exact(&mut self.frame[CONTROL_FRAME_HEADER_LEN..])
+            .map_err(|error| self.io("mid-message", error))?;
+        ControlMessage::decode(&self.frame)
+            .map_err(|error| Error::wire(self.side, Link::Control, error))
+    }
+}

@@ -1,0 +1,615 @@
+//! The destination end of a migration.
+
+use std::io::Read;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use multifd_wire::{
+    BlockAnnouncement, ChannelHello, ControlMessage, DeviceStateLimits, Hello, RamLimits,
+    RejectCode, RejectReason, ZeroPageMode, CHANNEL_HELLO_LEN, CONTROL_MAGIC, MULTIFD_MAGIC,
+};
+
+use super::control::ControlChannel;
+use super::{check_settings, expect, DEFAULT_CONNECT_TIMEOUT};
+use crate::failure::{lock, CancelHandle, Failure};
+use crate::ram::ReceivedPages;
+use crate::recv::{ChannelReceiver, ReceiveSettings, ReleaseError, SyncBarrier};
+use crate::stats::{ChannelCounters, Counters, Monitor};
+use crate::transport::{Listener, Stream};
+use crate::{Error, GuestMemory, Link, MigrationStats, Side, Uuid, Violation};
+
+/// What a destination accepts. Settings left `None` are taken from the source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DestinationConfig {
+    /// Required channel count.
+    pub channels: Option<u8>,
+    /// Required page size.
+    pub page_size: Option<u32>,
+    /// Required packet size.
+    pub packet_size: Option<u32>,
+    /// Required zero-page mode.
+    pub zero_page: Option<ZeroPageMode>,
+    /// Required migration uuid: only the migration the operator expects is accepted.
+    pub uuid: Option<[u8; 16]>,
+    /// How long to wait for a source to connect; `None` waits until cancelled.
+    pub wait_for_source: Option<Duration>,
+    /// How long the handshake and the arrival of every channel may take.
+    pub connect_timeout: Duration,
+    /// How long channels may take to reach their SYNC once the source ended a round.
+    pub round_timeout: Duration,
+}
+
+impl Default for DestinationConfig {
+    fn default() -> Self {
+        Self {
+            channels: None,
+            page_size: None,
+            packet_size: None,
+            zero_page: None,
+            uuid: None,
+            wait_for_source: None,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            round_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// How often a destination waiting for connections checks for cancellation.
+const ACCEPT_POLL: Duration = Duration::from_millis(100);
+
+/// Device-state payload bound until devices are supported: the chunk header alone.
+const DEVICE_STATE_MAX_PAYLOAD: u32 = multifd_wire::DEVICE_STATE_CHUNK_HEADER_LEN as u32;
+
+/// The receiving end: accepts one migration into memory the VMM maps.
+#[derive(Debug)]
+pub struct Destination {
+    config: DestinationConfig,
+    failure: Arc<Failure>,
+    monitor: Monitor,
+}
+
+/// The connections of a migration whose handshake succeeded.
+struct Connected {
+    control: ControlChannel,
+    hello: Hello,
+    memory: GuestMemory,
+}
+
+impl Destination {
+    /// A destination with this configuration.
+    pub fn new(config: DestinationConfig) -> Self {
+        Self {
+            config,
+            failure: Failure::new(),
+            monitor: Monitor::default(),
+        }
+    }
+
+    /// A live view of the counters, for progress reporting.
+    pub fn monitor(&self) -> Monitor {
+        self.monitor.clone()
+    }
+
+    /// A handle that stops the migration from another thread.
+    pub fn cancel_handle(&self) -> CancelHandle {
+        CancelHandle {
+            failure: Arc::clone(&self.failure),
+            side: Side::Destination,
+        }
+    }
+
+    /// Accepts one migration on `listener` and runs it to completion.
+    ///
+    /// `map_blocks` receives the RAM blocks the source announced and returns the memory
+    /// to receive them into, with the same names and lengths; memory must start zeroed
+    /// (pages the source sends as zero are only written if they were received before).
+    /// An `Err` from it rejects the migration with that message.
+    pub fn run(
+        &self,
+        listener: &Listener,
+        map_blocks: impl FnOnce(&[BlockAnnouncement]) -> Result<GuestMemory, String>,
+    ) -> Result<MigrationStats, Error> {
+        let result = self.run_migration(listener, map_blocks);
+        result.map_err(|error| self.failure.fail_and_take(error))
+    }
+
+    fn run_migration(
+        &self,
+        listener: &Listener,
+        map_blocks: impl FnOnce(&[BlockAnnouncement]) -> Result<GuestMemory, String>,
+    ) -> Result<MigrationStats, Error> {
+        let mut parked = Vec::new();
+        let control = self.accept_control(listener, &mut parked)?;
+        let connected = self.handshake(control, map_blocks)?;
+        let Connected {
+            control,
+            hello,
+            memory,
+        } = connected;
+        let channel_count = hello.channels as u8;
+        let counters = Counters::new(Side::Destination, channel_count, hello.page_size);
+        counters.guest_bytes.store(
+            memory.blocks().iter().map(|block| block.len()).sum(),
+            Ordering::Relaxed,
+        );
+        self.monitor.attach(&counters);
+
+        let control = Arc::new(Mutex::new(control));
+        let notifier = Arc::clone(&control);
+        self.failure.on_failure(move |reason| {
+            // A control thread blocked mid-write holds the lock; the source then learns
+            // from the closed connections instead.
+            if let Ok(mut control) = notifier.try_lock() {
+                // Best effort: the source may already be gone.
+                let _ = control.send(&ControlMessage::Failed(reason.into()));
+                control.stream().shutdown();
+            }
+        });
+        let control_clone = lock(&control).try_clone()?;
+        self.failure
+            .on_failure(move |_| control_clone.stream().shutdown());
+
+        let streams = self.accept_channels(listener, &hello, parked, &counters)?;
+        let barrier = SyncBarrier::new(channel_count, &self.failure);
+        let settings = Arc::new(ReceiveSettings {
+            received: ReceivedPages::new(&memory, hello.page_size),
+            memory,
+            ram_limits: RamLimits {
+                max_pages: hello.packet_size / hello.page_size,
+                page_size: hello.page_size,
+                compression: hello.compression,
+                extensions: hello.extensions,
+            },
+            device_limits: DeviceStateLimits {
+                max_payload: DEVICE_STATE_MAX_PAYLOAD,
+                extensions: hello.extensions,
+            },
+        });
+        let mut shutdowns = Vec::with_capacity(streams.len());
+        let mut threads = Vec::with_capacity(streams.len());
+        for (id, stream) in streams.into_iter().enumerate() {
+            shutdowns.push(stream.try_clone().map_err(|error| {
+                Error::io(Side::Destination, Link::Channel(id as u8), "clone", error)
+            })?);
+            let receiver = ChannelReceiver {
+                id: id as u8,
+                stream,
+                settings: Arc::clone(&settings),
+                counters: Arc::clone(&counters),
+                barrier: Arc::clone(&barrier),
+            };
+            let failure = Arc::clone(&self.failure);
+            let spawned = std::thread::Builder::new()
+                .name(format!("multifd-recv-{id}"))
+                .spawn(move || receiver.run(&failure));
+            match spawned {
+                Ok(thread) => threads.push(thread),
+                Err(error) => {
+                    self.failure.fail(Error::Internal {
+                        side: Side::Destination,
+                        what: format!("cannot spawn a channel thread: {error}"),
+                    });
+                    break;
+                }
+            }
+        }
+        counters.setup_done();
+        tracing::info!(uuid = %Uuid(hello.uuid), channels = channel_count, "migration accepted");
+
+        let result = if self.failure.is_failed() {
+            Err(Error::Cancelled {
+                side: Side::Destination,
+            })
+        } else {
+            self.run_rounds(&control, &barrier, &counters, &shutdowns)
+        };
+        if let Err(error) = &result {
+            if !self.failure.is_failed() {
+                tracing::debug!("control loop ended: {error}");
+            }
+        }
+        let result = result.map_err(|error| self.failure.fail_and_take(error));
+        join(threads, &self.failure);
+        if self.failure.is_failed() {
+            return Err(self.failure.take_or(Error::Internal {
+                side: Side::Destination,
+                what: "failed without an error".into(),
+            }));
+        }
+        result
+    }
+
+    /// Waits for the control connection; multifd channels that arrive first are kept.
+    fn accept_control(
+        &self,
+        listener: &Listener,
+        parked: &mut Vec<(ChannelHello, Stream)>,
+    ) -> Result<Stream, Error> {
+        let give_up = self
+            .config
+            .wait_for_source
+            .map(|wait| Instant::now() + wait);
+        loop {
+            match self.accept_one(listener, give_up, "waiting for a source")? {
+                Incoming::Control(stream) => return Ok(stream),
+                Incoming::Channel(hello, stream) => parked.push((hello, stream)),
+            }
+        }
+    }
+
+    /// Accepts one connection and tells control from channel by its first bytes.
+    fn accept_one(
+        &self,
+        listener: &Listener,
+        give_up: Option<Instant>,
+        what: &'static str,
+    ) -> Result<Incoming, Error> {
+        let listener_error =
+            |context, error| Error::io(Side::Destination, Link::Listener, context, error);
+        let stream = loop {
+            if self.failure.is_failed() {
+                return Err(Error::Cancelled {
+                    side: Side::Destination,
+                });
+            }
+            let now = Instant::now();
+            if give_up.is_some_and(|give_up| now >= give_up) {
+                return Err(Error::Timeout {
+                    side: Side::Destination,
+                    what,
+                });
+            }
+            let slice_end =
+                give_up.map_or(now + ACCEPT_POLL, |give_up| give_up.min(now + ACCEPT_POLL));
+            if let Some(stream) = listener
+                .accept_until(slice_end)
+                .map_err(|error| listener_error("accept", error))?
+            {
+                break stream;
+            }
+        };
+        stream
+            .set_read_timeout(Some(self.config.connect_timeout))
+            .map_err(|error| listener_error("set read timeout", error))?;
+        let mut first = [0u8; CHANNEL_HELLO_LEN];
+        (&stream)
+            .read_exact(&mut first[..4])
+            .map_err(|error| listener_error("read connection magic", error))?;
+        let magic = u32::from_be_bytes([first[0], first[1], first[2], first[3]]);
+        match magic {
+            CONTROL_MAGIC => Ok(Incoming::Control(stream)),
+            MULTIFD_MAGIC => {
+                (&stream)
+                    .read_exact(&mut first[4..])
+                    .map_err(|error| listener_error("read channel hello", error))?;
+                let hello = ChannelHello::decode(&first)
+                    .map_err(|error| Error::wire(Side::Destination, Link::Listener, error))?;
+                stream
+                    .set_read_timeout(None)
+                    .map_err(|error| listener_error("set read timeout", error))?;
+                Ok(Incoming::Channel(hello, stream))
+            }
+            other => Err(Error::protocol(
+                Side::Destination,
+                Link::Listener,
+                Violation::UnknownConnectionMagic(other),
+            )),
+        }
+    }
+
+    /// Reads `Hello`, `RamBlocks` and `Devices`, and answers `Welcome` or `Reject`.
+    fn handshake(
+        &self,
+        stream: Stream,
+        map_blocks: impl FnOnce(&[BlockAnnouncement]) -> Result<GuestMemory, String>,
+    ) -> Result<Connected, Error> {
+        let mut control = ControlChannel::new(Side::Destination, stream)?;
+        let unexpected = |message: &ControlMessage| {
+            Error::protocol(
+                Side::Destination,
+                Link::Control,
+                Violation::UnexpectedMessage(message.name()),
+            )
+        };
+        let hello = match control.receive()? {
+            ControlMessage::Hello(hello) => hello,
+            other => return Err(unexpected(&other)),
+        };
+        let blocks = match control.receive()? {
+            ControlMessage::RamBlocks(blocks) => blocks,
+            other => return Err(unexpected(&other)),
+        };
+        let devices = match control.receive()? {
+            ControlMessage::Devices(devices) => devices,
+            other => return Err(unexpected(&other)),
+        };
+        let verdict = self
+            .negotiate(&hello)
+            .and_then(|()| check_announced_blocks(&blocks, hello.page_size))
+            .and_then(|()| match devices.first() {
+                Some(device) => Err(RejectReason {
+                    code: RejectCode::Devices,
+                    detail: format!(
+                        "device {:?} instance {}: device state is not supported",
+                        device.idstr, device.instance_id
+                    ),
+                }),
+                None => Ok(()),
+            })
+            .and_then(|()| {
+                let memory = map_blocks(&blocks).map_err(|detail| RejectReason {
+                    code: RejectCode::RamBlocks,
+                    detail,
+                })?;
+                check_mapped_blocks(&blocks, &memory, hello.page_size)?;
+                Ok(memory)
+            });
+        match verdict {
+            Ok(memory) => {
+                control.send(&ControlMessage::Welcome)?;
+                control.stream().set_read_timeout(None).map_err(|error| {
+                    Error::io(Side::Destination, Link::Control, "set read timeout", error)
+                })?;
+                Ok(Connected {
+                    control,
+                    hello,
+                    memory,
+                })
+            }
+            Err(reason) => {
+                // The rejection is reported locally whether or not the source still listens.
+                let _ = control.send(&ControlMessage::Reject(reason.clone()));
+                Err(Error::Rejected {
+                    side: Side::Destination,
+                    reason,
+                })
+            }
+        }
+    }
+
+    fn negotiate(&self, hello: &Hello) -> Result<(), RejectReason> {
+        let config = &self.config;
+        check_settings(hello)?;
+        expect(
+            RejectCode::ChannelCount,
+            "channel count",
+            config.channels.map(u32::from),
+            hello.channels,
+        )?;
+        expect(
+            RejectCode::PageSize,
+            "page size",
+            config.page_size,
+            hello.page_size,
+        )?;
+        expect(
+            RejectCode::PacketSize,
+            "packet size",
+            config.packet_size,
+            hello.packet_size,
+        )?;
+        expect(
+            RejectCode::ZeroPage,
+            "zero-page mode",
+            config.zero_page,
+            hello.zero_page,
+        )?;
+        expect(
+            RejectCode::Uuid,
+            "uuid",
+            config.uuid.map(|uuid| Uuid(uuid).to_string()),
+            Uuid(hello.uuid).to_string(),
+        )
+    }
+
+    /// Accepts connections until every channel of the migration has arrived.
+    fn accept_channels(
+        &self,
+        listener: &Listener,
+        hello: &Hello,
+        parked: Vec<(ChannelHello, Stream)>,
+        counters: &Counters,
+    ) -> Result<Vec<Stream>, Error> {
+        let count = hello.channels as u8;
+        let mut streams: Vec<Option<Stream>> = (0..count).map(|_| None).collect();
+        let mut pending = parked.into_iter();
+        let give_up = Instant::now() + self.config.connect_timeout;
+        while streams.iter().any(Option::is_none) {
+            let (channel, stream) = match pending.next() {
+                Some(parked) => parked,
+                None => {
+                    match self.accept_one(listener, Some(give_up), "waiting for every channel")? {
+                        Incoming::Channel(channel, stream) => (channel, stream),
+                        Incoming::Control(_) => {
+                            return Err(Error::protocol(
+                                Side::Destination,
+                                Link::Listener,
+                                Violation::DuplicateControl,
+                            ))
+                        }
+                    }
+                }
+            };
+            let violation = |violation| {
+                Error::protocol(Side::Destination, Link::Channel(channel.channel), violation)
+            };
+            if channel.uuid != hello.uuid {
+                return Err(violation(Violation::UuidMismatch {
+                    expected: Uuid(hello.uuid),
+                    received: Uuid(channel.uuid),
+                }));
+            }
+            let slot = streams
+                .get_mut(usize::from(channel.channel))
+                .ok_or_else(|| {
+                    violation(Violation::ChannelIdOutOfRange {
+                        id: channel.channel,
+                        count,
+                    })
+                })?;
+            if slot.is_some() {
+                return Err(violation(Violation::DuplicateChannel(channel.channel)));
+            }
+            let clone = stream.try_clone().map_err(|error| {
+                Error::io(
+                    Side::Destination,
+                    Link::Channel(channel.channel),
+                    "clone",
+                    error,
+                )
+            })?;
+            self.failure.on_failure(move |_| clone.shutdown());
+            ChannelCounters::add(
+                &counters.channels[usize::from(channel.channel)].bytes,
+                CHANNEL_HELLO_LEN as u64,
+            );
+            *slot = Some(stream);
+        }
+        Ok(streams.into_iter().flatten().collect())
+    }
+
+    /// Releases rounds as the source ends them, until `Complete`.
+    fn run_rounds(
+        &self,
+        control: &Mutex<ControlChannel>,
+        barrier: &SyncBarrier,
+        counters: &Counters,
+        shutdowns: &[Stream],
+    ) -> Result<MigrationStats, Error> {
+        let mut reader = lock(control).try_clone()?;
+        let mut released = 0u64;
+        let violation = |violation| Error::protocol(Side::Destination, Link::Control, violation);
+        loop {
+            match reader.receive()? {
+                ControlMessage::RoundEnd { round } => {
+                    if round != released + 1 {
+                        return Err(violation(Violation::RoundOutOfOrder {
+                            expected: released + 1,
+                            received: round,
+                        }));
+                    }
+                    match barrier.release(round, self.config.round_timeout) {
+                        Ok(()) => {}
+                        Err(ReleaseError::TimedOut) => {
+                            return Err(Error::Timeout {
+                                side: Side::Destination,
+                                what: "waiting for every channel's SYNC",
+                            })
+                        }
+                        Err(ReleaseError::Stopped) => {
+                            return Err(Error::Cancelled {
+                                side: Side::Destination,
+                            })
+                        }
+                    }
+                    released = round;
+                    counters.rounds.store(released, Ordering::Relaxed);
+                }
+                ControlMessage::Complete(sent) => {
+                    let received = counters.totals();
+                    if sent != received {
+                        return Err(violation(Violation::TotalsMismatch {
+                            source_totals: format!("{sent:?}"),
+                            destination_totals: format!("{received:?}"),
+                        }));
+                    }
+                    barrier.finish();
+                    lock(control).send(&ControlMessage::Completed(received))?;
+                    for stream in shutdowns {
+                        stream.shutdown();
+                    }
+                    let stats = counters.finish();
+                    tracing::info!(
+                        seconds = stats.total_time.as_secs_f64(),
+                        "migration received"
+                    );
+                    return Ok(stats);
+                }
+                ControlMessage::Abort(reason) => {
+                    return Err(Error::PeerFailed {
+                        side: Side::Destination,
+                        reason: format!("source aborted: {reason}"),
+                    })
+                }
+                other => return Err(violation(Violation::UnexpectedMessage(other.name()))),
+            }
+        }
+    }
+}
+
+enum Incoming {
+    Control(Stream),
+    Channel(ChannelHello, Stream),
+}
+
+fn check_announced_blocks(
+    blocks: &[BlockAnnouncement],
+    page_size: u32,
+) -> Result<(), RejectReason> {
+    for (index, block) in blocks.iter().enumerate() {
+        let problem = if block.name.is_empty() || block.name.len() >= multifd_wire::NAME_FIELD_LEN {
+            Some("name must be 1 to 255 bytes")
+        } else if blocks[..index].iter().any(|other| other.name == block.name) {
+            Some("announced twice")
+        } else if block.length % u64::from(page_size) != 0 {
+            Some("length is not a multiple of the page size")
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(RejectReason {
+                code: RejectCode::RamBlocks,
+                detail: format!(
+                    "ramblock {:?} ({} bytes): {problem}",
+                    block.name, block.length
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn check_mapped_blocks(
+    announced: &[BlockAnnouncement],
+    memory: &GuestMemory,
+    page_size: u32,
+) -> Result<(), RejectReason> {
+    let mismatch = |detail| RejectReason {
+        code: RejectCode::RamBlocks,
+        detail,
+    };
+    if memory.blocks().len() != announced.len() {
+        return Err(mismatch(format!(
+            "{} ramblocks announced, {} mapped",
+            announced.len(),
+            memory.blocks().len()
+        )));
+    }
+    for (announced, mapped) in announced.iter().zip(memory.blocks()) {
+        if announced.name != mapped.name() || announced.length != mapped.len() {
+            return Err(mismatch(format!(
+                "ramblock {:?} of {} bytes mapped as {:?} of {} bytes",
+                announced.name,
+                announced.length,
+                mapped.name(),
+                mapped.len()
+            )));
+        }
+    }
+    memory
+        .check_layout(page_size)
+        .map_err(|error| mismatch(error.to_string()))
+}
+
+fn join(threads: Vec<JoinHandle<()>>, failure: &Failure) {
+    for thread in threads {
+        if thread.join().is_err() {
+            failure.fail(Error::Internal {
+                side: Side::Destination,
+                what: "a channel thread panicked".into(),
+            });
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! The precopy driver: settings, the control-channel handshake, rounds and completion.
+//!
+//! A source connects the control channel, sends `Hello` (settings), `RamBlocks` and
+//! `Devices`, and waits for `Welcome` or `Reject`; then it connects every multifd channel.
+//! Each round ends with a SYNC on every channel and `RoundEnd` on the control channel. At
+//! the end the source sends `Complete` with its totals, and succeeds only on the
+//! destination's `Completed`, whose totals must match. Until then the source's memory is
+//! only read, so a failed migration leaves the source VM intact.
+
+mod control;
+mod destination;
+mod source;
+
+use std::time::Duration;
+
+use multifd_wire::{Compression, Hello, RejectCode, RejectReason, PROTOCOL_VERSION};
+
+pub use destination::{Destination, DestinationConfig};
+pub use source::{Source, SourceConfig};
+
+/// Smallest page size accepted: zero detection and zeroing work in 64-byte steps.
+const MIN_PAGE_SIZE: u32 = 64;
+/// Largest page size accepted (huge pages are sent as runs of small ones).
+const MAX_PAGE_SIZE: u32 = 1 << 20;
+/// Largest packet accepted: bounds each channel's receive buffer and every payload.
+const MAX_PACKET_SIZE: u32 = 16 << 20;
+
+/// How long setup may take by default: connecting, handshake, every channel arriving.
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Checks the settings in a `Hello` are usable, whoever proposes them.
+pub(crate) fn check_settings(hello: &Hello) -> Result<(), RejectReason> {
+    let reject = |code, detail: String| Err(RejectReason { code, detail });
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return reject(
+            RejectCode::Version,
+            format!(
+                "protocol version {}, destination speaks {PROTOCOL_VERSION}",
+                hello.protocol_version
+            ),
+        );
+    }
+    if hello.channels == 0 || hello.channels > u32::from(u8::MAX) {
+        return reject(
+            RejectCode::ChannelCount,
+            format!("{} channels, must be 1 to 255", hello.channels),
+        );
+    }
+    if !hello.page_size.is_power_of_two()
+        || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&hello.page_size)
+    {
+        return reject(
+            RejectCode::PageSize,
+            format!(
+                "page size {}, must be a power of two from {MIN_PAGE_SIZE} to {MAX_PAGE_SIZE}",
+                hello.page_size
+            ),
+        );
+    }
+    if hello.packet_size == 0
+        || hello.packet_size % hello.page_size != 0
+        || hello.packet_size > MAX_PACKET_SIZE
+    {
+        return reject(
+            RejectCode::PacketSize,
+            format!(
+                "packet size {}, must be a multiple of the page size {} up to {MAX_PACKET_SIZE}",
+                hello.packet_size, hello.page_size
+            ),
+        );
+    }
+    if hello.compression != Compression::None {
+        return reject(
+            RejectCode::Compression,
+            format!("compression {} is not supported", hello.compression),
+        );
+    }
+    if hello.extensions != 0 {
+        return reject(
+            RejectCode::Extensions,
+            format!("extensions {:#x} are not supported", hello.extensions),
+        );
+    }
+    Ok(())
+}
+
+/// Compares a setting the destination was configured with to the source's.
+fn expect<T: PartialEq + std::fmt::Debug>(
+    code: RejectCode,
+    name: &str,
+    expected: Option<T>,
+    proposed: T,
+) -> Result<(), RejectReason> {
+    match expected {
+        Some(expected) if expected != proposed => Err(RejectReason {
+            code,
+            detail: format!("source {name} {proposed:?}, destination expects {expected:?}"),
+        }),
+        _ => Ok(()),
+    }
+}

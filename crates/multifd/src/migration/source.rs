@@ -1,0 +1,483 @@
+//! The source end of a migration.
+
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use multifd_wire::{
+    BlockAnnouncement, ChannelHello, Compression, ControlMessage, Hello, Totals, ZeroPageMode,
+    PROTOCOL_VERSION,
+};
+
+use super::control::ControlChannel;
+use super::{check_settings, DEFAULT_CONNECT_TIMEOUT};
+use crate::failure::{lock, CancelHandle, Failure};
+use crate::send::{Batch, ChannelSettings, SendChannels};
+use crate::stats::{Counters, Monitor};
+use crate::transport::{Address, Stream};
+use crate::{Error, GuestMemory, Link, MigrationStats, Side, Uuid, Violation};
+
+/// How a source migrates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceConfig {
+    /// Multifd channels to open (1 to 255).
+    pub channels: u8,
+    /// Guest page size in bytes.
+    pub page_size: u32,
+    /// Bytes of pages per packet; QEMU's 512 KiB gives 128 pages of 4 KiB.
+    pub packet_size: u32,
+    /// Zero-page handling.
+    pub zero_page: ZeroPageMode,
+    /// The migration's uuid; a random one when `None`.
+    pub uuid: Option<[u8; 16]>,
+    /// How long connecting and the handshake may take.
+    pub connect_timeout: Duration,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        Self {
+            channels: 2,
+            page_size: 4096,
+            packet_size: 512 * 1024,
+            zero_page: ZeroPageMode::Multifd,
+            uuid: None,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+}
+
+/// What the control reader thread reports to the driver.
+enum ControlEvent {
+    Completed(Totals),
+    PeerFailed(String),
+}
+
+/// How long a failing source waits for the destination's own account of the failure,
+/// which names the real cause when the source only saw a connection break.
+const PEER_REASON_GRACE: Duration = Duration::from_secs(1);
+
+/// A running migration on the source host.
+///
+/// Queue pages (or whole blocks), end rounds, then [`Source::complete`]. Guest memory is
+/// only read; if anything fails, the migration stops, the destination is told, and the
+/// source VM can simply keep running.
+pub struct Source {
+    memory: GuestMemory,
+    page_size: u32,
+    pages_per_packet: u32,
+    control: Arc<Mutex<ControlChannel>>,
+    events: mpsc::Receiver<ControlEvent>,
+    control_reader: Option<JoinHandle<()>>,
+    channels: Option<SendChannels>,
+    failure: Arc<Failure>,
+    counters: Arc<Counters>,
+    batch: Batch,
+    pages_this_round: u64,
+    rounds: u64,
+}
+
+impl Source {
+    /// Connects to a destination, negotiates, and opens every channel.
+    pub fn connect(
+        address: &Address,
+        config: &SourceConfig,
+        memory: GuestMemory,
+    ) -> Result<Self, Error> {
+        let uuid = match config.uuid {
+            Some(uuid) => uuid,
+            None => {
+                random_uuid().map_err(|error| Error::Config(format!("no random uuid: {error}")))?
+            }
+        };
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            uuid,
+            channels: u32::from(config.channels),
+            page_size: config.page_size,
+            packet_size: config.packet_size,
+            compression: Compression::None,
+            compression_level: 0,
+            zero_page: config.zero_page,
+            extensions: 0,
+        };
+        check_settings(&hello).map_err(|reason| Error::Config(reason.detail))?;
+        memory.check_layout(config.page_size)?;
+
+        let connect = |link| {
+            Stream::connect(address, config.connect_timeout)
+                .map_err(|error| Error::io(Side::Source, link, "connect", error))
+        };
+        let mut control = ControlChannel::new(Side::Source, connect(Link::Control)?)?;
+        control.send_magic()?;
+        control.send(&ControlMessage::Hello(hello))?;
+        control.send(&ControlMessage::RamBlocks(
+            memory
+                .blocks()
+                .iter()
+                .map(|block| BlockAnnouncement {
+                    name: block.name().into(),
+                    length: block.len(),
+                })
+                .collect(),
+        ))?;
+        control.send(&ControlMessage::Devices(Vec::new()))?;
+        control
+            .stream()
+            .set_read_timeout(Some(config.connect_timeout))
+            .map_err(|error| Error::io(Side::Source, Link::Control, "set read timeout", error))?;
+        match control.receive() {
+            Ok(ControlMessage::Welcome) => {}
+            Ok(ControlMessage::Reject(reason)) => {
+                return Err(Error::Rejected {
+                    side: Side::Source,
+                    reason,
+                })
+            }
+            Ok(other) => {
+                return Err(Error::protocol(
+                    Side::Source,
+                    Link::Control,
+                    Violation::UnexpectedMessage(other.name()),
+                ))
+            }
+            Err(Error::Io { source, .. }) if is_timeout(&source) => {
+                return Err(Error::Timeout {
+                    side: Side::Source,
+                    what: "waiting for the destination's welcome",
+                })
+            }
+            Err(error) => return Err(error),
+        }
+        control
+            .stream()
+            .set_read_timeout(None)
+            .map_err(|error| Error::io(Side::Source, Link::Control, "set read timeout", error))?;
+
+        let mut streams = Vec::with_capacity(usize::from(config.channels));
+        for id in 0..config.channels {
+            let stream = connect(Link::Channel(id))?;
+            let hello = ChannelHello { uuid, channel: id }.encode();
+            // SAFETY: the iovec points to `hello`, a local array alive across the call.
+            unsafe {
+                stream.write_all_raw(&mut [libc::iovec {
+                    iov_base: hello.as_ptr().cast_mut().cast(),
+                    iov_len: hello.len(),
+                }])
+            }
+            .map_err(|error| Error::io(Side::Source, Link::Channel(id), "write hello", error))?;
+            streams.push(stream);
+        }
+
+        let failure = Failure::new();
+        let counters = Counters::new(Side::Source, config.channels, config.page_size);
+        counters.guest_bytes.store(
+            memory.blocks().iter().map(|block| block.len()).sum(),
+            Ordering::Relaxed,
+        );
+        for (id, stream) in streams.iter().enumerate() {
+            crate::stats::ChannelCounters::add(
+                &counters.channels[id].bytes,
+                multifd_wire::CHANNEL_HELLO_LEN as u64,
+            );
+            let clone = stream.try_clone().map_err(|error| {
+                Error::io(Side::Source, Link::Channel(id as u8), "clone", error)
+            })?;
+            failure.on_failure(move |_| clone.shutdown());
+        }
+
+        let reader = control.try_clone()?;
+        let control = Arc::new(Mutex::new(control));
+        let notifier = Arc::clone(&control);
+        failure.on_failure(move |reason| {
+            // A driver blocked mid-write holds the lock; then the peer learns from the
+            // closed connections instead.
+            if let Ok(mut control) = notifier.try_lock() {
+                // Best effort: the peer may already be gone.
+                let _ = control.send(&ControlMessage::Abort(reason.into()));
+                let stream = control.stream();
+                // Bounds the reader's wait for the destination's own failure report.
+                let _ = stream.set_read_timeout(Some(PEER_REASON_GRACE));
+            }
+        });
+
+        let (events_sender, events) = mpsc::channel();
+        let reader_failure = Arc::clone(&failure);
+        let control_reader = std::thread::Builder::new()
+            .name("multifd-source-control".into())
+            .spawn(move || read_control(reader, &reader_failure, &events_sender))
+            .map_err(|error| Error::Internal {
+                side: Side::Source,
+                what: format!("cannot spawn the control reader: {error}"),
+            })?;
+
+        let pages_per_packet = config.packet_size / config.page_size;
+        let channels = SendChannels::start(
+            streams,
+            ChannelSettings {
+                memory: memory.clone(),
+                page_size: config.page_size,
+                pages_per_packet,
+                zero_page: config.zero_page,
+                compression: Compression::None,
+            },
+            &counters,
+            &failure,
+        );
+        counters.setup_done();
+        tracing::info!(uuid = %Uuid(uuid), channels = config.channels, "migration set up");
+        Ok(Self {
+            memory,
+            page_size: config.page_size,
+            pages_per_packet,
+            control,
+            events,
+            control_reader: Some(control_reader),
+            channels: Some(channels),
+            failure,
+            counters,
+            batch: Batch {
+                block: 0,
+                offsets: Vec::with_capacity(pages_per_packet as usize),
+            },
+            pages_this_round: 0,
+            rounds: 0,
+        })
+    }
+
+    /// The blocks being migrated.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// A live view of the counters, for progress reporting.
+    pub fn monitor(&self) -> Monitor {
+        Monitor::of(&self.counters)
+    }
+
+    /// A handle that stops the migration from another thread.
+    pub fn cancel_handle(&self) -> CancelHandle {
+        CancelHandle {
+            failure: Arc::clone(&self.failure),
+            side: Side::Source,
+        }
+    }
+
+    /// Queues the page at `offset` of block `block` (an index into the blocks) for the
+    /// current round. Queue each page at most once per round.
+    pub fn queue_page(&mut self, block: usize, offset: u64) -> Result<(), Error> {
+        let length = self
+            .memory
+            .blocks()
+            .get(block)
+            .map(|block| block.len())
+            .ok_or(Error::PageOutOfRange { block, offset })?;
+        let page_size = u64::from(self.page_size);
+        if offset % page_size != 0 || offset >= length {
+            return Err(Error::PageOutOfRange { block, offset });
+        }
+        if self.batch.block != block && !self.batch.offsets.is_empty()
+            || self.batch.offsets.len() == self.pages_per_packet as usize
+        {
+            self.flush()?;
+        }
+        self.batch.block = block;
+        self.batch.offsets.push(offset);
+        self.pages_this_round += 1;
+        Ok(())
+    }
+
+    /// Queues every page of block `block`.
+    pub fn queue_block(&mut self, block: usize) -> Result<(), Error> {
+        let length = self
+            .memory
+            .blocks()
+            .get(block)
+            .map(|block| block.len())
+            .ok_or(Error::PageOutOfRange { block, offset: 0 })?;
+        for offset in (0..length).step_by(self.page_size as usize) {
+            self.queue_page(block, offset)?;
+        }
+        Ok(())
+    }
+
+    /// Queues the pages whose bits are set in `bitmap` (bit `i` of word `i / 64` is page
+    /// `i` of the block), as a dirty log gives them.
+    pub fn queue_dirty_bitmap(&mut self, block: usize, bitmap: &[u64]) -> Result<(), Error> {
+        let page_size = u64::from(self.page_size);
+        for (word_index, &word) in bitmap.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let page = word_index as u64 * 64 + u64::from(bits.trailing_zeros());
+                self.queue_page(block, page * page_size)?;
+                bits &= bits - 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the current round: every queued page is sent, every channel sends a SYNC, and
+    /// the destination is told, so pages queued afterwards overwrite this round's copies.
+    pub fn end_round(&mut self) -> Result<(), Error> {
+        self.flush()?;
+        self.channels()?.sync_round().map_err(|_| self.stopped())?;
+        self.rounds += 1;
+        self.counters.rounds.store(self.rounds, Ordering::Relaxed);
+        lock(&self.counters.pages_per_round).push(self.pages_this_round);
+        self.pages_this_round = 0;
+        let round = self.rounds;
+        self.send_control(&ControlMessage::RoundEnd { round })
+    }
+
+    /// Finishes: ends the last round, reports the totals, waits for the destination to
+    /// confirm it received and loaded everything, and closes the channels.
+    pub fn complete(mut self) -> Result<MigrationStats, Error> {
+        if self.pages_this_round > 0 || self.rounds == 0 {
+            self.end_round()?;
+        }
+        let totals = self.counters.totals();
+        self.send_control(&ControlMessage::Complete(totals))?;
+        match self.events.recv() {
+            Ok(ControlEvent::Completed(received)) if received == totals => {}
+            Ok(ControlEvent::Completed(received)) => {
+                return Err(self.fail(Error::protocol(
+                    Side::Source,
+                    Link::Control,
+                    Violation::TotalsMismatch {
+                        source_totals: format!("{totals:?}"),
+                        destination_totals: format!("{received:?}"),
+                    },
+                )))
+            }
+            Ok(ControlEvent::PeerFailed(_)) | Err(_) => return Err(self.stopped()),
+        }
+        if let Some(reader) = self.control_reader.take() {
+            // The reader ended after delivering `Completed`.
+            let _ = reader.join();
+        }
+        if let Some(channels) = self.channels.take() {
+            channels.finish(&self.failure);
+        }
+        if self.failure.is_failed() {
+            return Err(self.stopped());
+        }
+        let stats = self.counters.finish();
+        tracing::info!(
+            seconds = stats.total_time.as_secs_f64(),
+            bytes = stats.bytes,
+            "migration completed"
+        );
+        Ok(stats)
+    }
+
+    fn channels(&self) -> Result<&SendChannels, Error> {
+        self.channels.as_ref().ok_or_else(|| self.stopped())
+    }
+
+    fn flush(&mut self) -> Result<(), Error> {
+        if self.batch.offsets.is_empty() {
+            return Ok(());
+        }
+        let channels = self.channels.as_ref().ok_or_else(|| self.stopped())?;
+        channels.send(&mut self.batch).map_err(|_| self.stopped())
+    }
+
+    fn send_control(&self, message: &ControlMessage) -> Result<(), Error> {
+        let result = lock(&self.control).send(message);
+        result.map_err(|error| self.fail(error))
+    }
+
+    fn fail(&self, error: Error) -> Error {
+        self.failure.fail(error);
+        self.stopped()
+    }
+
+    /// The error to report once the migration has failed. When the source only saw a
+    /// broken channel, the destination's report (arriving on the control channel) says why.
+    fn stopped(&self) -> Error {
+        let first = self
+            .failure
+            .take_or(Error::Cancelled { side: Side::Source });
+        let broken_link = matches!(
+            first,
+            Error::Io {
+                link: Link::Channel(_),
+                ..
+            } | Error::Closed {
+                link: Link::Channel(_),
+                ..
+            }
+        );
+        if broken_link {
+            if let Ok(ControlEvent::PeerFailed(reason)) =
+                self.events.recv_timeout(PEER_REASON_GRACE)
+            {
+                return Error::PeerFailed {
+                    side: Side::Source,
+                    reason,
+                };
+            }
+        }
+        first
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        if self.channels.is_some() {
+            self.failure.fail(Error::Cancelled { side: Side::Source });
+            drop(self.channels.take());
+        }
+        if let Some(reader) = self.control_reader.take() {
+            lock(&self.control).stream().shutdown();
+            let _ = reader.join();
+        }
+    }
+}
+
+fn read_control(
+    mut control: ControlChannel,
+    failure: &Failure,
+    events: &mpsc::Sender<ControlEvent>,
+) {
+    let error = match control.receive() {
+        Ok(ControlMessage::Completed(totals)) => {
+            // The driver may have stopped waiting; then nobody needs the totals.
+            let _ = events.send(ControlEvent::Completed(totals));
+            return;
+        }
+        Ok(ControlMessage::Failed(reason)) => {
+            let _ = events.send(ControlEvent::PeerFailed(reason.clone()));
+            Error::PeerFailed {
+                side: Side::Source,
+                reason,
+            }
+        }
+        Ok(other) => Error::protocol(
+            Side::Source,
+            Link::Control,
+            Violation::UnexpectedMessage(other.name()),
+        ),
+        Err(error) => error,
+    };
+    failure.fail(error);
+}
+
+fn is_timeout(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+fn random_uuid() -> std::io::Result<[u8; 16]> {
+    use std::io::Read;
+    let mut uuid = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut uuid)?;
+    // Version 4, variant 1, as RFC 9562 lays out random uuids.
+    uuid[6] = (uuid[6] & 0x0f) | 0x40;
+    uuid[8] = (uuid[8] & 0x3f) | 0x80;
+    Ok(uuid)
+}

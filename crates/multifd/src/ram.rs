@@ -1,0 +1,206 @@
+//! Guest RAM: named blocks of memory the VMM owns, and the destination's record of which
+//! pages it has received.
+
+use std::fs::File;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use crate::Error;
+
+/// A named, contiguous range of guest memory.
+///
+/// The engine reads (source) or writes (destination) it only through raw pointers: with
+/// vectored socket I/O, volatile loads for zero detection and volatile stores to zero a
+/// page, so the guest may keep changing it during a live migration.
+#[derive(Debug, Clone)]
+pub struct RamBlock {
+    name: String,
+    host: NonNull<u8>,
+    length: u64,
+    /// Keeps a mapping the engine was handed alive for as long as the block is used.
+    _mapping: Option<Arc<MmapRaw>>,
+}
+
+// SAFETY: a RamBlock is a pointer into memory that the VMM keeps mapped for the block's
+// lifetime (contract of `from_raw_parts`, or guaranteed by the owned mapping). The engine
+// never forms references into it, only raw, volatile or kernel accesses, so sharing the
+// pointer between threads cannot create aliasing references.
+unsafe impl Send for RamBlock {}
+// SAFETY: see `Send`: all accesses go through raw pointers.
+unsafe impl Sync for RamBlock {}
+
+impl RamBlock {
+    /// A block over memory the VMM owns.
+    ///
+    /// # Safety
+    ///
+    /// `host` must point to `length` bytes that stay mapped (readable on a source, also
+    /// writable on a destination) until every migration using this block has returned, and
+    /// that no Rust reference aliases while a destination writes them.
+    pub unsafe fn from_raw_parts(name: impl Into<String>, host: NonNull<u8>, length: u64) -> Self {
+        Self {
+            name: name.into(),
+            host,
+            length,
+            _mapping: None,
+        }
+    }
+
+    /// A block over a raw mapping (for example a memory-image file); the block keeps the
+    /// mapping alive.
+    pub fn from_mapping(name: impl Into<String>, mapping: MmapRaw) -> Result<Self, Error> {
+        let host = NonNull::new(mapping.as_mut_ptr())
+            .ok_or_else(|| Error::Config("mapping at a null address".into()))?;
+        Ok(Self {
+            name: name.into(),
+            host,
+            length: mapping.len() as u64,
+            _mapping: Some(Arc::new(mapping)),
+        })
+    }
+
+    /// Maps a whole file as a block: read-only for a source, shared and writable for a
+    /// destination (pages are written through to the file).
+    pub fn map_file(name: impl Into<String>, file: &File, writable: bool) -> Result<Self, Error> {
+        let name = name.into();
+        let map_error = |source: std::io::Error| {
+            Error::Config(format!("cannot map ramblock {name:?}: {source}"))
+        };
+        let mapping = if writable {
+            MmapOptions::new().map_raw(file)
+        } else {
+            MmapOptions::new().map_raw_read_only(file)
+        }
+        .map_err(map_error)?;
+        Self::from_mapping(name, mapping)
+    }
+
+    /// The block's name, as RAM packets carry it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The block's length in bytes.
+    pub fn len(&self) -> u64 {
+        self.length
+    }
+
+    /// Whether the block has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.length == 0
+    }
+
+    /// The block's first byte, for the VMM's own raw accesses.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.host.as_ptr()
+    }
+
+    /// Address of the byte at `offset`; the caller has checked `offset` against the length.
+    pub(crate) fn host_address(&self, offset: u64) -> *mut u8 {
+        self.host.as_ptr().wrapping_add(offset as usize)
+    }
+
+    /// Zeroes one page with volatile stores.
+    ///
+    /// # Safety
+    ///
+    /// `offset + page_size` must be within the block, and `page_size` a multiple of 8.
+    pub(crate) unsafe fn zero_page(&self, offset: u64, page_size: u32) {
+        let words = self.host_address(offset).cast::<u64>();
+        for index in 0..page_size as usize / 8 {
+            // SAFETY: within the block per the caller's contract; the block's memory is
+            // mapped writable on a destination (`from_raw_parts`/`map_file` contracts).
+            unsafe { words.add(index).write_volatile(0) };
+        }
+    }
+}
+
+/// The RAM blocks of one migration, in announcement order.
+#[derive(Debug, Clone, Default)]
+pub struct GuestMemory {
+    blocks: Vec<RamBlock>,
+}
+
+impl GuestMemory {
+    /// Guest memory made of these blocks; names must be unique and fit a RAM packet.
+    pub fn new(blocks: Vec<RamBlock>) -> Result<Self, Error> {
+        for (index, block) in blocks.iter().enumerate() {
+            if block.name.is_empty()
+                || block.name.len() >= multifd_wire::NAME_FIELD_LEN
+                || block.name.contains('\0')
+            {
+                return Err(Error::Config(format!(
+                    "ramblock name {:?} must be 1 to 255 bytes without NUL",
+                    block.name
+                )));
+            }
+            if blocks[..index].iter().any(|other| other.name == block.name) {
+                return Err(Error::Config(format!(
+                    "duplicate ramblock name {:?}",
+                    block.name
+                )));
+            }
+        }
+        Ok(Self { blocks })
+    }
+
+    /// The blocks.
+    pub fn blocks(&self) -> &[RamBlock] {
+        &self.blocks
+    }
+
+    /// Index of the block called `name`.
+    pub fn find(&self, name: &str) -> Option<usize> {
+        self.blocks.iter().position(|block| block.name == name)
+    }
+
+    /// Checks every block is a whole number of pages and the host addresses are aligned
+    /// for word-at-a-time access.
+    pub(crate) fn check_layout(&self, page_size: u32) -> Result<(), Error> {
+        for block in &self.blocks {
+            if block.length % u64::from(page_size) != 0 {
+                return Err(Error::Config(format!(
+                    "ramblock {:?} length {} is not a multiple of the page size {page_size}",
+                    block.name, block.length
+                )));
+            }
+            if block.host.as_ptr() as usize % 8 != 0 {
+                return Err(Error::Config(format!(
+                    "ramblock {:?} host address is not 8-byte aligned",
+                    block.name
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One bit per page per block: has the destination received this page's contents (or a
+/// zero marker) in an earlier packet? A zero page needs zeroing only if it has.
+#[derive(Debug)]
+pub(crate) struct ReceivedPages {
+    blocks: Vec<Vec<AtomicU64>>,
+}
+
+impl ReceivedPages {
+    pub(crate) fn new(memory: &GuestMemory, page_size: u32) -> Self {
+        let blocks = memory
+            .blocks()
+            .iter()
+            .map(|block| {
+                let pages = block.len() / u64::from(page_size);
+                (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect()
+            })
+            .collect();
+        Self { blocks }
+    }
+
+    /// Marks `page` of `block` received; returns whether it already was.
+    pub(crate) fn mark(&self, block: usize, page: u64) -> bool {
+        let bit = 1u64 << (page % 64);
+        self.blocks[block][(page / 64) as usize].fetch_or(bit, Ordering::Relaxed) & bit != 0
+    }
+}

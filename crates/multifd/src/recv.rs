@@ -1,0 +1,288 @@
+//! The receive side: one thread per channel, and the barrier that ends each round.
+//!
+//! A channel thread reads a packet header, validates the whole packet
+//! ([`multifd_wire::RamPacket::decode`] for what the negotiated limits decide, then the
+//! block name and every offset against the announced blocks here) and only then reads
+//! the pages, with `readv` straight into guest memory. At a SYNC it stops until the
+//! control side releases the round ([`SyncBarrier`]), because the next round may carry a
+//! newer copy of a page this round sent on another channel.
+
+use std::io::{self, Read};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use multifd_wire::{
+    DeviceStateLimits, DeviceStatePacket, PacketHeader, PacketKind, RamLimits, RamPacket,
+    DEVICE_STATE_PACKET_LEN, PACKET_HEADER_LEN, RAM_PACKET_FIXED_LEN,
+};
+
+use crate::failure::{lock, Failure};
+use crate::ram::ReceivedPages;
+use crate::stats::{ChannelCounters, Counters};
+use crate::transport::{push_page, Stream};
+use crate::{Error, GuestMemory, Link, Side, Violation};
+
+/// Channels wait here at each SYNC until the control side releases the round.
+pub(crate) struct SyncBarrier {
+    state: Mutex<BarrierState>,
+    changed: Condvar,
+}
+
+struct BarrierState {
+    /// SYNC packets seen per channel.
+    synced: Vec<u64>,
+    /// Rounds released so far.
+    released: u64,
+    /// Completion confirmed: a connection closing at a packet boundary is expected.
+    finishing: bool,
+    failed: bool,
+}
+
+/// Why the control side could not release a round.
+pub(crate) enum ReleaseError {
+    Stopped,
+    TimedOut,
+}
+
+impl SyncBarrier {
+    pub(crate) fn new(channels: u8, failure: &Failure) -> Arc<Self> {
+        let barrier = Arc::new(Self {
+            state: Mutex::new(BarrierState {
+                synced: vec![0; usize::from(channels)],
+                released: 0,
+                finishing: false,
+                failed: false,
+            }),
+            changed: Condvar::new(),
+        });
+        let waker = Arc::clone(&barrier);
+        failure.on_failure(move |_| {
+            waker.lock().failed = true;
+            waker.changed.notify_all();
+        });
+        barrier
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BarrierState> {
+        lock(&self.state)
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, BarrierState>) -> MutexGuard<'a, BarrierState> {
+        self.changed
+            .wait(guard)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Channel `channel` reached a SYNC: blocks until its round is released. `false` if
+    /// the migration failed meanwhile.
+    fn arrive(&self, channel: u8) -> bool {
+        let mut state = self.lock();
+        state.synced[usize::from(channel)] += 1;
+        let round = state.synced[usize::from(channel)];
+        self.changed.notify_all();
+        while !state.failed && state.released < round {
+            state = self.wait(state);
+        }
+        !state.failed
+    }
+
+    /// Waits until every channel has reached its SYNC for `round`, then releases them.
+    pub(crate) fn release(&self, round: u64, timeout: Duration) -> Result<(), ReleaseError> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        while !state.failed && state.synced.iter().any(|&synced| synced < round) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ReleaseError::TimedOut);
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        if state.failed {
+            return Err(ReleaseError::Stopped);
+        }
+        state.released = round;
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Completion is confirmed: channels may now see their connection close.
+    pub(crate) fn finish(&self) {
+        self.lock().finishing = true;
+    }
+
+    fn finishing(&self) -> bool {
+        self.lock().finishing
+    }
+}
+
+/// What every receive thread shares.
+pub(crate) struct ReceiveSettings {
+    pub(crate) memory: GuestMemory,
+    pub(crate) received: ReceivedPages,
+    pub(crate) ram_limits: RamLimits,
+    pub(crate) device_limits: DeviceStateLimits,
+}
+
+/// One channel's receive thread.
+pub(crate) struct ChannelReceiver {
+    pub(crate) id: u8,
+    pub(crate) stream: Stream,
+    pub(crate) settings: Arc<ReceiveSettings>,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) barrier: Arc<SyncBarrier>,
+}
+
+impl ChannelReceiver {
+    fn error_io(&self, context: &'static str, error: io::Error) -> Error {
+        if error.kind() == io::ErrorKind::UnexpectedEof {
+            Error::Closed {
+                side: Side::Destination,
+                link: Link::Channel(self.id),
+                context,
+            }
+        } else {
+            Error::io(Side::Destination, Link::Channel(self.id), context, error)
+        }
+    }
+
+    fn error_wire(&self, error: multifd_wire::WireError) -> Error {
+        Error::wire(Side::Destination, Link::Channel(self.id), error)
+    }
+
+    fn violation(&self, violation: Violation) -> Error {
+        Error::protocol(Side::Destination, Link::Channel(self.id), violation)
+    }
+
+    /// Receives packets until the connection closes after completion, or fails.
+    pub(crate) fn run(self, failure: &Failure) {
+        if let Err(error) = self.receive_all() {
+            if !failure.is_failed() {
+                failure.fail(error);
+            }
+        }
+    }
+
+    fn receive_all(&self) -> Result<(), Error> {
+        let limits = self.settings.ram_limits;
+        let mut packet = vec![0u8; RamPacket::wire_len(limits.max_pages)];
+        let mut iovecs: Vec<libc::iovec> = Vec::with_capacity(limits.max_pages as usize);
+        loop {
+            match (&self.stream).read(&mut packet[..1]) {
+                Ok(0) if self.barrier.finishing() => return Ok(()),
+                Ok(0) => {
+                    return Err(Error::Closed {
+                        side: Side::Destination,
+                        link: Link::Channel(self.id),
+                        context: "between packets",
+                    })
+                }
+                Ok(_) => {}
+                Err(_) if self.barrier.finishing() => return Ok(()),
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(self.error_io("read packet header", error)),
+            }
+            (&self.stream)
+                .read_exact(&mut packet[1..PACKET_HEADER_LEN])
+                .map_err(|error| self.error_io("mid-packet", error))?;
+            let header = PacketHeader::decode(&packet[..PACKET_HEADER_LEN])
+                .map_err(|e| self.error_wire(e))?;
+            match header.kind() {
+                PacketKind::Ram => self.receive_ram(&mut packet, &mut iovecs)?,
+                PacketKind::DeviceState => self.receive_device_state(&mut packet)?,
+            }
+        }
+    }
+
+    fn receive_ram(&self, packet: &mut [u8], iovecs: &mut Vec<libc::iovec>) -> Result<(), Error> {
+        let settings = &*self.settings;
+        let limits = &settings.ram_limits;
+        (&self.stream)
+            .read_exact(&mut packet[PACKET_HEADER_LEN..RAM_PACKET_FIXED_LEN])
+            .map_err(|error| self.error_io("mid-packet", error))?;
+        let length = RamPacket::total_len(&packet[..RAM_PACKET_FIXED_LEN], limits)
+            .map_err(|error| self.error_wire(error))?;
+        (&self.stream)
+            .read_exact(&mut packet[RAM_PACKET_FIXED_LEN..length])
+            .map_err(|error| self.error_io("mid-packet", error))?;
+        let ram = RamPacket::decode(&packet[..length], limits).map_err(|e| self.error_wire(e))?;
+        let counters = &self.counters.channels[usize::from(self.id)];
+        ChannelCounters::add(&counters.packets, 1);
+        ChannelCounters::add(&counters.bytes, length as u64);
+        if ram.flags.is_sync() {
+            ChannelCounters::add(&counters.sync_packets, 1);
+            return if self.barrier.arrive(self.id) {
+                Ok(())
+            } else {
+                Err(Error::Cancelled {
+                    side: Side::Destination,
+                })
+            };
+        }
+        if ram.normal_pages() == 0 && ram.zero_pages() == 0 {
+            return Ok(());
+        }
+        let block_index = settings
+            .memory
+            .find(ram.ramblock)
+            .ok_or_else(|| self.violation(Violation::UnknownRamBlock(ram.ramblock.into())))?;
+        let block = &settings.memory.blocks()[block_index];
+        let page_size = u64::from(limits.page_size);
+        let last_page = block.len().saturating_sub(page_size);
+        if let Some(offset) = ram
+            .normal_offsets()
+            .chain(ram.zero_offsets())
+            .find(|&offset| offset > last_page || block.len() < page_size)
+        {
+            return Err(self.violation(Violation::OffsetPastBlock {
+                block: block.name().into(),
+                offset,
+                length: block.len(),
+            }));
+        }
+        iovecs.clear();
+        for offset in ram.normal_offsets() {
+            push_page(iovecs, 0, block.host_address(offset), page_size as usize);
+        }
+        // SAFETY: every iovec is a whole page inside the block (offsets checked above), and
+        // the block stays mapped writable for the migration with no Rust references into it
+        // (`RamBlock` contract).
+        unsafe { self.stream.read_exact_raw(iovecs) }
+            .map_err(|error| self.error_io("mid-payload", error))?;
+        for offset in ram.normal_offsets() {
+            settings.received.mark(block_index, offset / page_size);
+        }
+        for offset in ram.zero_offsets() {
+            if settings.received.mark(block_index, offset / page_size) {
+                // SAFETY: the offset is a whole page inside the block (checked above) and
+                // the page size is a multiple of 8 (checked at negotiation).
+                unsafe { block.zero_page(offset, limits.page_size) };
+            }
+        }
+        ChannelCounters::add(&counters.normal_pages, u64::from(ram.normal_pages()));
+        ChannelCounters::add(&counters.zero_pages, u64::from(ram.zero_pages()));
+        ChannelCounters::add(&counters.payload_bytes, u64::from(ram.next_packet_size));
+        ChannelCounters::add(&counters.bytes, u64::from(ram.next_packet_size));
+        Ok(())
+    }
+
+    /// Device state is announced per device; with no device registered, any device-state
+    /// packet names an unknown device.
+    fn receive_device_state(&self, packet: &mut [u8]) -> Result<(), Error> {
+        (&self.stream)
+            .read_exact(&mut packet[PACKET_HEADER_LEN..DEVICE_STATE_PACKET_LEN])
+            .map_err(|error| self.error_io("mid-packet", error))?;
+        let device = DeviceStatePacket::decode(
+            &packet[..DEVICE_STATE_PACKET_LEN],
+            &self.settings.device_limits,
+        )
+        .map_err(|error| self.error_wire(error))?;
+        Err(self.violation(Violation::UnknownDevice {
+            idstr: device.idstr.into(),
+            instance_id: device.instance_id,
+        }))
+    }
+}

@@ -1,0 +1,383 @@
+//! The send side: one thread per channel, and the buffer swap that feeds them.
+//!
+//! Each channel owns one [`Batch`]; each producer (the RAM queue, later device-state
+//! savers) owns another. [`SendChannels::send`] hands the producer's filled batch to an
+//! idle channel and gives the producer that channel's empty one: no copy and no allocation
+//! per packet. Producers are served in arrival order (a ticket queue) and idle channels in
+//! the order they became idle, so neither a producer nor a channel starves.
+//!
+//! A round ends with [`SendChannels::sync_round`]: every channel sends a SYNC packet after
+//! whatever batch it holds, and the call returns once all have.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use multifd_wire::{Compression, Flags, RamPacketFields, ZeroPageMode};
+
+use crate::failure::{lock, Failure};
+use crate::stats::{ChannelCounters, Counters};
+use crate::transport::{iovec, push_page, Stream};
+use crate::zero_page::is_zero_page;
+use crate::{Error, GuestMemory, Link, Side};
+
+/// A packet's worth of work: pages of one block.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    pub(crate) block: usize,
+    pub(crate) offsets: Vec<u64>,
+}
+
+/// The migration stopped (its first error is in the [`Failure`]).
+#[derive(Debug)]
+pub(crate) struct Stopped;
+
+/// What every channel thread shares.
+pub(crate) struct ChannelSettings {
+    pub(crate) memory: GuestMemory,
+    pub(crate) page_size: u32,
+    pub(crate) pages_per_packet: u32,
+    pub(crate) zero_page: ZeroPageMode,
+    pub(crate) compression: Compression,
+}
+
+#[derive(Default)]
+struct Slot {
+    batch: Batch,
+    job: bool,
+    sync: bool,
+}
+
+struct State {
+    slots: Vec<Slot>,
+    idle: VecDeque<u8>,
+    next_ticket: u64,
+    serving: u64,
+    stopping: bool,
+    failed: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    producers: Condvar,
+    channels: Vec<Condvar>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    fn wake_all(&self) {
+        self.producers.notify_all();
+        for channel in &self.channels {
+            channel.notify_all();
+        }
+    }
+}
+
+/// The source's channel threads.
+pub(crate) struct SendChannels {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl SendChannels {
+    /// Starts one thread per stream; `streams[i]` is channel `i`, its hello already sent.
+    pub(crate) fn start(
+        streams: Vec<Stream>,
+        settings: ChannelSettings,
+        counters: &Arc<Counters>,
+        failure: &Arc<Failure>,
+    ) -> Self {
+        let channels = streams.len();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                slots: (0..channels)
+                    .map(|_| Slot {
+                        batch: Batch {
+                            block: 0,
+                            offsets: Vec::with_capacity(settings.pages_per_packet as usize),
+                        },
+                        ..Slot::default()
+                    })
+                    .collect(),
+                idle: (0..channels as u8).collect(),
+                next_ticket: 0,
+                serving: 0,
+                stopping: false,
+                failed: false,
+            }),
+            producers: Condvar::new(),
+            channels: (0..channels).map(|_| Condvar::new()).collect(),
+        });
+        let waker = Arc::clone(&shared);
+        failure.on_failure(move |_| {
+            waker.lock().failed = true;
+            waker.wake_all();
+        });
+        let settings = Arc::new(settings);
+        let packet_numbers = Arc::new(AtomicU64::new(0));
+        let threads = streams
+            .into_iter()
+            .enumerate()
+            .map(|(id, stream)| {
+                let sender = ChannelSender {
+                    id: id as u8,
+                    stream,
+                    settings: Arc::clone(&settings),
+                    counters: Arc::clone(counters),
+                    packet_numbers: Arc::clone(&packet_numbers),
+                    header: Vec::new(),
+                    normal: Vec::with_capacity(settings.pages_per_packet as usize),
+                    zero: Vec::with_capacity(settings.pages_per_packet as usize),
+                };
+                let shared = Arc::clone(&shared);
+                let failure = Arc::clone(failure);
+                std::thread::Builder::new()
+                    .name(format!("multifd-send-{id}"))
+                    .spawn(move || sender.run(&shared, &failure))
+            })
+            .collect::<Result<Vec<_>, _>>();
+        let threads = match threads {
+            Ok(threads) => threads,
+            Err(error) => {
+                failure.fail(Error::Internal {
+                    side: Side::Source,
+                    what: format!("cannot spawn a channel thread: {error}"),
+                });
+                Vec::new()
+            }
+        };
+        Self { shared, threads }
+    }
+
+    /// Swaps `batch` (filled) with an idle channel's empty batch and starts that channel
+    /// on it. Blocks while every channel is busy. Safe to call from several producers.
+    pub(crate) fn send(&self, batch: &mut Batch) -> Result<(), Stopped> {
+        let mut state = self.shared.lock();
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        while !state.failed && (state.serving != ticket || state.idle.is_empty()) {
+            state = wait(&self.shared.producers, state);
+        }
+        state.serving += 1;
+        if state.failed {
+            self.shared.producers.notify_all();
+            return Err(Stopped);
+        }
+        let Some(channel) = state.idle.pop_front() else {
+            return Err(Stopped);
+        };
+        let slot = &mut state.slots[usize::from(channel)];
+        std::mem::swap(&mut slot.batch, batch);
+        slot.job = true;
+        self.shared.channels[usize::from(channel)].notify_one();
+        self.shared.producers.notify_all();
+        Ok(())
+    }
+
+    /// Makes every channel send a SYNC after the batch it holds; returns when all have.
+    pub(crate) fn sync_round(&self) -> Result<(), Stopped> {
+        let mut state = self.shared.lock();
+        for (slot, wakeup) in state.slots.iter_mut().zip(&self.shared.channels) {
+            slot.sync = true;
+            wakeup.notify_one();
+        }
+        while !state.failed && state.slots.iter().any(|slot| slot.sync) {
+            state = wait(&self.shared.producers, state);
+        }
+        if state.failed {
+            Err(Stopped)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Lets every channel thread finish its work and exit, and waits for them. The
+    /// connections close as the threads drop them.
+    pub(crate) fn finish(mut self, failure: &Failure) {
+        self.shared.lock().stopping = true;
+        self.shared.wake_all();
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                failure.fail(Error::Internal {
+                    side: Side::Source,
+                    what: "a channel thread panicked".into(),
+                });
+            }
+        }
+    }
+}
+
+impl Drop for SendChannels {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            {
+                let mut state = self.shared.lock();
+                state.stopping = true;
+                state.failed = true;
+            }
+            self.shared.wake_all();
+            for thread in self.threads.drain(..) {
+                // A panic here was a consequence of the failure being torn down.
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+fn wait<'a>(condvar: &Condvar, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+    condvar
+        .wait(guard)
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+enum Work {
+    Pages(Batch),
+    Sync,
+}
+
+/// One channel thread's state; its buffers are reused for every packet.
+struct ChannelSender {
+    id: u8,
+    stream: Stream,
+    settings: Arc<ChannelSettings>,
+    counters: Arc<Counters>,
+    packet_numbers: Arc<AtomicU64>,
+    header: Vec<u8>,
+    normal: Vec<u64>,
+    zero: Vec<u64>,
+}
+
+impl ChannelSender {
+    fn run(mut self, shared: &Shared, failure: &Failure) {
+        let id = usize::from(self.id);
+        let mut iovecs = Vec::with_capacity(1 + self.settings.pages_per_packet as usize);
+        loop {
+            let work = {
+                let mut state = shared.lock();
+                loop {
+                    if state.failed {
+                        return;
+                    }
+                    let slot = &mut state.slots[id];
+                    if slot.job {
+                        break Work::Pages(std::mem::take(&mut slot.batch));
+                    }
+                    if slot.sync {
+                        state.idle.retain(|&channel| channel != self.id);
+                        break Work::Sync;
+                    }
+                    if state.stopping {
+                        return;
+                    }
+                    state = wait(&shared.channels[id], state);
+                }
+            };
+            let result = match &work {
+                Work::Pages(batch) => self.send_pages(batch, &mut iovecs),
+                Work::Sync => self.send_sync(),
+            };
+            if let Err(error) = result {
+                failure.fail(Error::io(
+                    Side::Source,
+                    Link::Channel(self.id),
+                    "write packet",
+                    error,
+                ));
+                return;
+            }
+            let mut state = shared.lock();
+            let slot = &mut state.slots[id];
+            match work {
+                Work::Pages(mut batch) => {
+                    batch.offsets.clear();
+                    slot.batch = batch;
+                    slot.job = false;
+                }
+                Work::Sync => slot.sync = false,
+            }
+            state.idle.push_back(self.id);
+            shared.producers.notify_all();
+        }
+    }
+
+    fn counters(&self) -> &ChannelCounters {
+        &self.counters.channels[usize::from(self.id)]
+    }
+
+    fn send_sync(&mut self) -> std::io::Result<()> {
+        self.normal.clear();
+        self.zero.clear();
+        self.header.clear();
+        self.encode_packet(Flags::SYNC, "", 0)?;
+        let mut iovecs = [iovec(self.header.as_ptr(), self.header.len())];
+        // SAFETY: the iovec points to `self.header`, which is not touched during the call.
+        unsafe { self.stream.write_all_raw(&mut iovecs)? };
+        let counters = self.counters();
+        ChannelCounters::add(&counters.bytes, self.header.len() as u64);
+        ChannelCounters::add(&counters.packets, 1);
+        ChannelCounters::add(&counters.sync_packets, 1);
+        Ok(())
+    }
+
+    fn send_pages(&mut self, batch: &Batch, iovecs: &mut Vec<libc::iovec>) -> std::io::Result<()> {
+        let settings = Arc::clone(&self.settings);
+        let block = &settings.memory.blocks()[batch.block];
+        let page_size = settings.page_size as usize;
+        self.normal.clear();
+        self.zero.clear();
+        for &offset in &batch.offsets {
+            let zero = settings.zero_page == ZeroPageMode::Multifd
+                // SAFETY: the RAM queue only batches whole pages inside the block, and the
+                // block's host address is 8-byte aligned (checked at setup); the page
+                // size is a multiple of 64 (checked at setup).
+                && unsafe { is_zero_page(block.host_address(offset), page_size) };
+            if zero {
+                self.zero.push(offset);
+            } else {
+                self.normal.push(offset);
+            }
+        }
+        let payload = self.normal.len() * page_size;
+        self.header.clear();
+        self.encode_packet(0, block.name(), payload as u32)?;
+        iovecs.clear();
+        iovecs.push(iovec(self.header.as_ptr(), self.header.len()));
+        for &offset in &self.normal {
+            push_page(iovecs, 1, block.host_address(offset), page_size);
+        }
+        // SAFETY: the header iovec points to `self.header`, untouched during the call; page
+        // iovecs point inside the block (whole pages, checked when queued), which stays
+        // mapped for the migration. Guest writes during the copy are allowed.
+        unsafe { self.stream.write_all_raw(iovecs)? };
+        let counters = self.counters();
+        ChannelCounters::add(&counters.bytes, (self.header.len() + payload) as u64);
+        ChannelCounters::add(&counters.packets, 1);
+        ChannelCounters::add(&counters.normal_pages, self.normal.len() as u64);
+        ChannelCounters::add(&counters.zero_pages, self.zero.len() as u64);
+        ChannelCounters::add(&counters.payload_bytes, payload as u64);
+        Ok(())
+    }
+
+    fn encode_packet(
+        &mut self,
+        flags: u32,
+        ramblock: &str,
+        next_packet_size: u32,
+    ) -> std::io::Result<()> {
+        RamPacketFields {
+            flags: Flags(flags | self.settings.compression.to_wire()),
+            pages_alloc: self.settings.pages_per_packet,
+            next_packet_size,
+            packet_num: self.packet_numbers.fetch_add(1, Ordering::Relaxed),
+            ramblock,
+            normal: &self.normal,
+            zero: &self.zero,
+        }
+        .encode(&mut self.header)
+        .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, error))
+    }
+}

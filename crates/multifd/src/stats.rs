@@ -1,0 +1,250 @@
+//! Statistics: live counters updated by the channel threads, and the snapshots handed to
+//! callers ([`Progress`] while running, [`MigrationStats`] at the end).
+//!
+//! Each channel's counters are written by that channel's thread only, with relaxed atomics:
+//! readers want a recent value, not a consistent cut.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use multifd_wire::Totals;
+
+use crate::Side;
+
+#[derive(Debug, Default)]
+pub(crate) struct ChannelCounters {
+    pub(crate) bytes: AtomicU64,
+    pub(crate) packets: AtomicU64,
+    pub(crate) normal_pages: AtomicU64,
+    pub(crate) zero_pages: AtomicU64,
+    pub(crate) payload_bytes: AtomicU64,
+    pub(crate) sync_packets: AtomicU64,
+}
+
+impl ChannelCounters {
+    pub(crate) fn add(counter: &AtomicU64, value: u64) {
+        counter.fetch_add(value, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self, id: u8) -> ChannelStats {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        ChannelStats {
+            id,
+            bytes: read(&self.bytes),
+            packets: read(&self.packets),
+            normal_pages: read(&self.normal_pages),
+            zero_pages: read(&self.zero_pages),
+            payload_bytes: read(&self.payload_bytes),
+            sync_packets: read(&self.sync_packets),
+        }
+    }
+}
+
+/// Shared by a migration's threads and by every [`Monitor`] handed out.
+#[derive(Debug)]
+pub(crate) struct Counters {
+    side: Side,
+    page_size: u32,
+    started: Instant,
+    pub(crate) channels: Vec<ChannelCounters>,
+    pub(crate) guest_bytes: AtomicU64,
+    pub(crate) rounds: AtomicU64,
+    setup_time: Mutex<Option<Duration>>,
+    pub(crate) pages_per_round: Mutex<Vec<u64>>,
+}
+
+impl Counters {
+    pub(crate) fn new(side: Side, channels: u8, page_size: u32) -> Arc<Self> {
+        Arc::new(Self {
+            side,
+            page_size,
+            started: Instant::now(),
+            channels: (0..channels).map(|_| ChannelCounters::default()).collect(),
+            guest_bytes: AtomicU64::new(0),
+            rounds: AtomicU64::new(0),
+            setup_time: Mutex::new(None),
+            pages_per_round: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Records the end of setup (handshake done, every channel connected).
+    pub(crate) fn setup_done(&self) {
+        if let Ok(mut setup) = self.setup_time.lock() {
+            setup.get_or_insert(self.started.elapsed());
+        }
+    }
+
+    fn channel_stats(&self) -> Vec<ChannelStats> {
+        self.channels
+            .iter()
+            .enumerate()
+            .map(|(id, counters)| counters.snapshot(id as u8))
+            .collect()
+    }
+
+    /// The totals sent to the peer at completion, summed over channels.
+    pub(crate) fn totals(&self) -> Totals {
+        let channels = self.channel_stats();
+        Totals {
+            packets: channels.iter().map(|channel| channel.packets).sum(),
+            normal_pages: channels.iter().map(|channel| channel.normal_pages).sum(),
+            zero_pages: channels.iter().map(|channel| channel.zero_pages).sum(),
+            payload_bytes: channels.iter().map(|channel| channel.payload_bytes).sum(),
+            rounds: self.rounds.load(Ordering::Relaxed),
+            device_chunks: 0,
+            device_bytes: 0,
+        }
+    }
+
+    pub(crate) fn progress(&self) -> Progress {
+        let totals = self.totals();
+        Progress {
+            bytes: self
+                .channels
+                .iter()
+                .map(|channel| channel.bytes.load(Ordering::Relaxed))
+                .sum(),
+            guest_bytes_done: (totals.normal_pages + totals.zero_pages) * u64::from(self.page_size),
+            guest_bytes: self.guest_bytes.load(Ordering::Relaxed),
+            rounds: totals.rounds,
+            elapsed: self.started.elapsed(),
+        }
+    }
+
+    pub(crate) fn finish(&self) -> MigrationStats {
+        let channels = self.channel_stats();
+        let sum = |field: fn(&ChannelStats) -> u64| channels.iter().map(field).sum();
+        MigrationStats {
+            side: self.side,
+            page_size: self.page_size,
+            bytes: sum(|channel| channel.bytes),
+            packets: sum(|channel| channel.packets),
+            normal_pages: sum(|channel| channel.normal_pages),
+            zero_pages: sum(|channel| channel.zero_pages),
+            payload_bytes: sum(|channel| channel.payload_bytes),
+            rounds: self.rounds.load(Ordering::Relaxed),
+            pages_per_round: self
+                .pages_per_round
+                .lock()
+                .map(|rounds| rounds.clone())
+                .unwrap_or_default(),
+            setup_time: self
+                .setup_time
+                .lock()
+                .ok()
+                .and_then(|setup| *setup)
+                .unwrap_or_default(),
+            total_time: self.started.elapsed(),
+            channels,
+        }
+    }
+}
+
+/// A live view of a running migration, for progress reporting from another thread.
+///
+/// A destination's counters exist only once the source has said how many channels it
+/// uses; until then the progress is all zero.
+#[derive(Debug, Clone, Default)]
+pub struct Monitor(pub(crate) Arc<OnceLock<Arc<Counters>>>);
+
+impl Monitor {
+    pub(crate) fn of(counters: &Arc<Counters>) -> Self {
+        let monitor = Self::default();
+        monitor.attach(counters);
+        monitor
+    }
+
+    pub(crate) fn attach(&self, counters: &Arc<Counters>) {
+        // A monitor is attached once, when the counters are created.
+        let _ = self.0.set(Arc::clone(counters));
+    }
+
+    /// A snapshot of the counters now.
+    pub fn progress(&self) -> Progress {
+        self.0
+            .get()
+            .map(|counters| counters.progress())
+            .unwrap_or_default()
+    }
+}
+
+/// A snapshot of a running migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Progress {
+    /// Bytes written or read on all channels so far (packets and payload).
+    pub bytes: u64,
+    /// Guest bytes transferred so far (normal and zero pages, times the page size).
+    pub guest_bytes_done: u64,
+    /// Guest bytes announced (the sum of the RAM block lengths), for a progress bar.
+    pub guest_bytes: u64,
+    /// Rounds ended so far.
+    pub rounds: u64,
+    /// Time since the migration started.
+    pub elapsed: Duration,
+}
+
+/// What one channel carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelStats {
+    /// The channel's id.
+    pub id: u8,
+    /// Bytes on the wire: channel hello, packets and payload.
+    pub bytes: u64,
+    /// RAM packets, SYNC packets included.
+    pub packets: u64,
+    /// Pages sent with contents.
+    pub normal_pages: u64,
+    /// Pages sent as zero.
+    pub zero_pages: u64,
+    /// Page payload bytes (after compression, where there is any).
+    pub payload_bytes: u64,
+    /// SYNC packets.
+    pub sync_packets: u64,
+}
+
+/// What a whole migration did, on one side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationStats {
+    /// The side these figures were measured on.
+    pub side: Side,
+    /// The page size in bytes.
+    pub page_size: u32,
+    /// Bytes on the wire over all channels (the control channel excluded).
+    pub bytes: u64,
+    /// RAM packets over all channels.
+    pub packets: u64,
+    /// Pages sent with contents.
+    pub normal_pages: u64,
+    /// Pages sent as zero.
+    pub zero_pages: u64,
+    /// Page payload bytes.
+    pub payload_bytes: u64,
+    /// Rounds (each ended by a SYNC on every channel).
+    pub rounds: u64,
+    /// Pages queued in each round (the dirty pages of that round), source side only.
+    pub pages_per_round: Vec<u64>,
+    /// From start to every channel connected and the settings agreed.
+    pub setup_time: Duration,
+    /// From start to completion confirmed.
+    pub total_time: Duration,
+    /// Per-channel figures.
+    pub channels: Vec<ChannelStats>,
+}
+
+impl MigrationStats {
+    /// Guest bytes transferred: normal and zero pages times the page size.
+    pub fn guest_bytes(&self) -> u64 {
+        (self.normal_pages + self.zero_pages) * u64::from(self.page_size)
+    }
+
+    /// Guest bytes per second over the whole migration.
+    pub fn guest_throughput(&self) -> f64 {
+        self.guest_bytes() as f64 / self.total_time.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+
+    /// Wire bytes per second over the whole migration.
+    pub fn wire_throughput(&self) -> f64 {
+        self.bytes as f64 / self.total_time.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+}

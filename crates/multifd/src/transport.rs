@@ -1,0 +1,376 @@
+//! Connections: TCP and Unix-domain sockets, and raw vectored I/O between a socket and
+//! guest memory.
+//!
+//! Guest memory may change under a live migration, so the engine never forms a `&[u8]`
+//! over it; pages move between a socket and guest memory with `writev`/`readv` over raw
+//! iovecs, and the kernel does the copy.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use crate::Error;
+
+/// Where a destination listens and a source connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// `tcp:HOST:PORT`.
+    Tcp(String),
+    /// `unix:PATH`.
+    Unix(PathBuf),
+}
+
+impl FromStr for Address {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self, Error> {
+        let invalid = || Error::Address {
+            address: text.to_owned(),
+        };
+        if let Some(host_port) = text.strip_prefix("tcp:") {
+            let (host, port) = host_port.rsplit_once(':').ok_or_else(invalid)?;
+            if host.is_empty() || port.parse::<u16>().is_err() {
+                return Err(invalid());
+            }
+            Ok(Self::Tcp(host_port.to_owned()))
+        } else if let Some(path) = text.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(invalid());
+            }
+            Ok(Self::Unix(PathBuf::from(path)))
+        } else {
+            Err(invalid())
+        }
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(host_port) => write!(formatter, "tcp:{host_port}"),
+            Self::Unix(path) => write!(formatter, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// One connection, control or multifd channel.
+#[derive(Debug)]
+pub(crate) enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    /// Connects, retrying refused connections until `timeout` so a source may start just
+    /// before its destination listens.
+    pub(crate) fn connect(address: &Address, timeout: Duration) -> io::Result<Self> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let attempt = match address {
+                Address::Tcp(host_port) => connect_tcp(host_port, timeout),
+                Address::Unix(path) => UnixStream::connect(path).map(Self::Unix),
+            };
+            match attempt {
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
+                    ) && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                result => return result,
+            }
+        }
+    }
+
+    pub(crate) fn try_clone(&self) -> io::Result<Self> {
+        Ok(match self {
+            Self::Tcp(stream) => Self::Tcp(stream.try_clone()?),
+            Self::Unix(stream) => Self::Unix(stream.try_clone()?),
+        })
+    }
+
+    /// Ends both directions; a thread blocked on this connection wakes with an error or EOF.
+    pub(crate) fn shutdown(&self) {
+        // Already-closed connections report ENOTCONN; nothing else is left to do then.
+        let _ = match self {
+            Self::Tcp(stream) => stream.shutdown(Shutdown::Both),
+            Self::Unix(stream) => stream.shutdown(Shutdown::Both),
+        };
+    }
+
+    pub(crate) fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Self::Tcp(stream) => stream.set_write_timeout(timeout),
+            Self::Unix(stream) => stream.set_write_timeout(timeout),
+        }
+    }
+
+    pub(crate) fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Self::Tcp(stream) => stream.set_read_timeout(timeout),
+            Self::Unix(stream) => stream.set_read_timeout(timeout),
+        }
+    }
+
+    /// Writes every byte the iovecs describe, resuming after partial writes.
+    ///
+    /// # Safety
+    ///
+    /// Every iovec must describe memory that stays mapped and readable until this returns.
+    /// The memory may be written concurrently (live guest RAM): the kernel copies it and
+    /// no Rust reference to it is formed.
+    pub(crate) unsafe fn write_all_raw(&self, iovecs: &mut [libc::iovec]) -> io::Result<()> {
+        let mut remaining = iovecs;
+        while !remaining.is_empty() {
+            let count = remaining.len().min(IOV_MAX);
+            // SAFETY: the iovecs point to memory the caller keeps mapped (contract above);
+            // `count` is within the slice.
+            let written = unsafe {
+                libc::writev(
+                    self.as_fd().as_raw_fd(),
+                    remaining.as_ptr(),
+                    count as libc::c_int,
+                )
+            };
+            if written < 0 {
+                let error = io::Error::last_os_error();
+                if error.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(error);
+            }
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            remaining = advance(remaining, written as usize);
+        }
+        Ok(())
+    }
+
+    /// Fills every byte the iovecs describe, resuming after partial reads; EOF before the
+    /// end is `UnexpectedEof`.
+    ///
+    /// # Safety
+    ///
+    /// Every iovec must describe memory that stays mapped and writable until this returns
+    /// and that no Rust reference aliases.
+    pub(crate) unsafe fn read_exact_raw(&self, iovecs: &mut [libc::iovec]) -> io::Result<()> {
+        let mut remaining = iovecs;
+        while !remaining.is_empty() {
+            let count = remaining.len().min(IOV_MAX);
+            // SAFETY: the iovecs point to writable memory the caller keeps mapped and
+            // unaliased (contract above); `count` is within the slice.
+            let read = unsafe {
+                libc::readv(
+                    self.as_fd().as_raw_fd(),
+                    remaining.as_ptr(),
+                    count as libc::c_int,
+                )
+            };
+            if read < 0 {
+                let error = io::Error::last_os_error();
+                if error.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(error);
+            }
+            if read == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            remaining = advance(remaining, read as usize);
+        }
+        Ok(())
+    }
+}
+
+/// Linux's limit on iovecs per call.
+const IOV_MAX: usize = 1024;
+
+/// Drops the first `done` bytes from the iovecs after a partial transfer.
+fn advance(iovecs: &mut [libc::iovec], mut done: usize) -> &mut [libc::iovec] {
+    let mut first = 0;
+    while first < iovecs.len() && done >= iovecs[first].iov_len {
+        done -= iovecs[first].iov_len;
+        first += 1;
+    }
+    let rest = &mut iovecs[first..];
+    if let Some(partial) = rest.first_mut() {
+        // Pointer arithmetic on a raw pointer: no memory is accessed here.
+        partial.iov_base = partial.iov_base.cast::<u8>().wrapping_add(done).cast();
+        partial.iov_len -= done;
+    }
+    rest
+}
+
+fn connect_tcp(host_port: &str, timeout: Duration) -> io::Result<Stream> {
+    let mut last_error = io::Error::new(io::ErrorKind::NotFound, "host resolves to no address");
+    for address in host_port.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&address, timeout) {
+            Ok(stream) => {
+                // Packets are written whole with one writev; Nagle would only delay them.
+                stream.set_nodelay(true)?;
+                return Ok(Stream::Tcp(stream));
+            }
+            Err(error) => last_error = error,
+        }
+    }
+    Err(last_error)
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Self::Tcp(stream) => stream.as_fd(),
+            Self::Unix(stream) => stream.as_fd(),
+        }
+    }
+}
+
+impl Read for &Stream {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(stream) => (&*stream).read(buffer),
+            Stream::Unix(stream) => (&*stream).read(buffer),
+        }
+    }
+}
+
+impl Write for &Stream {
+    fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(stream) => (&*stream).write(buffer),
+            Stream::Unix(stream) => (&*stream).write(buffer),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A bound listening socket for a destination.
+#[derive(Debug)]
+pub struct Listener {
+    inner: ListenerInner,
+}
+
+#[derive(Debug)]
+enum ListenerInner {
+    Tcp(TcpListener),
+    /// The path is removed again when the listener is dropped.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds `address`. For TCP, port 0 picks a free port; [`Listener::address`] tells it.
+    pub fn bind(address: &Address) -> Result<Self, Error> {
+        let bind_error = |source| Error::Io {
+            side: crate::Side::Destination,
+            link: crate::Link::Listener,
+            context: "bind",
+            source,
+        };
+        let inner = match address {
+            Address::Tcp(host_port) => {
+                ListenerInner::Tcp(TcpListener::bind(host_port.as_str()).map_err(bind_error)?)
+            }
+            Address::Unix(path) => {
+                ListenerInner::Unix(UnixListener::bind(path).map_err(bind_error)?, path.clone())
+            }
+        };
+        Ok(Self { inner })
+    }
+
+    /// The address sources should connect to.
+    pub fn address(&self) -> Address {
+        match &self.inner {
+            ListenerInner::Tcp(listener) => match listener.local_addr() {
+                Ok(address) => Address::Tcp(address.to_string()),
+                Err(_) => Address::Tcp(String::new()),
+            },
+            ListenerInner::Unix(_, path) => Address::Unix(path.clone()),
+        }
+    }
+
+    /// Accepts one connection, waiting at most until `deadline`; `Ok(None)` on timeout.
+    pub(crate) fn accept_until(&self, deadline: Instant) -> io::Result<Option<Stream>> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let mut poll = libc::pollfd {
+            fd: self.raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let millis = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: `poll` is a valid pollfd for one descriptor that lives across the call.
+        let ready = unsafe { libc::poll(&mut poll, 1, millis) };
+        if ready < 0 {
+            let error = io::Error::last_os_error();
+            return if error.kind() == io::ErrorKind::Interrupted {
+                Ok(None)
+            } else {
+                Err(error)
+            };
+        }
+        if ready == 0 {
+            return Ok(None);
+        }
+        Ok(Some(match &self.inner {
+            ListenerInner::Tcp(listener) => {
+                let (stream, _) = listener.accept()?;
+                stream.set_nodelay(true)?;
+                Stream::Tcp(stream)
+            }
+            ListenerInner::Unix(listener, _) => Stream::Unix(listener.accept()?.0),
+        }))
+    }
+
+    fn raw_fd(&self) -> libc::c_int {
+        match &self.inner {
+            ListenerInner::Tcp(listener) => listener.as_raw_fd(),
+            ListenerInner::Unix(listener, _) => listener.as_raw_fd(),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let ListenerInner::Unix(_, path) = &self.inner {
+            // The socket file is ours; if it is already gone there is nothing to clean.
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Appends a page to `iovecs`, extending the last iovec when the page follows it in
+/// memory (fewer, longer copies in the kernel); the first `fixed` iovecs are never
+/// extended.
+pub(crate) fn push_page(
+    iovecs: &mut Vec<libc::iovec>,
+    fixed: usize,
+    page: *mut u8,
+    page_size: usize,
+) {
+    if iovecs.len() > fixed {
+        if let Some(last) = iovecs.last_mut() {
+            if last.iov_base.cast::<u8>().wrapping_add(last.iov_len) == page {
+                last.iov_len += page_size;
+                return;
+            }
+        }
+    }
+    iovecs.push(iovec(page, page_size));
+}
+
+pub(crate) fn iovec(base: *const u8, length: usize) -> libc::iovec {
+    libc::iovec {
+        iov_base: base.cast_mut().cast(),
+        iov_len: length,
+    }
+}

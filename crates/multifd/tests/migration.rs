@@ -1,0 +1,116 @@
+//! End-to-end migrations over real sockets on loopback: the destination's memory must
+//! equal the source's byte for byte.
+
+mod common;
+
+use common::*;
+use multifd::{DestinationConfig, GuestMemory, Source, SourceConfig, ZeroPageMode};
+
+fn mixed_memory(seed: u64) -> GuestMemory {
+    let blocks = vec![
+        block("pc.ram", 4 << 20),
+        block("vga.vram", 1 << 20),
+        block("rom", 64 << 10),
+    ];
+    for (index, block) in blocks.iter().enumerate() {
+        fill_mixed(block, seed + index as u64);
+    }
+    GuestMemory::new(blocks).expect("memory")
+}
+
+fn migrate_all(channels: u8, unix: bool, zero_page: ZeroPageMode) {
+    let source_memory = mixed_memory(u64::from(channels) * 7 + 1);
+    let destination_memory = empty_like(&source_memory);
+    let (listener, address) = listener(unix);
+    let destination = spawn_destination(
+        listener,
+        DestinationConfig::default(),
+        destination_memory.clone(),
+    );
+    let config = SourceConfig {
+        channels,
+        zero_page,
+        ..SourceConfig::default()
+    };
+    let mut source = Source::connect(&address, &config, source_memory.clone()).expect("connect");
+    for index in 0..source_memory.blocks().len() {
+        source.queue_block(index).expect("queue");
+    }
+    let sent = source.complete().expect("source completes");
+    let received = destination
+        .join()
+        .expect("join")
+        .expect("destination completes");
+    for (original, copy) in source_memory
+        .blocks()
+        .iter()
+        .zip(destination_memory.blocks())
+    {
+        assert!(
+            bytes(original) == bytes(copy),
+            "block {} differs",
+            original.name()
+        );
+    }
+    let pages = source_memory
+        .blocks()
+        .iter()
+        .map(|block| block.len())
+        .sum::<u64>()
+        / PAGE as u64;
+    assert_eq!(sent.normal_pages + sent.zero_pages, pages);
+    assert_eq!(sent.normal_pages, received.normal_pages);
+    assert_eq!(sent.zero_pages, received.zero_pages);
+    assert_eq!(sent.bytes, received.bytes);
+    assert_eq!(sent.channels.len(), usize::from(channels));
+    match zero_page {
+        ZeroPageMode::Multifd => assert!(sent.zero_pages > pages / 8, "zero pages detected"),
+        ZeroPageMode::None => assert_eq!(sent.zero_pages, 0),
+    }
+    if channels > 1 {
+        assert!(
+            sent.channels
+                .iter()
+                .filter(|channel| channel.normal_pages > 0)
+                .count()
+                > 1,
+            "work spread over channels: {:?}",
+            sent.channels
+        );
+    }
+}
+
+#[test]
+fn one_channel_over_tcp() {
+    migrate_all(1, false, ZeroPageMode::Multifd);
+}
+
+#[test]
+fn four_channels_over_tcp() {
+    migrate_all(4, false, ZeroPageMode::Multifd);
+}
+
+#[test]
+fn sixteen_channels_over_tcp() {
+    migrate_all(16, false, ZeroPageMode::Multifd);
+}
+
+#[test]
+fn one_channel_over_unix() {
+    migrate_all(1, true, ZeroPageMode::Multifd);
+}
+
+#[test]
+fn four_channels_over_unix() {
+    migrate_all(4, true, ZeroPageMode::Multifd);
+}
+
+#[test]
+fn sixteen_channels_over_unix() {
+    migrate_all(16, true, ZeroPageMode::Multifd);
+}
+
+#[test]
+fn without_zero_page_detection() {
+    migrate_all(4, false, ZeroPageMode::None);
+}

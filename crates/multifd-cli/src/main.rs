@@ -1,1 +1,167 @@
-fn main() {}
+//! `multifd`: migrate guest memory images between hosts over parallel channels.
+
+mod bench;
+mod demo;
+mod image;
+mod qemu_baseline;
+mod ram_files;
+mod report;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+use multifd::{
+    Address, Destination, DestinationConfig, Listener, Source, SourceConfig, ZeroPageMode,
+};
+
+use crate::ram_files::RamFile;
+
+#[derive(Parser)]
+#[command(
+    name = "multifd",
+    version,
+    about = "Live migration of guest memory over parallel channels"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Send memory images to a listening `multifd recv`.
+    Send(SendArgs),
+    /// Receive a migration into memory-image files.
+    Recv(RecvArgs),
+    /// Generate a mixed 1 GiB image, migrate it over loopback, verify it, print statistics.
+    Demo(demo::DemoArgs),
+    /// Measure throughput on loopback for several channel counts, beside QEMU if installed.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct SendArgs {
+    /// Destination: tcp:HOST:PORT or unix:PATH.
+    #[arg(long)]
+    to: Address,
+    /// Parallel channels (1 to 255).
+    #[arg(long, default_value_t = 2)]
+    channels: u8,
+    /// RAM block NAME and the memory-image file holding it, as NAME=PATH (repeatable).
+    #[arg(long = "ram", value_name = "NAME=PATH", required = true)]
+    ram: Vec<RamFile>,
+    #[command(flatten)]
+    settings: Settings,
+    /// Zero-page handling: detect zero pages in the channel threads, or send every page.
+    #[arg(long, value_enum, default_value_t = ZeroPage::Multifd)]
+    zero_page: ZeroPage,
+    #[command(flatten)]
+    output: Output,
+}
+
+#[derive(clap::Args)]
+struct RecvArgs {
+    /// Address to listen on: tcp:HOST:PORT or unix:PATH.
+    #[arg(long)]
+    listen: Address,
+    /// Where each announced RAM block goes, as NAME=PATH (repeatable); files are created
+    /// (or truncated) at the announced size.
+    #[arg(long = "ram", value_name = "NAME=PATH", required = true)]
+    ram: Vec<RamFile>,
+    /// Accept only this many channels.
+    #[arg(long)]
+    channels: Option<u8>,
+    /// Give up if no source connects within this many seconds (default: wait).
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<u64>,
+    #[command(flatten)]
+    output: Output,
+}
+
+/// Settings both ends must agree on.
+#[derive(clap::Args)]
+struct Settings {
+    /// Page size in bytes.
+    #[arg(long, default_value_t = 4096)]
+    page_size: u32,
+    /// Packet size in bytes (a multiple of the page size).
+    #[arg(long, default_value_t = 512 * 1024)]
+    packet_size: u32,
+}
+
+#[derive(clap::Args)]
+struct Output {
+    /// Print one JSON object with the statistics on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ZeroPage {
+    None,
+    Multifd,
+}
+
+impl From<ZeroPage> for ZeroPageMode {
+    fn from(mode: ZeroPage) -> Self {
+        match mode {
+            ZeroPage::None => Self::None,
+            ZeroPage::Multifd => Self::Multifd,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Send(args) => send(args),
+        Command::Recv(args) => recv(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("multifd: {}", report::one_line(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn send(args: SendArgs) -> Result<()> {
+    let memory = ram_files::map_for_sending(&args.ram)?;
+    let config = SourceConfig {
+        channels: args.channels,
+        page_size: args.settings.page_size,
+        packet_size: args.settings.packet_size,
+        zero_page: args.zero_page.into(),
+        ..SourceConfig::default()
+    };
+    let mut source = Source::connect(&args.to, &config, memory)?;
+    let progress = report::ProgressBar::start(source.monitor(), "sending", args.output.json);
+    let result = (|| {
+        for block in 0..source.memory().blocks().len() {
+            source.queue_block(block)?;
+        }
+        source.complete()
+    })();
+    progress.finish();
+    report::print_outcome(result.map_err(Into::into), args.output.json)
+}
+
+fn recv(args: RecvArgs) -> Result<()> {
+    let listener = Listener::bind(&args.listen)?;
+    let destination = Destination::new(DestinationConfig {
+        channels: args.channels,
+        wait_for_source: args.timeout.map(Duration::from_secs),
+        ..DestinationConfig::default()
+    });
+    let progress = report::ProgressBar::start(destination.monitor(), "receiving", args.output.json);
+    let result = destination.run(&listener, |announced| {
+        ram_files::create_for_receiving(&args.ram, announced).map_err(|error| format!("{error:#}"))
+    });
+    progress.finish();
+    report::print_outcome(result.map_err(Into::into), args.output.json)
+}

@@ -278,6 +278,23 @@ impl ControlMessage {
         Ok(message)
     }
 
+    /// The message's name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Hello(_) => "Hello",
+            Self::RamBlocks(_) => "RamBlocks",
+            Self::Devices(_) => "Devices",
+            Self::RoundEnd { .. } => "RoundEnd",
+            Self::SwitchoverStart => "SwitchoverStart",
+            Self::Complete(_) => "Complete",
+            Self::Abort(_) => "Abort",
+            Self::Welcome => "Welcome",
+            Self::Reject(_) => "Reject",
+            Self::Completed(_) => "Completed",
+            Self::Failed(_) => "Failed",
+        }
+    }
+
     fn message_type(&self) -> u32 {
         match self {
             Self::Hello(_) => HELLO,

@@ -167,7 +167,7 @@ impl GuestMemory {
                     block.name, block.length
                 )));
             }
-            if block.host.as_ptr() as usize % 8 != 0 {
+            if !(block.host.as_ptr() as usize).is_multiple_of(8) {
                 return Err(Error::Config(format!(
                     "ramblock {:?} host address is not 8-byte aligned",
                     block.name

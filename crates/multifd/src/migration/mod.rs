@@ -58,7 +58,7 @@ pub(crate) fn check_settings(hello: &Hello) -> Result<(), RejectReason> {
         );
     }
     if hello.packet_size == 0
-        || hello.packet_size % hello.page_size != 0
+        || !hello.packet_size.is_multiple_of(hello.page_size)
         || hello.packet_size > MAX_PACKET_SIZE
     {
         return reject(

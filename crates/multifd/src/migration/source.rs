@@ -275,7 +275,7 @@ impl Source {
             .map(|block| block.len())
             .ok_or(Error::PageOutOfRange { block, offset })?;
         let page_size = u64::from(self.page_size);
-        if offset % page_size != 0 || offset >= length {
+        if !offset.is_multiple_of(page_size) || offset >= length {
             return Err(Error::PageOutOfRange { block, offset });
         }
         if self.batch.block != block && !self.batch.offsets.is_empty()

@@ -1,0 +1,776 @@
+//! Baseline: QEMU's own multifd live migration of a memory image.
+//!
+//! Two `qemu-system-x86_64` processes run on this host. Both start paused (`-S`),
+//! with no devices (`-nodefaults`), on the `pc` machine, with `-accel kvm -accel tcg`
+//! (KVM if it works, else TCG; the guest never executes, so this only matters for
+//! how dirty pages are tracked). Their guest RAM is one memory backend, `mem`:
+//!
+//! * the source maps the caller's image as guest RAM through a `memory-backend-file`
+//!   with `share=off,readonly=on`: QEMU opens the file read-only and maps it
+//!   privately, so it reads the image's pages straight from the page cache and cannot
+//!   change the file. No copy is made; the image is read once beforehand (untimed) so
+//!   that its pages are cached;
+//! * the destination gets fresh anonymous memory of the same size
+//!   (`memory-backend-ram`) and waits with `-incoming defer`.
+//!
+//! Both are driven over QMP (JSON lines on a Unix socket): the `multifd` capability is
+//! turned on and `multifd-channels`, `multifd-compression` with its level and a
+//! `max-bandwidth` of 1 TiB/s (QEMU throttles to 128 MiB/s by default) are set on both
+//! sides. The destination listens with `migrate-incoming` on `tcp:127.0.0.1:0`, and its
+//! `query-migrate` tells the port it was given. The source then gets `migrate` and is
+//! polled with `query-migrate` every 20 ms until `completed`, then the destination is
+//! polled until it has loaded everything too. The guest is paused, so no page is
+//! dirtied again and the default `downtime-limit` lets the migration finish after one
+//! pass over RAM.
+//!
+//! What is measured: [`QemuRun::seconds`] is our wall clock from sending `migrate` to
+//! both sides reporting `completed`; [`QemuRun::total_time_ms`] and
+//! [`QemuRun::transferred_bytes`] are the source's `total-time` and `ram.transferred`.
+//! Both processes are killed and the temporary directory (sockets, logs) removed when
+//! [`run`] returns, on success or error; each phase has a time limit so that it never
+//! hangs.
+
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use serde_json::{json, Value};
+
+/// The QEMU binary that is run.
+const QEMU: &str = "qemu-system-x86_64";
+/// Guest RAM sizes must be a multiple of this (2 MiB).
+const SIZE_ALIGNMENT: u64 = 2 << 20;
+/// Bandwidth limit set on both sides, in bytes per second: 1 TiB/s, i.e. none.
+const MAX_BANDWIDTH: u64 = 1 << 40;
+/// How long each QEMU may take to open its QMP socket.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one QMP command may take to answer.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the migration may take, from `migrate` until both sides are done.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often `query-migrate` is polled.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// How much of a QEMU's stderr an error message quotes, at most.
+const STDERR_TAIL: usize = 4096;
+
+/// The result of one QEMU multifd migration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QemuRun {
+    /// Wall-clock seconds from the `migrate` command until both sides reported
+    /// `completed`.
+    pub seconds: f64,
+    /// QEMU's own `total-time` of the migration on the source, in milliseconds.
+    pub total_time_ms: u64,
+    /// QEMU's `ram.transferred` on the source: bytes sent for guest RAM.
+    pub transferred_bytes: u64,
+    /// The first line of `qemu-system-x86_64 --version`.
+    pub version: String,
+}
+
+/// What to migrate and how.
+#[derive(Debug, Clone, Copy)]
+pub struct QemuOptions<'a> {
+    /// The memory image: a file whose size, a multiple of 2 MiB, is the guest's RAM
+    /// size. It is only read.
+    pub image: &'a Path,
+    /// The number of multifd channels (QEMU accepts 1 to 255).
+    pub channels: u32,
+    /// Multifd compression as `(algorithm, level)`, the algorithm being `"zlib"`
+    /// (levels 0 to 9) or `"zstd"` (levels 0 to 20); `None` for no compression.
+    pub compression: Option<(&'a str, u32)>,
+}
+
+/// Migrates the image from one QEMU to another on this host with multifd and returns
+/// the timings.
+///
+/// Returns `Ok(None)` when `qemu-system-x86_64` is not installed.
+///
+/// # Errors
+///
+/// Fails when the image cannot be read or its size is not a multiple of 2 MiB, when
+/// the options are invalid, when QEMU fails to start or rejects a command, when the
+/// migration fails (with QEMU's `error-desc` and the tail of both processes' stderr),
+/// or when a phase times out.
+pub fn run(options: &QemuOptions) -> Result<Option<QemuRun>> {
+    let Some(version) = qemu_version()? else {
+        return Ok(None);
+    };
+    let settings = settings(options)?;
+    let size = image_size(options.image)?;
+    warm_page_cache(options.image)?;
+    let mut pair = Pair::launch(options.image, size, &settings.arguments, None)?;
+    let measurement = pair.migrate(&settings.parameters)?;
+    Ok(Some(QemuRun {
+        seconds: measurement.seconds,
+        total_time_ms: measurement.total_time_ms,
+        transferred_bytes: measurement.transferred_bytes,
+        version,
+    }))
+}
+
+/// The first line of `qemu-system-x86_64 --version`, or `None` if it is not installed.
+fn qemu_version() -> Result<Option<String>> {
+    let output = match Command::new(QEMU)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(output) => output,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error).with_context(|| format!("running {QEMU} --version")),
+    };
+    ensure!(
+        output.status.success(),
+        "{QEMU} --version failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().next().unwrap_or_default().trim();
+    ensure!(!line.is_empty(), "{QEMU} --version printed nothing");
+    Ok(Some(line.to_owned()))
+}
+
+/// How both QEMUs are set up for one migration, checked.
+struct Settings {
+    /// `migrate-set-parameters` arguments, set on both sides over QMP.
+    parameters: Value,
+    /// Extra command-line arguments for both sides.
+    arguments: Vec<String>,
+}
+
+/// The settings for these options.
+///
+/// The compression level also goes on the command line as
+/// `-global migration.multifd-<algorithm>-level=<level>`, because QEMU 7.2 answers
+/// `migrate-set-parameters` with success but keeps the old level.
+fn settings(options: &QemuOptions) -> Result<Settings> {
+    ensure!(
+        (1..=255).contains(&options.channels),
+        "multifd channels must be 1 to 255, not {}",
+        options.channels
+    );
+    let mut parameters = json!({
+        "multifd-channels": options.channels,
+        "max-bandwidth": MAX_BANDWIDTH,
+        "multifd-compression": "none",
+    });
+    let mut arguments = Vec::new();
+    if let Some((algorithm, level)) = options.compression {
+        let max_level = match algorithm {
+            "zlib" => 9,
+            "zstd" => 20,
+            other => bail!("unknown multifd compression {other:?}: expected \"zlib\" or \"zstd\""),
+        };
+        ensure!(
+            level <= max_level,
+            "{algorithm} level must be 0 to {max_level}, not {level}"
+        );
+        let level_parameter = format!("multifd-{algorithm}-level");
+        arguments.push("-global".to_owned());
+        arguments.push(format!("migration.{level_parameter}={level}"));
+        parameters["multifd-compression"] = json!(algorithm);
+        parameters[level_parameter] = json!(level);
+    }
+    Ok(Settings {
+        parameters,
+        arguments,
+    })
+}
+
+/// The image's size, checked to be a non-zero multiple of 2 MiB.
+fn image_size(image: &Path) -> Result<u64> {
+    let metadata = fs::metadata(image).with_context(|| format!("reading {}", image.display()))?;
+    ensure!(metadata.is_file(), "{} is not a file", image.display());
+    let size = metadata.len();
+    ensure!(
+        size > 0 && size % SIZE_ALIGNMENT == 0,
+        "{} is {size} bytes, not a non-zero multiple of 2 MiB",
+        image.display()
+    );
+    Ok(size)
+}
+
+/// Reads the whole image once so that the migration reads it from memory, not disk.
+fn warm_page_cache(image: &Path) -> Result<()> {
+    let mut file = File::open(image).with_context(|| format!("opening {}", image.display()))?;
+    let mut buffer = vec![0; 1 << 20];
+    while file
+        .read(&mut buffer)
+        .with_context(|| format!("reading {}", image.display()))?
+        > 0
+    {}
+    Ok(())
+}
+
+/// `path` as a QEMU option value, with commas doubled.
+fn option_path(path: &Path) -> Result<String> {
+    let text = path
+        .to_str()
+        .ok_or_else(|| anyhow!("{} is not valid UTF-8", path.display()))?;
+    Ok(text.replace(',', ",,"))
+}
+
+/// The TCP port in a destination's `query-migrate` reply after `migrate-incoming`.
+fn listening_port(reply: &Value) -> Result<u16> {
+    let port = &reply["socket-address"][0]["port"];
+    let port = match port {
+        Value::String(text) => text.parse().ok(),
+        Value::Number(number) => number.as_u64().and_then(|n| u16::try_from(n).ok()),
+        _ => None,
+    };
+    port.ok_or_else(|| anyhow!("no listening port in destination query-migrate: {reply}"))
+}
+
+/// A `u64` field of a JSON object, or an error naming it.
+fn u64_field(value: &Value, pointer: &str) -> Result<u64> {
+    value
+        .pointer(pointer)
+        .and_then(Value::as_u64)
+        .ok_or_else(|| anyhow!("query-migrate has no {pointer}: {value}"))
+}
+
+/// A temporary directory, removed with its contents on drop.
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn create() -> Result<Self> {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "qemu-baseline-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = std::env::temp_dir().join(name);
+        fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        // Best effort: there is nothing useful to do if removal fails.
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running QEMU with its stderr going to a file; killed on drop.
+struct Process {
+    role: &'static str,
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl Process {
+    fn spawn(role: &'static str, args: &[String], workdir: &Path) -> Result<Self> {
+        let stderr = workdir.join(format!("{role}.stderr"));
+        let log =
+            File::create(&stderr).with_context(|| format!("creating {}", stderr.display()))?;
+        let child = Command::new(QEMU)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting the {role} {QEMU}"))?;
+        Ok(Self {
+            role,
+            child,
+            stderr,
+        })
+    }
+
+    /// The end of what this QEMU wrote to stderr so far.
+    fn stderr_tail(&self) -> String {
+        let text = fs::read(&self.stderr)
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default();
+        let text = text.trim();
+        let mut start = text.len().saturating_sub(STDERR_TAIL);
+        while !text.is_char_boundary(start) {
+            start += 1;
+        }
+        text[start..].to_owned()
+    }
+
+    /// `error` (flattened) followed by this QEMU's state and stderr.
+    fn explain(&mut self, error: anyhow::Error) -> anyhow::Error {
+        let state = match self.child.try_wait() {
+            Ok(Some(status)) => format!("exited ({status})"),
+            Ok(None) => "still running".to_owned(),
+            Err(wait_error) => format!("state unknown: {wait_error}"),
+        };
+        let stderr = self.stderr_tail();
+        let stderr = if stderr.is_empty() {
+            "(empty)"
+        } else {
+            &stderr
+        };
+        anyhow!(
+            "{error:#}\n{} QEMU (pid {}) {state}; its stderr:\n{stderr}",
+            self.role,
+            self.child.id()
+        )
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // Best effort: the process may already have exited.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A QMP connection: one JSON object per line each way.
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    /// Connects to a starting QEMU's QMP socket and leaves capabilities negotiation.
+    fn connect(socket: &Path, process: &mut Process) -> Result<Self> {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let stream = loop {
+            if let Some(status) = process.child.try_wait()? {
+                bail!("QEMU exited during startup ({status})");
+            }
+            match UnixStream::connect(socket) {
+                Ok(stream) => break stream,
+                Err(error) if Instant::now() >= deadline => {
+                    return Err(error).with_context(|| {
+                        format!(
+                            "QMP socket {} not ready after {STARTUP_TIMEOUT:?}",
+                            socket.display()
+                        )
+                    })
+                }
+                Err(_) => thread::sleep(POLL_INTERVAL),
+            }
+        };
+        stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
+        stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
+        let mut qmp = Self {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        };
+        let greeting = qmp.read_message().context("reading the QMP greeting")?;
+        ensure!(
+            greeting.get("QMP").is_some(),
+            "unexpected QMP greeting: {greeting}"
+        );
+        qmp.execute("qmp_capabilities", None)?;
+        Ok(qmp)
+    }
+
+    /// Runs a command and returns its `return` value, skipping events.
+    fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
+        let mut message = json!({ "execute": command });
+        if let Some(arguments) = arguments {
+            message["arguments"] = arguments;
+        }
+        writeln!(self.writer, "{message}").with_context(|| format!("sending QMP {command}"))?;
+        loop {
+            let reply = self
+                .read_message()
+                .with_context(|| format!("waiting for the reply to QMP {command}"))?;
+            if reply.get("event").is_some() {
+                continue;
+            }
+            if let Some(value) = reply.get("return") {
+                return Ok(value.clone());
+            }
+            if let Some(error) = reply.get("error") {
+                bail!(
+                    "QMP {command} failed: {}: {}",
+                    error["class"].as_str().unwrap_or("?"),
+                    error["desc"].as_str().unwrap_or("?")
+                );
+            }
+            bail!("unexpected reply to QMP {command}: {reply}");
+        }
+    }
+
+    fn read_message(&mut self) -> Result<Value> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            bail!("QMP connection closed");
+        }
+        serde_json::from_str(&line).with_context(|| format!("bad QMP message {line:?}"))
+    }
+}
+
+/// One side of the migration.
+struct Qemu {
+    process: Process,
+    qmp: Qmp,
+}
+
+impl Qemu {
+    fn launch(role: &'static str, args: &[String], workdir: &Path) -> Result<Self> {
+        let socket = workdir.join(format!("{role}.qmp"));
+        let mut all_args = args.to_vec();
+        all_args.push("-qmp".to_owned());
+        all_args.push(format!("unix:{},server=on,wait=off", option_path(&socket)?));
+        let mut process = Process::spawn(role, &all_args, workdir)?;
+        match Qmp::connect(&socket, &mut process) {
+            Ok(qmp) => Ok(Self { process, qmp }),
+            Err(error) => Err(process.explain(error)),
+        }
+    }
+
+    /// Runs a QMP command; an error carries this QEMU's stderr.
+    fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
+        self.qmp
+            .execute(command, arguments)
+            .map_err(|error| self.process.explain(error))
+    }
+
+    /// Checks with `query-migrate-parameters` that QEMU took every one of `wanted`.
+    fn check_parameters(&mut self, wanted: &Value) -> Result<()> {
+        let actual = self.execute("query-migrate-parameters", None)?;
+        let wanted = wanted
+            .as_object()
+            .ok_or_else(|| anyhow!("migration parameters are not an object: {wanted}"))?;
+        for (name, value) in wanted {
+            if actual.get(name) != Some(value) {
+                let error = anyhow!(
+                    "the {} QEMU did not apply {name}={value}: it has {}",
+                    self.process.role,
+                    actual.get(name).unwrap_or(&Value::Null)
+                );
+                return Err(self.process.explain(error));
+            }
+        }
+        Ok(())
+    }
+
+    /// The `status` of this side's `query-migrate`, with the whole reply.
+    fn migration_status(&mut self) -> Result<(String, Value)> {
+        let reply = self.execute("query-migrate", None)?;
+        let status = reply["status"].as_str().unwrap_or_default().to_owned();
+        Ok((status, reply))
+    }
+}
+
+/// What one migration measured.
+struct Measurement {
+    seconds: f64,
+    total_time_ms: u64,
+    transferred_bytes: u64,
+}
+
+/// The source and destination QEMU. Dropping it kills both, then removes the
+/// temporary directory (fields drop in declaration order).
+struct Pair {
+    source: Qemu,
+    destination: Qemu,
+    /// Held only to be removed on drop, after both QEMUs are gone.
+    _workdir: WorkDir,
+}
+
+impl Pair {
+    /// Starts both QEMUs, with `arguments` added: the source with `image` as its RAM,
+    /// the destination with fresh RAM, which is anonymous, or a new `share=on` file at
+    /// `destination_ram` when given (so that it can be compared).
+    fn launch(
+        image: &Path,
+        size: u64,
+        arguments: &[String],
+        destination_ram: Option<&Path>,
+    ) -> Result<Self> {
+        let workdir = WorkDir::create()?;
+        let mib = size >> 20;
+        let common = |backend: String| -> Vec<String> {
+            let mut common: Vec<String> = [
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-S",
+                "-accel",
+                "kvm",
+                "-accel",
+                "tcg",
+                "-machine",
+                "pc,memory-backend=mem",
+                "-m",
+                &format!("{mib}M"),
+                "-object",
+                &backend,
+            ]
+            .map(str::to_owned)
+            .to_vec();
+            common.extend_from_slice(arguments);
+            common
+        };
+
+        let source_backend = format!(
+            "memory-backend-file,id=mem,size={mib}M,mem-path={},share=off,readonly=on",
+            option_path(image)?
+        );
+        let source = Qemu::launch("source", &common(source_backend), &workdir.0)?;
+
+        let destination_backend = match destination_ram {
+            Some(path) => {
+                let file =
+                    File::create(path).with_context(|| format!("creating {}", path.display()))?;
+                file.set_len(size)
+                    .with_context(|| format!("sizing {}", path.display()))?;
+                format!(
+                    "memory-backend-file,id=mem,size={mib}M,mem-path={},share=on",
+                    option_path(path)?
+                )
+            }
+            None => format!("memory-backend-ram,id=mem,size={mib}M"),
+        };
+        let mut destination_args = common(destination_backend);
+        destination_args.extend(["-incoming".to_owned(), "defer".to_owned()]);
+        let destination = Qemu::launch("destination", &destination_args, &workdir.0)?;
+
+        Ok(Self {
+            source,
+            destination,
+            _workdir: workdir,
+        })
+    }
+
+    /// Runs one migration with these `migrate-set-parameters` arguments.
+    fn migrate(&mut self, parameters: &Value) -> Result<Measurement> {
+        for side in [&mut self.source, &mut self.destination] {
+            side.execute(
+                "migrate-set-capabilities",
+                Some(json!({ "capabilities": [{ "capability": "multifd", "state": true }] })),
+            )?;
+            side.execute("migrate-set-parameters", Some(parameters.clone()))?;
+            side.check_parameters(parameters)?;
+        }
+        self.destination.execute(
+            "migrate-incoming",
+            Some(json!({ "uri": "tcp:127.0.0.1:0" })),
+        )?;
+        let (_, incoming) = self.destination.migration_status()?;
+        let uri = format!("tcp:127.0.0.1:{}", listening_port(&incoming)?);
+
+        let start = Instant::now();
+        self.source
+            .execute("migrate", Some(json!({ "uri": uri })))?;
+        let source_done = self.wait_for_completion(Side::Source, start)?;
+        self.wait_for_completion(Side::Destination, start)?;
+        let seconds = start.elapsed().as_secs_f64();
+
+        Ok(Measurement {
+            seconds,
+            total_time_ms: u64_field(&source_done, "/total-time")?,
+            transferred_bytes: u64_field(&source_done, "/ram/transferred")?,
+        })
+    }
+
+    /// Polls one side's `query-migrate` until `completed` and returns that reply.
+    fn wait_for_completion(&mut self, side: Side, start: Instant) -> Result<Value> {
+        loop {
+            let qemu = match side {
+                Side::Source => &mut self.source,
+                Side::Destination => &mut self.destination,
+            };
+            let (status, reply) = qemu.migration_status()?;
+            match status.as_str() {
+                "completed" => return Ok(reply),
+                "failed" | "cancelled" => {
+                    let description = reply["error-desc"].as_str().unwrap_or("no error-desc");
+                    let error = anyhow!("migration {status} on the {side}: {description}");
+                    return Err(self.explain(error));
+                }
+                _ => {}
+            }
+            if start.elapsed() >= MIGRATION_TIMEOUT {
+                let error = anyhow!(
+                    "migration not completed on the {side} after {MIGRATION_TIMEOUT:?} \
+                     (status {status:?}): {reply}"
+                );
+                return Err(self.explain(error));
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// `error` followed by both QEMUs' state and stderr.
+    fn explain(&mut self, error: anyhow::Error) -> anyhow::Error {
+        let error = self.source.process.explain(error);
+        self.destination.process.explain(error)
+    }
+}
+
+/// Which QEMU of a [`Pair`].
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Source,
+    Destination,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Source => "source",
+            Self::Destination => "destination",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(channels: u32, compression: Option<(&str, u32)>) -> QemuOptions<'_> {
+        QemuOptions {
+            image: Path::new("unused"),
+            channels,
+            compression,
+        }
+    }
+
+    #[test]
+    fn settings_without_compression() -> Result<()> {
+        let settings = settings(&options(4, None))?;
+        assert_eq!(settings.parameters["multifd-channels"], 4);
+        assert_eq!(settings.parameters["multifd-compression"], "none");
+        assert_eq!(settings.parameters["max-bandwidth"], MAX_BANDWIDTH);
+        assert!(settings.arguments.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn settings_with_compression() -> Result<()> {
+        let zstd = settings(&options(2, Some(("zstd", 3))))?;
+        assert_eq!(zstd.parameters["multifd-compression"], "zstd");
+        assert_eq!(zstd.parameters["multifd-zstd-level"], 3);
+        assert_eq!(
+            zstd.arguments,
+            ["-global", "migration.multifd-zstd-level=3"]
+        );
+        let zlib = settings(&options(2, Some(("zlib", 9))))?;
+        assert_eq!(zlib.parameters["multifd-zlib-level"], 9);
+        Ok(())
+    }
+
+    #[test]
+    fn invalid_settings_are_rejected() {
+        assert!(settings(&options(0, None)).is_err());
+        assert!(settings(&options(256, None)).is_err());
+        assert!(settings(&options(2, Some(("lz4", 1)))).is_err());
+        assert!(settings(&options(2, Some(("zlib", 10)))).is_err());
+        assert!(settings(&options(2, Some(("zstd", 21)))).is_err());
+    }
+
+    #[test]
+    fn port_from_string_or_number() -> Result<()> {
+        let reply = json!({ "socket-address": [{ "port": "39455", "type": "inet" }] });
+        assert_eq!(listening_port(&reply)?, 39455);
+        let reply = json!({ "socket-address": [{ "port": 4444 }] });
+        assert_eq!(listening_port(&reply)?, 4444);
+        assert!(listening_port(&json!({})).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn commas_are_doubled() -> Result<()> {
+        assert_eq!(option_path(Path::new("/tmp/a,b"))?, "/tmp/a,,b");
+        Ok(())
+    }
+
+    /// Writes `pages` 4 KiB pages cycling through zero, random and text-like content.
+    fn write_mixed_image(path: &Path, pages: usize) -> Result<()> {
+        let mut state = 0x2545_F491_4F6C_DD1D_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let words: [&[u8]; 6] = [
+            b"page ", b"memory ", b"the ", b"guest ", b"dirty ", b"log.\n",
+        ];
+        let mut out = io::BufWriter::new(File::create(path)?);
+        let mut page = vec![0u8; 4096];
+        for index in 0..pages {
+            match index % 4 {
+                0 => page.fill(0),
+                1 => page
+                    .chunks_exact_mut(8)
+                    .for_each(|chunk| chunk.copy_from_slice(&next().to_le_bytes())),
+                _ => {
+                    let mut text = Vec::with_capacity(4200);
+                    while text.len() < page.len() {
+                        text.extend_from_slice(words[(next() % 6) as usize]);
+                    }
+                    page.copy_from_slice(&text[..4096]);
+                }
+            }
+            out.write_all(&page)?;
+        }
+        out.flush()?;
+        Ok(())
+    }
+
+    /// Whether two files have the same bytes.
+    fn same_contents(a: &Path, b: &Path) -> Result<bool> {
+        let (mut a, mut b) = (
+            BufReader::new(File::open(a)?),
+            BufReader::new(File::open(b)?),
+        );
+        let (mut x, mut y) = (vec![0; 1 << 20], vec![0; 1 << 20]);
+        loop {
+            let n = a.read(&mut x)?;
+            if n == 0 {
+                return Ok(b.read(&mut y)? == 0);
+            }
+            b.read_exact(&mut y[..n])?;
+            if x[..n] != y[..n] {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Migrates a 256 MiB mixed image into a file-backed destination, with `options`
+    /// but that image, and checks that the destination's RAM equals the image and that
+    /// the image is unchanged.
+    fn check_destination_ram(options: QemuOptions) -> Result<()> {
+        let workdir = WorkDir::create()?;
+        let image = workdir.0.join("image");
+        let reference = workdir.0.join("reference");
+        let destination_ram = workdir.0.join("destination.ram");
+        write_mixed_image(&image, 256 << 8)?;
+        fs::copy(&image, &reference)?;
+        let settings = settings(&options)?;
+        let size = image_size(&image)?;
+        let mut pair = Pair::launch(&image, size, &settings.arguments, Some(&destination_ram))?;
+        let measurement = pair.migrate(&settings.parameters)?;
+        assert!(measurement.transferred_bytes > 0);
+        assert!(same_contents(&reference, &destination_ram)?);
+        drop(pair);
+        assert!(
+            same_contents(&reference, &image)?,
+            "the source changed the image"
+        );
+        Ok(())
+    }
+
+    #[test]
+    #[ignore = "starts QEMUs and writes 768 MiB; run with --ignored"]
+    fn destination_ram_equals_image() -> Result<()> {
+        if qemu_version()?.is_none() {
+            eprintln!("{QEMU} is not installed; skipping");
+            return Ok(());
+        }
+        check_destination_ram(options(4, None))?;
+        check_destination_ram(options(2, Some(("zstd", 3))))
+    }
+}

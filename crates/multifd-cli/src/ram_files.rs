@@ -1,0 +1,73 @@
+//! `NAME=PATH` arguments: memory-image files mapped as RAM blocks.
+
+use std::fs::{File, OpenOptions};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use anyhow::{bail, Context, Result};
+use multifd::{BlockAnnouncement, GuestMemory, RamBlock};
+
+/// One `--ram NAME=PATH` argument.
+#[derive(Debug, Clone)]
+pub struct RamFile {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+impl FromStr for RamFile {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.split_once('=') {
+            Some((name, path)) if !name.is_empty() && !path.is_empty() => Ok(Self {
+                name: name.into(),
+                path: path.into(),
+            }),
+            _ => Err(format!("{text:?} is not NAME=PATH")),
+        }
+    }
+}
+
+/// Maps each file read-only as the block of its name, in argument order.
+pub fn map_for_sending(files: &[RamFile]) -> Result<GuestMemory> {
+    let blocks = files
+        .iter()
+        .map(|file| {
+            let handle = File::open(&file.path)
+                .with_context(|| format!("cannot open {}", file.path.display()))?;
+            Ok(RamBlock::map_file(&file.name, &handle, false)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(GuestMemory::new(blocks)?)
+}
+
+/// Creates (or truncates) the file of every announced block at the announced length and
+/// maps it writable. A block without a `NAME=PATH` is an error.
+pub fn create_for_receiving(
+    files: &[RamFile],
+    announced: &[BlockAnnouncement],
+) -> Result<GuestMemory> {
+    let blocks = announced
+        .iter()
+        .map(|block| {
+            let Some(file) = files.iter().find(|file| file.name == block.name) else {
+                bail!(
+                    "ramblock {:?} announced by the source has no --ram mapping",
+                    block.name
+                );
+            };
+            let handle = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&file.path)
+                .with_context(|| format!("cannot create {}", file.path.display()))?;
+            handle
+                .set_len(block.length)
+                .with_context(|| format!("cannot size {}", file.path.display()))?;
+            Ok(RamBlock::map_file(&block.name, &handle, true)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(GuestMemory::new(blocks)?)
+}

@@ -1,0 +1,167 @@
+//! What the command line shows: a progress bar while running, then a table or JSON.
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use multifd::{MigrationStats, Monitor};
+use serde_json::{json, Value};
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// An error and its causes on one line.
+pub fn one_line(error: &anyhow::Error) -> String {
+    format!("{error:#}")
+}
+
+/// A progress bar on a terminal's stderr, fed from the migration's monitor.
+pub struct ProgressBar {
+    done: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// How often the bar is redrawn.
+const REFRESH: Duration = Duration::from_millis(100);
+
+impl ProgressBar {
+    /// Shows a bar unless stderr is not a terminal or JSON output was asked for.
+    pub fn start(monitor: Monitor, label: &'static str, json: bool) -> Self {
+        let done = Arc::new(AtomicBool::new(false));
+        let thread = (!json && std::io::stderr().is_terminal()).then(|| {
+            let done = Arc::clone(&done);
+            std::thread::spawn(move || {
+                let bar = indicatif::ProgressBar::new(0);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} {elapsed}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
+                bar.set_message(label);
+                while !done.load(Ordering::Relaxed) {
+                    let progress = monitor.progress();
+                    bar.set_length(progress.guest_bytes);
+                    bar.set_position(progress.guest_bytes_done);
+                    std::thread::sleep(REFRESH);
+                }
+                bar.finish_and_clear();
+            })
+        });
+        Self { done, thread }
+    }
+
+    /// Removes the bar.
+    pub fn finish(mut self) {
+        self.done.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            // The bar thread only draws; if it panicked there is nothing left to clear.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Prints the statistics (table or JSON); on failure with `--json`, prints a JSON object
+/// with the error too, and passes the error on for the one-line message and exit code.
+pub fn print_outcome(result: anyhow::Result<MigrationStats>, json: bool) -> anyhow::Result<()> {
+    match result {
+        Ok(stats) => {
+            if json {
+                println!("{}", to_json(&stats));
+            } else {
+                print!("{}", table(&stats));
+            }
+            Ok(())
+        }
+        Err(error) => {
+            if json {
+                println!(
+                    "{}",
+                    json!({ "status": "failed", "error": one_line(&error) })
+                );
+            }
+            Err(error)
+        }
+    }
+}
+
+/// The statistics as one JSON object.
+pub fn to_json(stats: &MigrationStats) -> Value {
+    json!({
+        "status": "completed",
+        "side": stats.side.to_string(),
+        "seconds": stats.total_time.as_secs_f64(),
+        "setup_seconds": stats.setup_time.as_secs_f64(),
+        "bytes": stats.bytes,
+        "guest_bytes": stats.guest_bytes(),
+        "guest_gib_per_second": stats.guest_throughput() / GIB,
+        "wire_gib_per_second": stats.wire_throughput() / GIB,
+        "packets": stats.packets,
+        "normal_pages": stats.normal_pages,
+        "zero_pages": stats.zero_pages,
+        "payload_bytes": stats.payload_bytes,
+        "page_size": stats.page_size,
+        "rounds": stats.rounds,
+        "pages_per_round": stats.pages_per_round,
+        "channels": stats.channels.len(),
+        "per_channel": stats.channels.iter().map(|channel| json!({
+            "id": channel.id,
+            "bytes": channel.bytes,
+            "packets": channel.packets,
+            "normal_pages": channel.normal_pages,
+            "zero_pages": channel.zero_pages,
+            "payload_bytes": channel.payload_bytes,
+            "sync_packets": channel.sync_packets,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The statistics as a human-readable table.
+pub fn table(stats: &MigrationStats) -> String {
+    let mut out = String::new();
+    let seconds = stats.total_time.as_secs_f64();
+    out += &format!(
+        "{} completed in {seconds:.3} s (setup {:.3} s), {} rounds\n",
+        stats.side,
+        stats.setup_time.as_secs_f64(),
+        stats.rounds
+    );
+    out += &format!(
+        "guest memory {:.2} GiB at {:.2} GiB/s; wire {:.2} GiB at {:.2} GiB/s\n",
+        stats.guest_bytes() as f64 / GIB,
+        stats.guest_throughput() / GIB,
+        stats.bytes as f64 / GIB,
+        stats.wire_throughput() / GIB,
+    );
+    out += &format!(
+        "{:>8} {:>14} {:>10} {:>12} {:>12} {:>6}\n",
+        "channel", "bytes", "packets", "normal", "zero", "syncs"
+    );
+    for channel in &stats.channels {
+        out += &format!(
+            "{:>8} {:>14} {:>10} {:>12} {:>12} {:>6}\n",
+            channel.id,
+            channel.bytes,
+            channel.packets,
+            channel.normal_pages,
+            channel.zero_pages,
+            channel.sync_packets
+        );
+    }
+    out += &format!(
+        "{:>8} {:>14} {:>10} {:>12} {:>12} {:>6}\n",
+        "total",
+        stats.bytes,
+        stats.packets,
+        stats.normal_pages,
+        stats.zero_pages,
+        stats
+            .channels
+            .iter()
+            .map(|channel| channel.sync_packets)
+            .sum::<u64>()
+    );
+    out
+}

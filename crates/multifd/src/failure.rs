@@ -6,7 +6,7 @@
 //! of the first and are dropped.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::{Error, Side};
 
@@ -14,7 +14,10 @@ type Hook = Box<dyn Fn(&str) + Send + Sync>;
 
 pub(crate) struct Failure {
     failed: AtomicBool,
+    /// The first error, until a caller takes it to report it.
     first: Mutex<Option<Error>>,
+    /// The first error's message, for hooks registered after the failure.
+    message: OnceLock<String>,
     hooks: Mutex<Vec<Hook>>,
 }
 
@@ -32,6 +35,7 @@ impl Failure {
         Arc::new(Self {
             failed: AtomicBool::new(false),
             first: Mutex::new(None),
+            message: OnceLock::new(),
             hooks: Mutex::new(Vec::new()),
         })
     }
@@ -40,13 +44,9 @@ impl Failure {
     /// runs it at once if it already has.
     pub(crate) fn on_failure(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
         let mut hooks = lock(&self.hooks);
-        if self.is_failed() {
-            let message = lock(&self.first)
-                .as_ref()
-                .map(Error::to_string)
-                .unwrap_or_default();
+        if let Some(message) = self.message.get() {
             drop(hooks);
-            hook(&message);
+            hook(message);
             return;
         }
         hooks.push(Box::new(hook));
@@ -54,19 +54,21 @@ impl Failure {
 
     /// Records `error` if it is the first, then runs the hooks; later errors are dropped.
     pub(crate) fn fail(&self, error: Error) {
-        let message = error.to_string();
-        {
-            let mut first = lock(&self.first);
-            if self.failed.swap(true, Ordering::SeqCst) {
-                tracing::debug!("after the first failure: {message}");
-                return;
-            }
-            tracing::warn!("migration failed: {message}");
-            *first = Some(error);
+        if let Ok(error) = self.claim(error) {
+            *lock(&self.first) = Some(error);
+            self.run_hooks();
         }
-        let hooks = std::mem::take(&mut *lock(&self.hooks));
-        for hook in &hooks {
-            hook(&message);
+    }
+
+    /// Fails the migration with `error` unless it already failed, and returns the error
+    /// to report: the first one, or `error` itself if the first was already handed out.
+    pub(crate) fn first_error(&self, error: Error) -> Error {
+        match self.claim(error) {
+            Ok(error) => {
+                self.run_hooks();
+                error
+            }
+            Err(later) => lock(&self.first).take().unwrap_or(later),
         }
     }
 
@@ -74,34 +76,27 @@ impl Failure {
         self.failed.load(Ordering::SeqCst)
     }
 
-    /// The first error, for the caller; `fallback` if none was recorded.
-    pub(crate) fn take_or(&self, fallback: Error) -> Error {
-        lock(&self.first).take().unwrap_or(fallback)
+    /// `Ok(error)` if it is the first (its message recorded), `Err(error)` if another was.
+    fn claim(&self, error: Error) -> Result<Error, Error> {
+        let message = error.to_string();
+        let hooks = lock(&self.hooks);
+        if self.failed.swap(true, Ordering::SeqCst) {
+            tracing::debug!("after the first failure: {message}");
+            return Err(error);
+        }
+        tracing::warn!("migration failed: {message}");
+        // Set under the hooks lock, so `on_failure` either queues a hook or sees this.
+        let _ = self.message.set(message);
+        drop(hooks);
+        Ok(error)
     }
 
-    /// Records `error` (if first) and returns the first error.
-    pub(crate) fn fail_and_take(&self, error: Error) -> Error {
-        let side = side_of(&error);
-        self.fail(error);
-        self.take_or(Error::Internal {
-            side,
-            what: "the first error was already taken".into(),
-        })
-    }
-}
-
-fn side_of(error: &Error) -> Side {
-    match error {
-        Error::Io { side, .. }
-        | Error::Closed { side, .. }
-        | Error::Wire { side, .. }
-        | Error::Protocol { side, .. }
-        | Error::Rejected { side, .. }
-        | Error::PeerFailed { side, .. }
-        | Error::Timeout { side, .. }
-        | Error::Cancelled { side }
-        | Error::Internal { side, .. } => *side,
-        Error::Config(_) | Error::Address { .. } | Error::PageOutOfRange { .. } => Side::Source,
+    fn run_hooks(&self) {
+        let message = self.message.get().cloned().unwrap_or_default();
+        let hooks = std::mem::take(&mut *lock(&self.hooks));
+        for hook in &hooks {
+            hook(&message);
+        }
     }
 }
 

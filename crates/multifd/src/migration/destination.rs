@@ -112,7 +112,7 @@ impl Destination {
         map_blocks: impl FnOnce(&[BlockAnnouncement]) -> Result<GuestMemory, String>,
     ) -> Result<MigrationStats, Error> {
         let result = self.run_migration(listener, map_blocks);
-        result.map_err(|error| self.failure.fail_and_take(error))
+        result.map_err(|error| self.failure.first_error(error))
     }
 
     fn run_migration(
@@ -205,20 +205,16 @@ impl Destination {
         } else {
             self.run_rounds(&control, &barrier, &counters, &shutdowns)
         };
-        if let Err(error) = &result {
-            if !self.failure.is_failed() {
-                tracing::debug!("control loop ended: {error}");
-            }
-        }
-        let result = result.map_err(|error| self.failure.fail_and_take(error));
+        // On error, failing first stops the channel threads so they can be joined.
+        let result = result.map_err(|error| self.failure.first_error(error));
         join(threads, &self.failure);
-        if self.failure.is_failed() {
-            return Err(self.failure.take_or(Error::Internal {
+        match result {
+            Ok(_) if self.failure.is_failed() => Err(self.failure.first_error(Error::Internal {
                 side: Side::Destination,
-                what: "failed without an error".into(),
-            }));
+                what: "a channel failed after completion".into(),
+            })),
+            result => result,
         }
-        result
     }
 
     /// Waits for the control connection; multifd channels that arrive first are kept.

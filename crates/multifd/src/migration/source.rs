@@ -1,5 +1,6 @@
 //! The source end of a migration.
 
+use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -160,14 +161,9 @@ impl Source {
         for id in 0..config.channels {
             let stream = connect(Link::Channel(id))?;
             let hello = ChannelHello { uuid, channel: id }.encode();
-            // SAFETY: the iovec points to `hello`, a local array alive across the call.
-            unsafe {
-                stream.write_all_raw(&mut [libc::iovec {
-                    iov_base: hello.as_ptr().cast_mut().cast(),
-                    iov_len: hello.len(),
-                }])
-            }
-            .map_err(|error| Error::io(Side::Source, Link::Channel(id), "write hello", error))?;
+            (&stream).write_all(&hello).map_err(|error| {
+                Error::io(Side::Source, Link::Channel(id), "write hello", error)
+            })?;
             streams.push(stream);
         }
 
@@ -399,7 +395,7 @@ impl Source {
     fn stopped(&self) -> Error {
         let first = self
             .failure
-            .take_or(Error::Cancelled { side: Side::Source });
+            .first_error(Error::Cancelled { side: Side::Source });
         let broken_link = matches!(
             first,
             Error::Io {

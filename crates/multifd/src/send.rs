@@ -381,3 +381,197 @@ impl ChannelSender {
         .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, error))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    use multifd_wire::{PacketHeader, RamLimits, RamPacket, RAM_PACKET_FIXED_LEN};
+
+    use super::*;
+    use crate::RamBlock;
+
+    const PAGE: u32 = 4096;
+    const PAGES_PER_PACKET: u32 = 4;
+
+    /// What a reader thread saw on one channel: for each packet, SYNC or page count.
+    fn drain(mut stream: UnixStream) -> Vec<Option<u32>> {
+        let limits = RamLimits {
+            max_pages: PAGES_PER_PACKET,
+            page_size: PAGE,
+            compression: Compression::None,
+            extensions: 0,
+        };
+        let mut packets = Vec::new();
+        let mut packet = vec![0u8; RamPacket::wire_len(PAGES_PER_PACKET)];
+        let mut payload = vec![0u8; (PAGE * PAGES_PER_PACKET) as usize];
+        while stream
+            .read_exact(&mut packet[..RAM_PACKET_FIXED_LEN])
+            .is_ok()
+        {
+            PacketHeader::decode(&packet[..12]).expect("header");
+            let length =
+                RamPacket::total_len(&packet[..RAM_PACKET_FIXED_LEN], &limits).expect("length");
+            stream
+                .read_exact(&mut packet[RAM_PACKET_FIXED_LEN..length])
+                .expect("offsets");
+            let ram = RamPacket::decode(&packet[..length], &limits).expect("packet");
+            let size = ram.next_packet_size as usize;
+            stream.read_exact(&mut payload[..size]).expect("payload");
+            packets.push((!ram.flags.is_sync()).then(|| ram.normal_pages() + ram.zero_pages()));
+        }
+        packets
+    }
+
+    fn start(
+        channels: usize,
+    ) -> (
+        SendChannels,
+        Arc<Failure>,
+        Vec<JoinHandle<Vec<Option<u32>>>>,
+    ) {
+        let mapping = memmap2::MmapMut::map_anon(64 * PAGE as usize).expect("memory");
+        let block = RamBlock::from_mapping("ram", memmap2::MmapRaw::from(mapping)).expect("block");
+        let (mut ours, mut readers) = (Vec::new(), Vec::new());
+        for _ in 0..channels {
+            let (local, remote) = UnixStream::pair().expect("socket pair");
+            ours.push(Stream::Unix(local));
+            readers.push(std::thread::spawn(move || drain(remote)));
+        }
+        let failure = Failure::new();
+        let counters = Counters::new(Side::Source, channels as u8, PAGE);
+        let pool = SendChannels::start(
+            ours,
+            ChannelSettings {
+                memory: GuestMemory::new(vec![block]).expect("memory"),
+                page_size: PAGE,
+                pages_per_packet: PAGES_PER_PACKET,
+                zero_page: ZeroPageMode::Multifd,
+                compression: Compression::None,
+            },
+            &counters,
+            &failure,
+        );
+        (pool, failure, readers)
+    }
+
+    fn full_batch() -> Batch {
+        Batch {
+            block: 0,
+            offsets: (0..u64::from(PAGES_PER_PACKET))
+                .map(|page| page * u64::from(PAGE))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn send_swaps_buffers_without_allocating() {
+        let (pool, failure, readers) = start(2);
+        let mut batch = full_batch();
+        let before = batch.offsets.as_ptr();
+        pool.send(&mut batch).expect("send");
+        assert!(
+            batch.offsets.is_empty(),
+            "the producer gets the channel's empty batch"
+        );
+        assert_ne!(
+            batch.offsets.as_ptr(),
+            before,
+            "buffers were swapped, not copied"
+        );
+        assert_eq!(batch.offsets.capacity(), PAGES_PER_PACKET as usize);
+        pool.finish(&failure);
+        let packets: Vec<_> = readers
+            .into_iter()
+            .flat_map(|reader| reader.join().expect("reader"))
+            .collect();
+        assert_eq!(packets, vec![Some(PAGES_PER_PACKET)]);
+    }
+
+    #[test]
+    fn concurrent_producers_reach_every_channel_and_syncs_come_last() {
+        const PRODUCERS: usize = 4;
+        const BATCHES: usize = 200;
+        let (pool, failure, readers) = start(4);
+        std::thread::scope(|scope| {
+            for _ in 0..PRODUCERS {
+                scope.spawn(|| {
+                    for _ in 0..BATCHES {
+                        let mut batch = full_batch();
+                        pool.send(&mut batch).expect("send");
+                    }
+                });
+            }
+        });
+        pool.sync_round().expect("sync");
+        pool.finish(&failure);
+        let per_channel: Vec<_> = readers
+            .into_iter()
+            .map(|reader| reader.join().expect("reader"))
+            .collect();
+        let total: usize = per_channel.iter().map(|packets| packets.len() - 1).sum();
+        assert_eq!(total, PRODUCERS * BATCHES);
+        for packets in &per_channel {
+            assert_eq!(
+                packets.last(),
+                Some(&None),
+                "each channel ends its round with a SYNC"
+            );
+            assert_eq!(packets.iter().filter(|packet| packet.is_none()).count(), 1);
+            // Idle channels are used in the order they became idle: none starves.
+            assert!(
+                packets.len() > BATCHES / 4,
+                "channel starved: {} packets",
+                packets.len()
+            );
+        }
+    }
+
+    #[test]
+    fn a_broken_channel_stops_every_producer() {
+        let mapping = memmap2::MmapMut::map_anon(64 * PAGE as usize).expect("memory");
+        let block = RamBlock::from_mapping("ram", memmap2::MmapRaw::from(mapping)).expect("block");
+        let (healthy, healthy_peer) = UnixStream::pair().expect("socket pair");
+        let (broken, broken_peer) = UnixStream::pair().expect("socket pair");
+        drop(broken_peer);
+        let reader = std::thread::spawn(move || drain(healthy_peer));
+        let failure = Failure::new();
+        let pool = SendChannels::start(
+            vec![Stream::Unix(healthy), Stream::Unix(broken)],
+            ChannelSettings {
+                memory: GuestMemory::new(vec![block]).expect("memory"),
+                page_size: PAGE,
+                pages_per_packet: PAGES_PER_PACKET,
+                zero_page: ZeroPageMode::Multifd,
+                compression: Compression::None,
+            },
+            &Counters::new(Side::Source, 2, PAGE),
+            &failure,
+        );
+        let mut sent = 0;
+        while sent < 100 {
+            let mut batch = full_batch();
+            if pool.send(&mut batch).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        assert!(sent < 100, "sending went on after a channel broke");
+        assert!(pool.sync_round().is_err());
+        pool.finish(&failure);
+        let error = failure.first_error(Error::Cancelled { side: Side::Source });
+        assert!(
+            matches!(
+                error,
+                Error::Io {
+                    side: Side::Source,
+                    link: Link::Channel(1),
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        drop(reader);
+    }
+}

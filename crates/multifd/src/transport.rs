@@ -130,15 +130,15 @@ impl Stream {
         let mut remaining = iovecs;
         while !remaining.is_empty() {
             let count = remaining.len().min(IOV_MAX);
+            // SAFETY: an all-zero msghdr is valid (no address, no control data).
+            let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+            message.msg_iov = remaining.as_mut_ptr();
+            message.msg_iovlen = count as _;
             // SAFETY: the iovecs point to memory the caller keeps mapped (contract above);
-            // `count` is within the slice.
-            let written = unsafe {
-                libc::writev(
-                    self.as_fd().as_raw_fd(),
-                    remaining.as_ptr(),
-                    count as libc::c_int,
-                )
-            };
+            // `count` is within the slice. MSG_NOSIGNAL: a peer that went away is an EPIPE
+            // error here, not a SIGPIPE that kills an embedding VMM.
+            let written =
+                unsafe { libc::sendmsg(self.as_fd().as_raw_fd(), &message, libc::MSG_NOSIGNAL) };
             if written < 0 {
                 let error = io::Error::last_os_error();
                 if error.kind() == io::ErrorKind::Interrupted {

@@ -59,6 +59,12 @@ impl<'a> DeviceStatePacket<'a> {
             return Err(WireError::SyncOnDeviceState);
         }
         flags.check_allowed(Flags::DEVICE_STATE, limits.extensions)?;
+        if !flags.is_device_state() {
+            return Err(WireError::InvalidValue {
+                field: "device-state packet flags",
+                value: flags.0.into(),
+            });
+        }
         let idstr = reader.name_field("idstr")?;
         let instance_id = reader.u32()?;
         let next_packet_size = reader.u32()?;

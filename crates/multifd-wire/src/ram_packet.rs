@@ -195,7 +195,9 @@ impl<'a> RamPacket<'a> {
         if let Some(offset) = packet
             .normal_offsets()
             .chain(packet.zero_offsets())
-            .find(|offset| offset % page_size != 0)
+            // `checked_rem`: a page size of 0 (never valid, but it came off the wire in the
+            // control handshake) refuses every offset instead of dividing by zero.
+            .find(|offset| offset.checked_rem(page_size) != Some(0))
         {
             return Err(WireError::MisalignedOffset {
                 offset,

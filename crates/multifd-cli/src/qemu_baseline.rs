@@ -16,19 +16,24 @@
 //! Both are driven over QMP (JSON lines on a Unix socket): the `multifd` capability is
 //! turned on and `multifd-channels`, `multifd-compression` with its level and a
 //! `max-bandwidth` of 1 TiB/s (QEMU throttles to 128 MiB/s by default) are set on both
-//! sides. The destination listens with `migrate-incoming` on `tcp:127.0.0.1:0`, and its
-//! `query-migrate` tells the port it was given. The source then gets `migrate` and is
-//! polled with `query-migrate` every 20 ms until `completed`, then the destination is
-//! polled until it has loaded everything too. The guest is paused, so no page is
-//! dirtied again and the default `downtime-limit` lets the migration finish after one
-//! pass over RAM.
+//! sides, then read back with `query-migrate-parameters`. The compression level also
+//! goes on both command lines as `-global migration.multifd-<algorithm>-level=<level>`:
+//! QEMU 7.2 accepts it over QMP but keeps the old value. The destination listens with
+//! `migrate-incoming` on `tcp:127.0.0.1:0`, and its `query-migrate` tells the port it
+//! was given. The source then gets `migrate` and is polled with `query-migrate` every
+//! 20 ms until `completed`, then the destination is polled until it has loaded
+//! everything too. The guest is paused, so no page is dirtied again and the default
+//! `downtime-limit` lets the migration finish after one pass over RAM.
 //!
 //! What is measured: [`QemuRun::seconds`] is our wall clock from sending `migrate` to
 //! both sides reporting `completed`; [`QemuRun::total_time_ms`] and
-//! [`QemuRun::transferred_bytes`] are the source's `total-time` and `ram.transferred`.
+//! [`QemuRun::transferred_bytes`] are the source's `total-time` and `ram.transferred`
+//! (QEMU 7.2 counts multifd pages there before compression, so with compression it is
+//! not what went over the socket).
+//!
 //! Both processes are killed and the temporary directory (sockets, logs) removed when
-//! [`run`] returns, on success or error; each phase has a time limit so that it never
-//! hangs.
+//! [`run`] returns, on success or error. Startup, each QMP reply and the migration have
+//! time limits (the last one grows with the guest's size), so it never hangs.
 
 use std::fmt;
 use std::fs::{self, File};
@@ -53,8 +58,12 @@ const MAX_BANDWIDTH: u64 = 1 << 40;
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long one QMP command may take to answer.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the migration may take, from `migrate` until both sides are done.
+/// How long the migration may take, from `migrate` until both sides are done: this
+/// much, plus [`MIGRATION_TIMEOUT_PER_GIB`] for each GiB of guest RAM (zlib level 1
+/// on two channels moves about 0.05 GiB/s on a two-core host).
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
+/// How much longer the migration may take for each GiB of guest RAM.
+const MIGRATION_TIMEOUT_PER_GIB: Duration = Duration::from_secs(60);
 /// How often `query-migrate` is polled.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// How much of a QEMU's stderr an error message quotes, at most.
@@ -68,7 +77,8 @@ pub struct QemuRun {
     pub seconds: f64,
     /// QEMU's own `total-time` of the migration on the source, in milliseconds.
     pub total_time_ms: u64,
-    /// QEMU's `ram.transferred` on the source: bytes sent for guest RAM.
+    /// QEMU's `ram.transferred` on the source: bytes sent for guest RAM, zero pages
+    /// being a few bytes each. QEMU 7.2 counts multifd pages before compression.
     pub transferred_bytes: u64,
     /// The first line of `qemu-system-x86_64 --version`.
     pub version: String,
@@ -473,6 +483,8 @@ struct Measurement {
 struct Pair {
     source: Qemu,
     destination: Qemu,
+    /// The time limit of the migration.
+    timeout: Duration,
     /// Held only to be removed on drop, after both QEMUs are gone.
     _workdir: WorkDir,
 }
@@ -536,9 +548,12 @@ impl Pair {
         destination_args.extend(["-incoming".to_owned(), "defer".to_owned()]);
         let destination = Qemu::launch("destination", &destination_args, &workdir.0)?;
 
+        let gib = u32::try_from(size.div_ceil(1 << 30)).unwrap_or(u32::MAX);
         Ok(Self {
             source,
             destination,
+            timeout: MIGRATION_TIMEOUT
+                .saturating_add(MIGRATION_TIMEOUT_PER_GIB.saturating_mul(gib)),
             _workdir: workdir,
         })
     }
@@ -591,10 +606,11 @@ impl Pair {
                 }
                 _ => {}
             }
-            if start.elapsed() >= MIGRATION_TIMEOUT {
+            if start.elapsed() >= self.timeout {
                 let error = anyhow!(
-                    "migration not completed on the {side} after {MIGRATION_TIMEOUT:?} \
-                     (status {status:?}): {reply}"
+                    "migration not completed on the {side} after {:?} \
+                     (status {status:?}): {reply}",
+                    self.timeout
                 );
                 return Err(self.explain(error));
             }
@@ -721,19 +737,18 @@ mod tests {
     }
 
     /// Whether two files have the same bytes.
-    fn same_contents(a: &Path, b: &Path) -> Result<bool> {
-        let (mut a, mut b) = (
-            BufReader::new(File::open(a)?),
-            BufReader::new(File::open(b)?),
-        );
-        let (mut x, mut y) = (vec![0; 1 << 20], vec![0; 1 << 20]);
+    fn same_contents(left: &Path, right: &Path) -> Result<bool> {
+        let mut left = File::open(left)?;
+        let mut right = File::open(right)?;
+        let mut left_chunk = vec![0; 1 << 20];
+        let mut right_chunk = vec![0; 1 << 20];
         loop {
-            let n = a.read(&mut x)?;
-            if n == 0 {
-                return Ok(b.read(&mut y)? == 0);
+            let length = left.read(&mut left_chunk)?;
+            if length == 0 {
+                return Ok(right.read(&mut right_chunk)? == 0);
             }
-            b.read_exact(&mut y[..n])?;
-            if x[..n] != y[..n] {
+            right.read_exact(&mut right_chunk[..length])?;
+            if left_chunk[..length] != right_chunk[..length] {
                 return Ok(false);
             }
         }

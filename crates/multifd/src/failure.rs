@@ -6,7 +6,8 @@
 //! of the first and are dropped.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Duration;
 
 use crate::{Error, Side};
 
@@ -19,6 +20,8 @@ pub(crate) struct Failure {
     /// The first error's message, for hooks registered after the failure.
     message: OnceLock<String>,
     hooks: Mutex<Vec<Hook>>,
+    /// Signalled (under `hooks`) when the migration fails.
+    failed_signal: Condvar,
 }
 
 impl std::fmt::Debug for Failure {
@@ -37,6 +40,7 @@ impl Failure {
             first: Mutex::new(None),
             message: OnceLock::new(),
             hooks: Mutex::new(Vec::new()),
+            failed_signal: Condvar::new(),
         })
     }
 
@@ -72,6 +76,16 @@ impl Failure {
         }
     }
 
+    /// Waits up to `timeout` for the migration to fail; returns whether it has.
+    pub(crate) fn wait_for_failure(&self, timeout: Duration) -> bool {
+        let hooks = lock(&self.hooks);
+        let _hooks = self
+            .failed_signal
+            .wait_timeout_while(hooks, timeout, |_| !self.is_failed())
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.is_failed()
+    }
+
     pub(crate) fn is_failed(&self) -> bool {
         self.failed.load(Ordering::SeqCst)
     }
@@ -87,6 +101,7 @@ impl Failure {
         tracing::warn!("migration failed: {message}");
         // Set under the hooks lock, so `on_failure` either queues a hook or sees this.
         let _ = self.message.set(message);
+        self.failed_signal.notify_all();
         drop(hooks);
         Ok(error)
     }

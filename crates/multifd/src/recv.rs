@@ -22,6 +22,10 @@ use crate::stats::{ChannelCounters, Counters};
 use crate::transport::{push_page, Stream};
 use crate::{Error, GuestMemory, Link, Side, Violation};
 
+/// How long a channel that saw its connection break waits for the source's `Abort`, which
+/// says why, before reporting the break itself.
+const PEER_REASON_GRACE: Duration = Duration::from_millis(500);
+
 /// Channels wait here at each SYNC until the control side releases the round.
 pub(crate) struct SyncBarrier {
     state: Mutex<BarrierState>,
@@ -160,9 +164,14 @@ impl ChannelReceiver {
     /// Receives packets until the connection closes after completion, or fails.
     pub(crate) fn run(self, failure: &Failure) {
         if let Err(error) = self.receive_all() {
-            if !failure.is_failed() {
-                failure.fail(error);
+            // A source that fails sends `Abort` with its reason and closes its channels; a
+            // closed channel is often the first sign of that here. Give the control channel
+            // a moment to deliver the real reason before blaming this channel.
+            let broken = matches!(error, Error::Closed { .. } | Error::Io { .. });
+            if broken && failure.wait_for_failure(PEER_REASON_GRACE) {
+                return;
             }
+            failure.fail(error);
         }
     }
 

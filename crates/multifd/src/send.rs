@@ -424,13 +424,10 @@ mod tests {
         packets
     }
 
-    fn start(
-        channels: usize,
-    ) -> (
-        SendChannels,
-        Arc<Failure>,
-        Vec<JoinHandle<Vec<Option<u32>>>>,
-    ) {
+    /// Per channel, what its reader saw: for each packet, its page count or `None` (SYNC).
+    type Readers = Vec<JoinHandle<Vec<Option<u32>>>>;
+
+    fn start(channels: usize) -> (SendChannels, Arc<Failure>, Readers) {
         let mapping = memmap2::MmapMut::map_anon(64 * PAGE as usize).expect("memory");
         let block = RamBlock::from_mapping("ram", memmap2::MmapRaw::from(mapping)).expect("block");
         let (mut ours, mut readers) = (Vec::new(), Vec::new());

@@ -173,17 +173,6 @@ impl Source {
             memory.blocks().iter().map(|block| block.len()).sum(),
             Ordering::Relaxed,
         );
-        for (id, stream) in streams.iter().enumerate() {
-            crate::stats::ChannelCounters::add(
-                &counters.channels[id].bytes,
-                multifd_wire::CHANNEL_HELLO_LEN as u64,
-            );
-            let clone = stream.try_clone().map_err(|error| {
-                Error::io(Side::Source, Link::Channel(id as u8), "clone", error)
-            })?;
-            failure.on_failure(move |_| clone.shutdown());
-        }
-
         let reader = control.try_clone()?;
         let control = Arc::new(Mutex::new(control));
         let notifier = Arc::clone(&control);
@@ -198,6 +187,19 @@ impl Source {
                 let _ = stream.set_read_timeout(Some(PEER_REASON_GRACE));
             }
         });
+
+        // Registered after the `Abort` notifier: the destination should read why the
+        // source failed before it sees the channels close.
+        for (id, stream) in streams.iter().enumerate() {
+            crate::stats::ChannelCounters::add(
+                &counters.channels[id].bytes,
+                multifd_wire::CHANNEL_HELLO_LEN as u64,
+            );
+            let clone = stream.try_clone().map_err(|error| {
+                Error::io(Side::Source, Link::Channel(id as u8), "clone", error)
+            })?;
+            failure.on_failure(move |_| clone.shutdown());
+        }
 
         let (events_sender, events) = mpsc::channel();
         let reader_failure = Arc::clone(&failure);
@@ -445,11 +447,13 @@ fn read_control(
             return;
         }
         Ok(ControlMessage::Failed(reason)) => {
-            let _ = events.send(ControlEvent::PeerFailed(reason.clone()));
-            Error::PeerFailed {
+            // Recorded before the driver hears of it, so the driver reports this error.
+            failure.fail(Error::PeerFailed {
                 side: Side::Source,
-                reason,
-            }
+                reason: reason.clone(),
+            });
+            let _ = events.send(ControlEvent::PeerFailed(reason));
+            return;
         }
         Ok(other) => Error::protocol(
             Side::Source,

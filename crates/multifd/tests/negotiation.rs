@@ -1,0 +1,492 @@
+//! The control handshake: a destination that requires settings the source does not
+//! propose rejects the migration with a clear reason on both ends (never a hang), and a
+//! source refuses an unusable configuration before it connects.
+
+mod common;
+
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::*;
+use multifd::{
+    Address, BlockAnnouncement, DestinationConfig, Error, GuestMemory, Link, MigrationStats,
+    RejectCode, Side, Source, SourceConfig, ZeroPageMode,
+};
+use multifd_wire::{Compression, ControlMessage, DeviceAnnouncement, RejectReason};
+
+const BLOCK: &str = "pc.ram";
+const BLOCK_LEN: usize = 16 * PAGE;
+
+fn memory() -> GuestMemory {
+    GuestMemory::new(vec![block(BLOCK, BLOCK_LEN)]).expect("memory")
+}
+
+fn announced() -> Vec<BlockAnnouncement> {
+    vec![BlockAnnouncement {
+        name: BLOCK.into(),
+        length: BLOCK_LEN as u64,
+    }]
+}
+
+/// A destination with `config` (its timeouts shortened) on a fresh TCP address.
+fn destination(config: DestinationConfig) -> (Address, JoinHandle<Result<MigrationStats, Error>>) {
+    let (listener, address) = listener(false);
+    let config = DestinationConfig {
+        wait_for_source: Some(DEADLINE),
+        connect_timeout: DEADLINE,
+        round_timeout: DEADLINE,
+        ..config
+    };
+    (address, spawn_destination(listener, config, memory()))
+}
+
+/// The destination's rejection, which must come within the deadline.
+fn destination_rejection(destination: JoinHandle<Result<MigrationStats, Error>>) -> RejectReason {
+    match join_within(destination, DEADLINE) {
+        Err(Error::Rejected {
+            side: Side::Destination,
+            reason,
+        }) => reason,
+        other => panic!("expected the destination to reject, got {other:?}"),
+    }
+}
+
+/// Runs the real source with `source_config` against a destination requiring
+/// `destination_config`; both must report a rejection with `code`.
+fn rejected(destination_config: DestinationConfig, source_config: SourceConfig, code: RejectCode) {
+    let (address, destination) = destination(destination_config);
+    let started = Instant::now();
+    let source = Source::connect(&address, &source_config, memory());
+    let source_reason = match source {
+        Err(Error::Rejected {
+            side: Side::Source,
+            reason,
+        }) => reason,
+        Err(other) => panic!("expected the source to be rejected, got {other:?}"),
+        Ok(_) => panic!("expected the source to be rejected, it connected"),
+    };
+    assert!(
+        started.elapsed() < DEADLINE,
+        "rejection took {:?}",
+        started.elapsed()
+    );
+    let destination_reason = destination_rejection(destination);
+    assert_eq!(source_reason.code, code, "{source_reason:?}");
+    assert_eq!(source_reason, destination_reason);
+}
+
+#[test]
+fn channel_count_mismatch() {
+    rejected(
+        DestinationConfig {
+            channels: Some(4),
+            ..DestinationConfig::default()
+        },
+        SourceConfig {
+            channels: 2,
+            ..SourceConfig::default()
+        },
+        RejectCode::ChannelCount,
+    );
+}
+
+#[test]
+fn page_size_mismatch() {
+    rejected(
+        DestinationConfig {
+            page_size: Some(4096),
+            ..DestinationConfig::default()
+        },
+        SourceConfig {
+            page_size: 1024,
+            ..SourceConfig::default()
+        },
+        RejectCode::PageSize,
+    );
+}
+
+#[test]
+fn packet_size_mismatch() {
+    rejected(
+        DestinationConfig {
+            packet_size: Some(512 * 1024),
+            ..DestinationConfig::default()
+        },
+        SourceConfig {
+            packet_size: 256 * 1024,
+            ..SourceConfig::default()
+        },
+        RejectCode::PacketSize,
+    );
+}
+
+#[test]
+fn zero_page_mode_mismatch() {
+    rejected(
+        DestinationConfig {
+            zero_page: Some(ZeroPageMode::None),
+            ..DestinationConfig::default()
+        },
+        SourceConfig {
+            zero_page: ZeroPageMode::Multifd,
+            ..SourceConfig::default()
+        },
+        RejectCode::ZeroPage,
+    );
+}
+
+#[test]
+fn uuid_mismatch() {
+    rejected(
+        DestinationConfig {
+            uuid: Some(*b"expected-uuid-!!"),
+            ..DestinationConfig::default()
+        },
+        SourceConfig {
+            uuid: Some(*b"different-uuid!!"),
+            ..SourceConfig::default()
+        },
+        RejectCode::Uuid,
+    );
+}
+
+#[test]
+fn matching_requirements_are_accepted() {
+    let uuid = *b"the-right-uuid!!";
+    let (address, destination) = destination(DestinationConfig {
+        channels: Some(3),
+        page_size: Some(4096),
+        packet_size: Some(64 * 1024),
+        zero_page: Some(ZeroPageMode::None),
+        uuid: Some(uuid),
+        ..DestinationConfig::default()
+    });
+    let source_memory = memory();
+    fill_mixed(&source_memory.blocks()[0], 5);
+    let config = SourceConfig {
+        channels: 3,
+        page_size: 4096,
+        packet_size: 64 * 1024,
+        zero_page: ZeroPageMode::None,
+        uuid: Some(uuid),
+        connect_timeout: DEADLINE,
+    };
+    let mut source = Source::connect(&address, &config, source_memory).expect("connect");
+    source.queue_block(0).expect("queue");
+    let sent = source.complete().expect("complete");
+    let received = join_within(destination, DEADLINE).expect("destination completes");
+    assert_eq!(sent.normal_pages, (BLOCK_LEN / PAGE) as u64);
+    assert_eq!(sent.normal_pages, received.normal_pages);
+    assert_eq!(received.channels.len(), 3);
+}
+
+/// A raw source announces `hello`, `blocks` and `devices`; the destination must answer
+/// `Reject` with `code` and return the same rejection.
+fn raw_rejected(
+    hello: multifd_wire::Hello,
+    blocks: Vec<BlockAnnouncement>,
+    devices: Vec<DeviceAnnouncement>,
+    code: RejectCode,
+) -> RejectReason {
+    let (address, destination) = destination(DestinationConfig::default());
+    let mut raw = RawSource::announce(&address, &hello, blocks, devices);
+    let reason = match raw.receive() {
+        ControlMessage::Reject(reason) => reason,
+        other => panic!("expected Reject, got {other:?}"),
+    };
+    assert_eq!(reason.code, code, "{reason:?}");
+    assert_eq!(destination_rejection(destination), reason);
+    reason
+}
+
+#[test]
+fn protocol_version_mismatch() {
+    let hello = multifd_wire::Hello {
+        protocol_version: 2,
+        ..raw_hello(2, [7; 16])
+    };
+    let reason = raw_rejected(hello, announced(), Vec::new(), RejectCode::Version);
+    assert!(reason.detail.contains("protocol version 2"), "{reason:?}");
+}
+
+#[test]
+fn unsupported_compression() {
+    let hello = multifd_wire::Hello {
+        compression: Compression::Zstd,
+        compression_level: 1,
+        ..raw_hello(2, [7; 16])
+    };
+    let reason = raw_rejected(hello, announced(), Vec::new(), RejectCode::Compression);
+    assert!(reason.detail.contains("zstd"), "{reason:?}");
+}
+
+#[test]
+fn unsupported_extensions() {
+    let hello = multifd_wire::Hello {
+        extensions: 0x100,
+        ..raw_hello(2, [7; 16])
+    };
+    raw_rejected(hello, announced(), Vec::new(), RejectCode::Extensions);
+}
+
+#[test]
+fn zero_channels_announced() {
+    raw_rejected(
+        raw_hello(0, [7; 16]),
+        announced(),
+        Vec::new(),
+        RejectCode::ChannelCount,
+    );
+}
+
+#[test]
+fn block_length_not_a_multiple_of_the_page_size() {
+    let blocks = vec![BlockAnnouncement {
+        name: BLOCK.into(),
+        length: 3 * PAGE as u64 + 100,
+    }];
+    let reason = raw_rejected(
+        raw_hello(2, [7; 16]),
+        blocks,
+        Vec::new(),
+        RejectCode::RamBlocks,
+    );
+    assert!(reason.detail.contains(BLOCK), "{reason:?}");
+}
+
+#[test]
+fn block_announced_twice() {
+    let mut blocks = announced();
+    blocks.extend(announced());
+    raw_rejected(
+        raw_hello(2, [7; 16]),
+        blocks,
+        Vec::new(),
+        RejectCode::RamBlocks,
+    );
+}
+
+#[test]
+fn devices_announced() {
+    let devices = vec![DeviceAnnouncement {
+        idstr: "virtio-net".into(),
+        instance_id: 0,
+    }];
+    let reason = raw_rejected(
+        raw_hello(2, [7; 16]),
+        announced(),
+        devices,
+        RejectCode::Devices,
+    );
+    assert!(reason.detail.contains("virtio-net"), "{reason:?}");
+}
+
+#[test]
+fn blocks_the_mapper_refuses() {
+    let (listener, address) = listener(false);
+    let destination = spawn_destination_with(listener, quick_destination_config(), |_| {
+        Err("no memory for pc.ram on this host".to_owned())
+    });
+    let error = match Source::connect(&address, &SourceConfig::default(), memory()) {
+        Err(error) => error,
+        Ok(_) => panic!("the source connected"),
+    };
+    let expected = RejectReason {
+        code: RejectCode::RamBlocks,
+        detail: "no memory for pc.ram on this host".into(),
+    };
+    assert!(
+        matches!(&error, Error::Rejected { side: Side::Source, reason } if *reason == expected),
+        "{error:?}"
+    );
+    assert_eq!(destination_rejection(destination), expected);
+}
+
+#[test]
+fn blocks_mapped_with_another_length() {
+    let (listener, address) = listener(false);
+    let destination = spawn_destination_with(listener, quick_destination_config(), |_| {
+        GuestMemory::new(vec![block(BLOCK, BLOCK_LEN / 2)]).map_err(|error| error.to_string())
+    });
+    let error = match Source::connect(&address, &SourceConfig::default(), memory()) {
+        Err(error) => error,
+        Ok(_) => panic!("the source connected"),
+    };
+    assert!(
+        matches!(
+            &error,
+            Error::Rejected { side: Side::Source, reason } if reason.code == RejectCode::RamBlocks
+        ),
+        "{error:?}"
+    );
+    let reason = destination_rejection(destination);
+    assert_eq!(reason.code, RejectCode::RamBlocks);
+}
+
+/// `Source::connect` with `config` must refuse before opening any connection.
+fn invalid_config(config: SourceConfig, names: &str) {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    probe.set_nonblocking(true).expect("nonblocking");
+    let address: Address = format!("tcp:{}", probe.local_addr().expect("address"))
+        .parse()
+        .expect("address");
+    let error = match Source::connect(&address, &config, memory()) {
+        Err(error) => error,
+        Ok(_) => panic!("connected with {config:?}"),
+    };
+    match &error {
+        Error::Config(detail) => assert!(detail.contains(names), "{detail}"),
+        other => panic!("expected Error::Config, got {other:?}"),
+    }
+    match probe.accept() {
+        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the source connected anyway: {other:?}"),
+    }
+}
+
+#[test]
+fn zero_channels_is_a_config_error() {
+    invalid_config(
+        SourceConfig {
+            channels: 0,
+            ..SourceConfig::default()
+        },
+        "0 channels",
+    );
+}
+
+#[test]
+fn page_size_not_a_power_of_two_is_a_config_error() {
+    invalid_config(
+        SourceConfig {
+            page_size: 1000,
+            ..SourceConfig::default()
+        },
+        "page size 1000",
+    );
+}
+
+#[test]
+fn packet_size_not_a_multiple_of_the_page_size_is_a_config_error() {
+    invalid_config(
+        SourceConfig {
+            packet_size: 512 * 1024 + 100,
+            ..SourceConfig::default()
+        },
+        "packet size 524388",
+    );
+}
+
+#[test]
+fn block_not_a_multiple_of_the_page_size_is_a_config_error() {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    probe.set_nonblocking(true).expect("nonblocking");
+    let address: Address = format!("tcp:{}", probe.local_addr().expect("address"))
+        .parse()
+        .expect("address");
+    let memory = GuestMemory::new(vec![block(BLOCK, 3 * PAGE)]).expect("memory");
+    let config = SourceConfig {
+        page_size: 8192,
+        ..SourceConfig::default()
+    };
+    match Source::connect(&address, &config, memory) {
+        Err(Error::Config(detail)) => assert!(detail.contains(BLOCK), "{detail}"),
+        Err(other) => panic!("expected Error::Config, got {other:?}"),
+        Ok(_) => panic!("connected"),
+    }
+    assert!(probe.accept().is_err(), "no connection was attempted");
+}
+
+/// A TCP address where nothing listens (a port just freed).
+fn dead_tcp_address() -> Address {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = format!("tcp:{}", probe.local_addr().expect("address"));
+    drop(probe);
+    address.parse().expect("address")
+}
+
+fn connect_fails_in_time(address: &Address, kind: std::io::ErrorKind) {
+    let timeout = Duration::from_millis(300);
+    let config = SourceConfig {
+        connect_timeout: timeout,
+        ..SourceConfig::default()
+    };
+    let started = Instant::now();
+    let error = match Source::connect(address, &config, memory()) {
+        Err(error) => error,
+        Ok(_) => panic!("connected to {address}"),
+    };
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < timeout + Duration::from_millis(700),
+        "gave up after {elapsed:?}"
+    );
+    match &error {
+        Error::Io {
+            side: Side::Source,
+            link: Link::Control,
+            source,
+            ..
+        } => assert_eq!(source.kind(), kind, "{error}"),
+        other => panic!("expected Error::Io on the control link, got {other:?}"),
+    }
+}
+
+#[test]
+fn connect_to_a_closed_tcp_port_fails_within_the_timeout() {
+    connect_fails_in_time(&dead_tcp_address(), std::io::ErrorKind::ConnectionRefused);
+}
+
+#[test]
+fn connect_to_a_missing_unix_socket_fails_within_the_timeout() {
+    let path = std::env::temp_dir().join(format!(
+        "multifd-test-{}-nobody-listens.sock",
+        std::process::id()
+    ));
+    connect_fails_in_time(&Address::Unix(path), std::io::ErrorKind::NotFound);
+}
+
+#[test]
+fn destination_gives_up_waiting_for_a_source() {
+    let (listener, _address) = listener(false);
+    let config = DestinationConfig {
+        wait_for_source: Some(Duration::from_millis(200)),
+        ..DestinationConfig::default()
+    };
+    let started = Instant::now();
+    let destination = spawn_destination(listener, config, memory());
+    match join_within(destination, DEADLINE) {
+        Err(Error::Timeout {
+            side: Side::Destination,
+            what: "waiting for a source",
+        }) => {}
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn source_times_out_when_the_destination_never_answers() {
+    // A listener that accepts but never speaks: the source must give up at its
+    // connect timeout, not hang.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address: Address = format!("tcp:{}", silent.local_addr().expect("address"))
+        .parse()
+        .expect("address");
+    let config = SourceConfig {
+        connect_timeout: Duration::from_millis(300),
+        ..SourceConfig::default()
+    };
+    let started = Instant::now();
+    let result = Source::connect(&address, &config, memory());
+    assert!(started.elapsed() < Duration::from_secs(2));
+    match result {
+        Err(Error::Timeout {
+            side: Side::Source,
+            what: "waiting for the destination's welcome",
+        }) => {}
+        Err(other) => panic!("expected a timeout, got {other:?}"),
+        Ok(_) => panic!("connected to a silent listener"),
+    }
+    drop(silent);
+}

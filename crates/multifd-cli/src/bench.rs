@@ -31,6 +31,10 @@ pub struct BenchArgs {
     /// Whether to measure QEMU too: when installed (auto), required (always), or not.
     #[arg(long, value_enum, default_value_t = QemuChoice::Auto)]
     qemu: QemuChoice,
+    /// Preallocate the destination's memory before each run (both ours and QEMU's), so
+    /// page faults on fresh memory are not part of the measurement.
+    #[arg(long)]
+    prealloc: bool,
     /// Directory for the image (default: /dev/shm when present, else the temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -67,56 +71,63 @@ pub fn run(args: BenchArgs) -> Result<()> {
         name: "pc.ram".into(),
         path: image_path.clone(),
     }];
-    let mut qemu_version = None;
-    let mut rows = Vec::new();
-    for &channels in &args.channels {
-        let mut ours = Vec::new();
-        let mut wire_bytes = 0;
-        for _ in 0..args.repeat {
-            let (seconds, bytes) = migrate_once(&image, channels, args.size)?;
-            ours.push(seconds);
-            wire_bytes = bytes;
-        }
-        let qemu_seconds = if args.qemu == QemuChoice::Never {
-            None
-        } else {
-            let mut runs = Vec::new();
-            for _ in 0..args.repeat {
-                let options = QemuOptions {
-                    image: &image_path,
-                    channels: u32::from(channels),
-                    compression: None,
-                };
-                match qemu_baseline::run(&options)? {
-                    Some(run) => {
-                        runs.push(run.seconds);
-                        qemu_version = Some(run.version);
-                    }
-                    None if args.qemu == QemuChoice::Always => {
-                        anyhow::bail!("qemu-system-x86_64 is not installed")
-                    }
-                    None => break,
+    let bench = Bench {
+        image: &image,
+        size: args.size,
+        prealloc: args.prealloc,
+        qemu: args.qemu,
+    };
+    // One unmeasured run of each side first: the first migration after the image is made
+    // pays for cold page tables and fresh host memory, whichever side goes first.
+    let first = args.channels.first().copied().unwrap_or(1);
+    bench.ours(first)?;
+    let qemu_version = bench.qemu(first)?.map(|run| run.version);
+
+    let mut ours = vec![Vec::new(); args.channels.len()];
+    let mut theirs = vec![Vec::new(); args.channels.len()];
+    let mut wire_bytes = vec![0; args.channels.len()];
+    for repeat in 0..args.repeat {
+        for (index, &channels) in args.channels.iter().enumerate() {
+            // Alternate who goes first, so neither side always inherits the other's
+            // warm memory.
+            let mut measure_ours = || -> Result<()> {
+                let (seconds, bytes) = bench.ours(channels)?;
+                ours[index].push(seconds);
+                wire_bytes[index] = bytes;
+                Ok(())
+            };
+            if repeat % 2 == 0 {
+                measure_ours()?;
+            }
+            if qemu_version.is_some() {
+                if let Some(run) = bench.qemu(channels)? {
+                    theirs[index].push(run.seconds);
                 }
             }
-            (!runs.is_empty()).then(|| median(&mut runs))
-        };
-        let row = Row {
-            channels,
-            seconds: median(&mut ours),
-            wire_bytes,
-            qemu_seconds,
-        };
-        if !args.json {
-            print_row(&row, args.size, rows.is_empty());
+            if repeat % 2 == 1 {
+                measure_ours()?;
+            }
         }
-        rows.push(row);
     }
+    let rows: Vec<Row> = args
+        .channels
+        .iter()
+        .enumerate()
+        .map(|(index, &channels)| Row {
+            channels,
+            seconds: median(&mut ours[index]),
+            wire_bytes: wire_bytes[index],
+            qemu_seconds: (!theirs[index].is_empty()).then(|| median(&mut theirs[index])),
+        })
+        .collect();
     if args.json {
         println!(
             "{}",
             json!({
                 "guest_bytes": args.size,
                 "image": "25% zero, 25% random, 50% text-like pages",
+                "destination_memory": if args.prealloc { "preallocated" } else { "fresh" },
+                "repeat": args.repeat,
                 "cpus": std::thread::available_parallelism().map(usize::from).unwrap_or(1),
                 "qemu_version": qemu_version,
                 "runs": rows.iter().map(|row| json!({
@@ -129,35 +140,82 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 })).collect::<Vec<_>>(),
             })
         );
-    } else if let Some(version) = qemu_version {
-        println!("baseline: {version}");
+    } else {
+        println!(
+            "{:.2} GiB image, destination memory {}, median of {} runs",
+            args.size as f64 / GIB,
+            if args.prealloc {
+                "preallocated"
+            } else {
+                "fresh"
+            },
+            args.repeat
+        );
+        for (index, row) in rows.iter().enumerate() {
+            print_row(row, args.size, index == 0);
+        }
+        if let Some(version) = qemu_version {
+            println!("baseline: {version}");
+        }
     }
     Ok(())
 }
 
-/// One migration of the image into anonymous memory; returns the source's seconds and
-/// wire bytes.
-fn migrate_once(image: &[RamFile], channels: u8, size: u64) -> Result<(f64, u64)> {
-    let listener = Listener::bind(&"tcp:127.0.0.1:0".parse()?)?;
-    let address = listener.address();
-    let destination_memory = GuestMemory::new(vec![anonymous_block("pc.ram", size)?])?;
-    let receiving = std::thread::spawn(move || {
-        Destination::new(DestinationConfig::default()).run(&listener, |_| Ok(destination_memory))
-    });
-    let memory = ram_files::map_for_sending(image)?;
-    let config = SourceConfig {
-        channels,
-        ..SourceConfig::default()
-    };
-    let started = Instant::now();
-    let mut source = Source::connect(&address, &config, memory)?;
-    source.queue_block(0)?;
-    let stats = source.complete()?;
-    let seconds = started.elapsed().as_secs_f64();
-    receiving
-        .join()
-        .map_err(|_| anyhow::anyhow!("the destination thread panicked"))??;
-    Ok((seconds, stats.bytes))
+/// What every measured run shares.
+struct Bench<'a> {
+    image: &'a [RamFile],
+    size: u64,
+    prealloc: bool,
+    qemu: QemuChoice,
+}
+
+impl Bench<'_> {
+    /// One migration of the image into anonymous memory; returns the source's seconds and
+    /// wire bytes.
+    fn ours(&self, channels: u8) -> Result<(f64, u64)> {
+        let listener = Listener::bind(&"tcp:127.0.0.1:0".parse()?)?;
+        let address = listener.address();
+        let destination_memory =
+            GuestMemory::new(vec![anonymous_block("pc.ram", self.size, self.prealloc)?])?;
+        let receiving = std::thread::spawn(move || {
+            Destination::new(DestinationConfig::default())
+                .run(&listener, |_| Ok(destination_memory))
+        });
+        let memory = ram_files::map_for_sending(self.image)?;
+        let config = SourceConfig {
+            channels,
+            ..SourceConfig::default()
+        };
+        let started = Instant::now();
+        let mut source = Source::connect(&address, &config, memory)?;
+        source.queue_block(0)?;
+        let stats = source.complete()?;
+        let seconds = started.elapsed().as_secs_f64();
+        receiving
+            .join()
+            .map_err(|_| anyhow::anyhow!("the destination thread panicked"))??;
+        Ok((seconds, stats.bytes))
+    }
+
+    /// One QEMU migration of the image; `None` when QEMU is not to be measured or not
+    /// installed (an error if it was required).
+    fn qemu(&self, channels: u8) -> Result<Option<qemu_baseline::QemuRun>> {
+        if self.qemu == QemuChoice::Never {
+            return Ok(None);
+        }
+        let options = QemuOptions {
+            image: &self.image[0].path,
+            channels: u32::from(channels),
+            compression: None,
+            prealloc_destination: self.prealloc,
+        };
+        match qemu_baseline::run(&options)? {
+            None if self.qemu == QemuChoice::Always => {
+                anyhow::bail!("qemu-system-x86_64 is not installed")
+            }
+            run => Ok(run),
+        }
+    }
 }
 
 fn median(values: &mut [f64]) -> f64 {

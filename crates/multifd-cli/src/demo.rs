@@ -158,12 +158,18 @@ pub fn default_dir() -> PathBuf {
     }
 }
 
-/// A block over fresh anonymous memory, as a VMM's guest RAM would be: backed by
-/// transparent huge pages where the kernel allows, as QEMU and most VMMs advise.
-pub fn anonymous_block(name: &str, size: u64) -> Result<RamBlock> {
-    let mapping = memmap2::MmapMut::map_anon(size as usize).context("anonymous memory")?;
+/// A block over anonymous memory, as a VMM's guest RAM would be: backed by transparent
+/// huge pages where the kernel allows, as QEMU and most VMMs advise. With `prealloc`
+/// every page is faulted in now, as a VMM that preallocates guest RAM does.
+pub fn anonymous_block(name: &str, size: u64, prealloc: bool) -> Result<RamBlock> {
+    let mut mapping = memmap2::MmapMut::map_anon(size as usize).context("anonymous memory")?;
     // Only a hint: without huge pages the memory works the same, with more page faults.
     let _ = mapping.advise(memmap2::Advice::HugePage);
+    if prealloc {
+        for page in mapping.chunks_mut(image::PAGE) {
+            page[0] = 0;
+        }
+    }
     Ok(RamBlock::from_mapping(
         name,
         memmap2::MmapRaw::from(mapping),

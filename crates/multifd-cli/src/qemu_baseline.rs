@@ -95,6 +95,9 @@ pub struct QemuOptions<'a> {
     /// Multifd compression as `(algorithm, level)`, the algorithm being `"zlib"`
     /// (levels 0 to 9) or `"zstd"` (levels 0 to 20); `None` for no compression.
     pub compression: Option<(&'a str, u32)>,
+    /// Whether the destination's memory is allocated before the migration starts
+    /// (`prealloc=on`), so page faults on fresh memory are not part of the measurement.
+    pub prealloc_destination: bool,
 }
 
 /// Migrates the image from one QEMU to another on this host with multifd and returns
@@ -115,7 +118,12 @@ pub fn run(options: &QemuOptions) -> Result<Option<QemuRun>> {
     let settings = settings(options)?;
     let size = image_size(options.image)?;
     warm_page_cache(options.image)?;
-    let mut pair = Pair::launch(options.image, size, &settings.arguments, None)?;
+    let destination = if options.prealloc_destination {
+        DestinationRam::Preallocated
+    } else {
+        DestinationRam::Fresh
+    };
+    let mut pair = Pair::launch(options.image, size, &settings.arguments, destination)?;
     let measurement = pair.migrate(&settings.parameters)?;
     Ok(Some(QemuRun {
         seconds: measurement.seconds,
@@ -478,6 +486,17 @@ struct Measurement {
     transferred_bytes: u64,
 }
 
+/// Where the destination QEMU's guest RAM lives.
+enum DestinationRam {
+    /// Fresh anonymous memory, faulted in as pages arrive.
+    Fresh,
+    /// Anonymous memory allocated at startup (`prealloc=on`).
+    Preallocated,
+    /// A shared file, so the result can be compared with the image (tests only).
+    #[cfg(test)]
+    File(PathBuf),
+}
+
 /// The source and destination QEMU. Dropping it kills both, then removes the
 /// temporary directory (fields drop in declaration order).
 struct Pair {
@@ -497,7 +516,7 @@ impl Pair {
         image: &Path,
         size: u64,
         arguments: &[String],
-        destination_ram: Option<&Path>,
+        destination_ram: DestinationRam,
     ) -> Result<Self> {
         let workdir = WorkDir::create()?;
         let mib = size >> 20;
@@ -532,7 +551,9 @@ impl Pair {
         let source = Qemu::launch("source", &common(source_backend), &workdir.0)?;
 
         let destination_backend = match destination_ram {
-            Some(path) => {
+            #[cfg(test)]
+            DestinationRam::File(path) => {
+                let path = path.as_path();
                 let file =
                     File::create(path).with_context(|| format!("creating {}", path.display()))?;
                 file.set_len(size)
@@ -542,7 +563,10 @@ impl Pair {
                     option_path(path)?
                 )
             }
-            None => format!("memory-backend-ram,id=mem,size={mib}M"),
+            DestinationRam::Fresh => format!("memory-backend-ram,id=mem,size={mib}M"),
+            DestinationRam::Preallocated => {
+                format!("memory-backend-ram,id=mem,size={mib}M,prealloc=on")
+            }
         };
         let mut destination_args = common(destination_backend);
         destination_args.extend(["-incoming".to_owned(), "defer".to_owned()]);
@@ -650,6 +674,7 @@ mod tests {
             image: Path::new("unused"),
             channels,
             compression,
+            prealloc_destination: false,
         }
     }
 
@@ -766,7 +791,12 @@ mod tests {
         fs::copy(&image, &reference)?;
         let settings = settings(&options)?;
         let size = image_size(&image)?;
-        let mut pair = Pair::launch(&image, size, &settings.arguments, Some(&destination_ram))?;
+        let mut pair = Pair::launch(
+            &image,
+            size,
+            &settings.arguments,
+            DestinationRam::File(destination_ram.clone()),
+        )?;
         let measurement = pair.migrate(&settings.parameters)?;
         assert!(measurement.transferred_bytes > 0);
         assert!(same_contents(&reference, &destination_ram)?);

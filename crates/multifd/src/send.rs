@@ -437,7 +437,12 @@ mod tests {
             readers.push(std::thread::spawn(move || drain(remote)));
         }
         let failure = Failure::new();
-        let counters = Counters::new(Side::Source, channels as u8, PAGE);
+        let counters = Counters::new(
+            Side::Source,
+            channels as u8,
+            PAGE,
+            std::time::Instant::now(),
+        );
         let pool = SendChannels::start(
             ours,
             ChannelSettings {
@@ -543,7 +548,7 @@ mod tests {
                 zero_page: ZeroPageMode::Multifd,
                 compression: Compression::None,
             },
-            &Counters::new(Side::Source, 2, PAGE),
+            &Counters::new(Side::Source, 2, PAGE, std::time::Instant::now()),
             &failure,
         );
         let mut sent = 0;

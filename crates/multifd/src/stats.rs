@@ -55,11 +55,13 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
-    pub(crate) fn new(side: Side, channels: u8, page_size: u32) -> Arc<Self> {
+    /// Counters for a migration that began at `started` (the source's connect, or the
+    /// destination's accepting the control connection).
+    pub(crate) fn new(side: Side, channels: u8, page_size: u32, started: Instant) -> Arc<Self> {
         Arc::new(Self {
             side,
             page_size,
-            started: Instant::now(),
+            started,
             channels: (0..channels).map(|_| ChannelCounters::default()).collect(),
             guest_bytes: AtomicU64::new(0),
             rounds: AtomicU64::new(0),

@@ -122,6 +122,7 @@ impl Destination {
     ) -> Result<MigrationStats, Error> {
         let mut parked = Vec::new();
         let control = self.accept_control(listener, &mut parked)?;
+        let started = Instant::now();
         let connected = self.handshake(control, map_blocks)?;
         let Connected {
             control,
@@ -129,7 +130,7 @@ impl Destination {
             memory,
         } = connected;
         let channel_count = hello.channels as u8;
-        let counters = Counters::new(Side::Destination, channel_count, hello.page_size);
+        let counters = Counters::new(Side::Destination, channel_count, hello.page_size, started);
         counters.guest_bytes.store(
             memory.blocks().iter().map(|block| block.len()).sum(),
             Ordering::Relaxed,

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use multifd_wire::{
     BlockAnnouncement, ChannelHello, Compression, ControlMessage, Hello, Totals, ZeroPageMode,
@@ -87,6 +87,7 @@ impl Source {
         config: &SourceConfig,
         memory: GuestMemory,
     ) -> Result<Self, Error> {
+        let started = Instant::now();
         let uuid = match config.uuid {
             Some(uuid) => uuid,
             None => {
@@ -168,7 +169,7 @@ impl Source {
         }
 
         let failure = Failure::new();
-        let counters = Counters::new(Side::Source, config.channels, config.page_size);
+        let counters = Counters::new(Side::Source, config.channels, config.page_size, started);
         counters.guest_bytes.store(
             memory.blocks().iter().map(|block| block.len()).sum(),
             Ordering::Relaxed,

@@ -77,3 +77,74 @@ fn queueing_outside_a_block_is_refused() {
     source.complete().expect("complete");
     destination.join().expect("join").expect("destination");
 }
+
+/// The SYNC barrier: channel 1 carries round 2's copy of a page before channel 0 has even
+/// started round 1's copy of it. Without the barrier the destination would apply round
+/// 2's copy first and then overwrite it with round 1's; with it, round 2 waits.
+/// Channels also connect out of order, one of them before the control channel.
+#[test]
+fn a_later_round_on_another_channel_waits_for_the_earlier_round() {
+    use multifd_wire::{ChannelHello, ControlMessage, Totals};
+
+    let destination_memory = GuestMemory::new(vec![block("pc.ram", 64 << 10)]).expect("memory");
+    let (listener, address) = listener(false);
+    let destination = spawn_destination(
+        listener,
+        quick_destination_config(),
+        destination_memory.clone(),
+    );
+    let uuid = [7u8; 16];
+
+    // Channel 1 connects before the control channel does.
+    let early = {
+        use std::io::Write;
+        let mut stream = tcp_connect(&address);
+        stream
+            .write_all(&ChannelHello { uuid, channel: 1 }.encode())
+            .expect("hello");
+        stream
+    };
+    let mut source = RawSource::connect(
+        &address,
+        &raw_hello(2, uuid),
+        vec![multifd::BlockAnnouncement {
+            name: "pc.ram".into(),
+            length: 64 << 10,
+        }],
+    );
+    source.channels.push(early);
+    let channel_0 = source.open_channel(0);
+    let channel_1 = 0;
+
+    let round_1_copy = vec![0x11u8; PAGE];
+    let round_2_copy = vec![0x22u8; PAGE];
+    let page = |contents: &[u8]| {
+        let mut bytes = ram_packet(0, "pc.ram", &[0], &[]);
+        bytes.extend_from_slice(contents);
+        bytes
+    };
+    // Channel 1: its round-1 SYNC, then round 2's copy and SYNC, all at once.
+    source.write_channel(channel_1, &sync_packet());
+    source.write_channel(channel_1, &page(&round_2_copy));
+    source.write_channel(channel_1, &sync_packet());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // Channel 0, late: round 1's copy, then both SYNCs.
+    source.write_channel(channel_0, &page(&round_1_copy));
+    source.write_channel(channel_0, &sync_packet());
+    source.write_channel(channel_0, &sync_packet());
+    source.send(&ControlMessage::RoundEnd { round: 1 });
+    source.send(&ControlMessage::RoundEnd { round: 2 });
+    let totals = Totals {
+        packets: 6,
+        normal_pages: 2,
+        zero_pages: 0,
+        payload_bytes: 2 * PAGE as u64,
+        rounds: 2,
+        device_chunks: 0,
+        device_bytes: 0,
+    };
+    source.send(&ControlMessage::Complete(totals));
+    assert_eq!(source.receive(), ControlMessage::Completed(totals));
+    join_within(destination, DEADLINE).expect("destination completes");
+    assert!(bytes(&destination_memory.blocks()[0])[..PAGE] == round_2_copy[..]);
+}

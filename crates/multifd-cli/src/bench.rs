@@ -7,12 +7,12 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::ValueEnum;
 use multifd::{Destination, DestinationConfig, GuestMemory, Listener, Source, SourceConfig};
 use serde_json::json;
 
-use crate::demo::{anonymous_block, default_dir};
+use crate::demo::anonymous_block;
 use crate::image::{self, parse_size};
 use crate::qemu_baseline::{self, QemuOptions};
 use crate::ram_files::{self, RamFile};
@@ -60,11 +60,7 @@ struct Row {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let base = args.dir.clone().unwrap_or_else(default_dir);
-    let directory = tempfile::Builder::new()
-        .prefix("multifd-bench-")
-        .tempdir_in(&base)
-        .with_context(|| format!("cannot create a directory in {}", base.display()))?;
+    let directory = image::scratch_directory(args.dir.as_deref(), "multifd-bench-")?;
     let image_path = directory.path().join("guest.img");
     image::create(&image_path, args.size, 1)?;
     let image = [RamFile {

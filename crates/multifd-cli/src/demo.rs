@@ -35,11 +35,7 @@ pub struct DemoArgs {
 const VRAM_SIZE: u64 = 16 << 20;
 
 pub fn run(args: DemoArgs) -> Result<()> {
-    let base = args.dir.clone().unwrap_or_else(default_dir);
-    let directory = tempfile::Builder::new()
-        .prefix("multifd-demo-")
-        .tempdir_in(&base)
-        .with_context(|| format!("cannot create a directory in {}", base.display()))?;
+    let directory = image::scratch_directory(args.dir.as_deref(), "multifd-demo-")?;
     let path = |name: &str| directory.path().join(name);
     let blocks = [("pc.ram", args.size, 1), ("vga.vram", VRAM_SIZE, 2)];
 
@@ -145,17 +141,6 @@ pub fn verify(source: &Path, destination: &Path) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Where big temporary images go: memory-backed when possible, so disk speed is not
-/// what gets measured.
-pub fn default_dir() -> PathBuf {
-    let shm = PathBuf::from("/dev/shm");
-    if shm.is_dir() {
-        shm
-    } else {
-        std::env::temp_dir()
-    }
 }
 
 /// A block over anonymous memory, as a VMM's guest RAM would be: backed by transparent

@@ -124,6 +124,22 @@ pub fn create(path: &Path, size: u64, seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// A fresh directory for big temporary images, removed when dropped: in `dir` if given,
+/// else in /dev/shm when present (memory-backed, so disk speed is not what gets
+/// measured), else in the temp dir.
+pub fn scratch_directory(dir: Option<&Path>, prefix: &str) -> Result<tempfile::TempDir> {
+    let shm = Path::new("/dev/shm");
+    let base = match dir {
+        Some(dir) => dir.to_path_buf(),
+        None if shm.is_dir() => shm.to_path_buf(),
+        None => std::env::temp_dir(),
+    };
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(&base)
+        .with_context(|| format!("cannot create a directory in {}", base.display()))
+}
+
 /// Parses sizes like `4G`, `512M`, `64K` or plain bytes.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let (digits, unit) = match text

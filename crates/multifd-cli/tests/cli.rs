@@ -1,7 +1,7 @@
 //! The `multifd` binary end to end: separate `recv` and `send` processes over real
 //! sockets, JSON output, and one-line errors with a non-zero exit code.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -67,7 +67,7 @@ fn start_recv(directory: &Path, extra: &[&str]) -> Child {
     child
 }
 
-fn arg(name: &str, path: &PathBuf) -> String {
+fn arg(name: &str, path: &Path) -> String {
     format!("{name}={}", path.display())
 }
 

@@ -78,6 +78,31 @@ impl<'a> Reader<'a> {
             .map_err(|_| WireError::NotUtf8 { field })
     }
 
+    /// QEMU's multifd magic and version, which open both the channel hello and every
+    /// packet header (`structure` names which, for errors).
+    pub(crate) fn multifd_magic_and_version(
+        &mut self,
+        structure: &'static str,
+    ) -> Result<(), WireError> {
+        let magic = self.u32()?;
+        if magic != crate::MULTIFD_MAGIC {
+            return Err(WireError::BadMagic {
+                structure,
+                value: magic,
+                expected: crate::MULTIFD_MAGIC,
+            });
+        }
+        let version = self.u32()?;
+        if version != crate::MULTIFD_VERSION {
+            return Err(WireError::BadVersion {
+                structure,
+                value: version,
+                expected: crate::MULTIFD_VERSION,
+            });
+        }
+        Ok(())
+    }
+
     pub(crate) fn finish(self) -> Result<(), WireError> {
         match self.bytes.len() - self.position {
             0 => Ok(()),

@@ -137,22 +137,7 @@ impl PacketHeader {
     }
 
     pub(crate) fn read(reader: &mut Reader<'_>) -> Result<Self, WireError> {
-        let magic = reader.u32()?;
-        if magic != MULTIFD_MAGIC {
-            return Err(WireError::BadMagic {
-                structure: "packet header",
-                value: magic,
-                expected: MULTIFD_MAGIC,
-            });
-        }
-        let version = reader.u32()?;
-        if version != MULTIFD_VERSION {
-            return Err(WireError::BadVersion {
-                structure: "packet header",
-                value: version,
-                expected: MULTIFD_VERSION,
-            });
-        }
+        reader.multifd_magic_and_version("packet header")?;
         Ok(Self {
             flags: Flags(reader.u32()?),
         })

@@ -33,22 +33,7 @@ impl ChannelHello {
     /// QEMU ignores them; the channel id is checked by the caller, who knows the count.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         let mut reader = Reader::new("channel hello", bytes);
-        let magic = reader.u32()?;
-        if magic != MULTIFD_MAGIC {
-            return Err(WireError::BadMagic {
-                structure: "channel hello",
-                value: magic,
-                expected: MULTIFD_MAGIC,
-            });
-        }
-        let version = reader.u32()?;
-        if version != MULTIFD_VERSION {
-            return Err(WireError::BadVersion {
-                structure: "channel hello",
-                value: version,
-                expected: MULTIFD_VERSION,
-            });
-        }
+        reader.multifd_magic_and_version("channel hello")?;
         let uuid = reader.array()?;
         let channel = reader.u8()?;
         reader.take(CHANNEL_HELLO_LEN - 25)?;

@@ -427,24 +427,18 @@ mod tests {
     /// Per channel, what its reader saw: for each packet, its page count or `None` (SYNC).
     type Readers = Vec<JoinHandle<Vec<Option<u32>>>>;
 
-    fn start(channels: usize) -> (SendChannels, Arc<Failure>, Readers) {
+    /// A pool over `streams` sending pages of a 64-page anonymous block.
+    fn pool(streams: Vec<Stream>, failure: &Arc<Failure>) -> SendChannels {
         let mapping = memmap2::MmapMut::map_anon(64 * PAGE as usize).expect("memory");
         let block = RamBlock::from_mapping("ram", memmap2::MmapRaw::from(mapping)).expect("block");
-        let (mut ours, mut readers) = (Vec::new(), Vec::new());
-        for _ in 0..channels {
-            let (local, remote) = UnixStream::pair().expect("socket pair");
-            ours.push(Stream::Unix(local));
-            readers.push(std::thread::spawn(move || drain(remote)));
-        }
-        let failure = Failure::new();
         let counters = Counters::new(
             Side::Source,
-            channels as u8,
+            streams.len() as u8,
             PAGE,
             std::time::Instant::now(),
         );
-        let pool = SendChannels::start(
-            ours,
+        SendChannels::start(
+            streams,
             ChannelSettings {
                 memory: GuestMemory::new(vec![block]).expect("memory"),
                 page_size: PAGE,
@@ -453,9 +447,20 @@ mod tests {
                 compression: Compression::None,
             },
             &counters,
-            &failure,
-        );
-        (pool, failure, readers)
+            failure,
+        )
+    }
+
+    /// A pool of `channels` channels, each drained by a reader thread.
+    fn start(channels: usize) -> (SendChannels, Arc<Failure>, Readers) {
+        let (mut ours, mut readers) = (Vec::new(), Vec::new());
+        for _ in 0..channels {
+            let (local, remote) = UnixStream::pair().expect("socket pair");
+            ours.push(Stream::Unix(local));
+            readers.push(std::thread::spawn(move || drain(remote)));
+        }
+        let failure = Failure::new();
+        (pool(ours, &failure), failure, readers)
     }
 
     fn full_batch() -> Batch {
@@ -532,25 +537,12 @@ mod tests {
 
     #[test]
     fn a_broken_channel_stops_every_producer() {
-        let mapping = memmap2::MmapMut::map_anon(64 * PAGE as usize).expect("memory");
-        let block = RamBlock::from_mapping("ram", memmap2::MmapRaw::from(mapping)).expect("block");
         let (healthy, healthy_peer) = UnixStream::pair().expect("socket pair");
         let (broken, broken_peer) = UnixStream::pair().expect("socket pair");
         drop(broken_peer);
         let reader = std::thread::spawn(move || drain(healthy_peer));
         let failure = Failure::new();
-        let pool = SendChannels::start(
-            vec![Stream::Unix(healthy), Stream::Unix(broken)],
-            ChannelSettings {
-                memory: GuestMemory::new(vec![block]).expect("memory"),
-                page_size: PAGE,
-                pages_per_packet: PAGES_PER_PACKET,
-                zero_page: ZeroPageMode::Multifd,
-                compression: Compression::None,
-            },
-            &Counters::new(Side::Source, 2, PAGE, std::time::Instant::now()),
-            &failure,
-        );
+        let pool = pool(vec![Stream::Unix(healthy), Stream::Unix(broken)], &failure);
         let mut sent = 0;
         while sent < 100 {
             let mut batch = full_batch();

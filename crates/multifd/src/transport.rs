@@ -127,9 +127,8 @@ impl Stream {
     /// The memory may be written concurrently (live guest RAM): the kernel copies it and
     /// no Rust reference to it is formed.
     pub(crate) unsafe fn write_all_raw(&self, iovecs: &mut [libc::iovec]) -> io::Result<()> {
-        let mut remaining = iovecs;
-        while !remaining.is_empty() {
-            let count = remaining.len().min(IOV_MAX);
+        let fd = self.as_fd().as_raw_fd();
+        transfer_all(iovecs, io::ErrorKind::WriteZero, |remaining, count| {
             // SAFETY: an all-zero msghdr is valid (no address, no control data).
             let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
             message.msg_iov = remaining.as_mut_ptr();
@@ -137,21 +136,8 @@ impl Stream {
             // SAFETY: the iovecs point to memory the caller keeps mapped (contract above);
             // `count` is within the slice. MSG_NOSIGNAL: a peer that went away is an EPIPE
             // error here, not a SIGPIPE that kills an embedding VMM.
-            let written =
-                unsafe { libc::sendmsg(self.as_fd().as_raw_fd(), &message, libc::MSG_NOSIGNAL) };
-            if written < 0 {
-                let error = io::Error::last_os_error();
-                if error.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(error);
-            }
-            if written == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            remaining = advance(remaining, written as usize);
-        }
-        Ok(())
+            unsafe { libc::sendmsg(fd, &message, libc::MSG_NOSIGNAL) }
+        })
     }
 
     /// Fills every byte the iovecs describe, resuming after partial reads; EOF before the
@@ -162,32 +148,39 @@ impl Stream {
     /// Every iovec must describe memory that stays mapped and writable until this returns
     /// and that no Rust reference aliases.
     pub(crate) unsafe fn read_exact_raw(&self, iovecs: &mut [libc::iovec]) -> io::Result<()> {
-        let mut remaining = iovecs;
-        while !remaining.is_empty() {
-            let count = remaining.len().min(IOV_MAX);
+        let fd = self.as_fd().as_raw_fd();
+        transfer_all(iovecs, io::ErrorKind::UnexpectedEof, |remaining, count| {
             // SAFETY: the iovecs point to writable memory the caller keeps mapped and
             // unaliased (contract above); `count` is within the slice.
-            let read = unsafe {
-                libc::readv(
-                    self.as_fd().as_raw_fd(),
-                    remaining.as_ptr(),
-                    count as libc::c_int,
-                )
-            };
-            if read < 0 {
-                let error = io::Error::last_os_error();
-                if error.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(error);
-            }
-            if read == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            remaining = advance(remaining, read as usize);
-        }
-        Ok(())
+            unsafe { libc::readv(fd, remaining.as_ptr(), count as libc::c_int) }
+        })
     }
+}
+
+/// Repeats a vectored system call until every iovec is done: resumes after partial
+/// transfers and interruptions, and reports a transfer of zero bytes as `on_zero`.
+fn transfer_all(
+    iovecs: &mut [libc::iovec],
+    on_zero: io::ErrorKind,
+    mut call: impl FnMut(&mut [libc::iovec], usize) -> isize,
+) -> io::Result<()> {
+    let mut remaining = iovecs;
+    while !remaining.is_empty() {
+        let count = remaining.len().min(IOV_MAX);
+        let done = call(remaining, count);
+        if done < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(error);
+        }
+        if done == 0 {
+            return Err(on_zero.into());
+        }
+        remaining = advance(remaining, done as usize);
+    }
+    Ok(())
 }
 
 /// Linux's limit on iovecs per call.

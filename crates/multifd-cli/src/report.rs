@@ -1,9 +1,6 @@
 //! What the command line shows: a progress bar while running, then a table or JSON.
 
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use multifd::{MigrationStats, Monitor};
@@ -18,8 +15,7 @@ pub fn one_line(error: &anyhow::Error) -> String {
 
 /// A progress bar on a terminal's stderr, fed from the migration's monitor.
 pub struct ProgressBar {
-    done: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    watcher: Option<(multifd::ProgressWatcher, indicatif::ProgressBar)>,
 }
 
 /// How often the bar is redrawn.
@@ -28,37 +24,31 @@ const REFRESH: Duration = Duration::from_millis(100);
 impl ProgressBar {
     /// Shows a bar unless stderr is not a terminal or JSON output was asked for.
     pub fn start(monitor: Monitor, label: &'static str, json: bool) -> Self {
-        let done = Arc::new(AtomicBool::new(false));
-        let thread = (!json && std::io::stderr().is_terminal()).then(|| {
-            let done = Arc::clone(&done);
-            std::thread::spawn(move || {
-                let bar = indicatif::ProgressBar::new(0);
-                bar.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} {elapsed}",
-                    )
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-                );
-                bar.set_message(label);
-                while !done.load(Ordering::Relaxed) {
-                    let progress = monitor.progress();
-                    bar.set_length(progress.guest_bytes);
-                    bar.set_position(progress.guest_bytes_done);
-                    std::thread::sleep(REFRESH);
-                }
-                bar.finish_and_clear();
-            })
+        let watcher = (!json && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} {elapsed}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_message(label);
+            let drawn = bar.clone();
+            let watcher = monitor.watch(REFRESH, move |progress| {
+                drawn.set_length(progress.guest_bytes);
+                drawn.set_position(progress.guest_bytes_done);
+            });
+            (watcher, bar)
         });
-        Self { done, thread }
+        Self { watcher }
     }
 
     /// Removes the bar.
-    pub fn finish(mut self) {
-        self.done.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            // The bar thread only draws; if it panicked there is nothing left to clear.
-            let _ = thread.join();
+    pub fn finish(self) {
+        if let Some((watcher, bar)) = self.watcher {
+            drop(watcher);
+            bar.finish_and_clear();
         }
     }
 }

@@ -47,5 +47,5 @@ pub use failure::CancelHandle;
 pub use migration::{Destination, DestinationConfig, Source, SourceConfig};
 pub use multifd_wire::{BlockAnnouncement, RejectCode, RejectReason, ZeroPageMode};
 pub use ram::{GuestMemory, RamBlock};
-pub use stats::{ChannelStats, MigrationStats, Monitor, Progress};
+pub use stats::{ChannelStats, MigrationStats, Monitor, Progress, ProgressWatcher};
 pub use transport::{Address, Listener};

@@ -5,7 +5,7 @@
 //! readers want a recent value, not a consistent cut.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use multifd_wire::Totals;
@@ -168,6 +168,51 @@ impl Monitor {
             .get()
             .map(|counters| counters.progress())
             .unwrap_or_default()
+    }
+
+    /// Calls `report` with a fresh snapshot every `interval`, on a thread of its own,
+    /// until the returned watcher is dropped (which waits for the last call to end).
+    pub fn watch(
+        &self,
+        interval: Duration,
+        mut report: impl FnMut(&Progress) + Send + 'static,
+    ) -> ProgressWatcher {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let monitor = self.clone();
+        let stopping = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("multifd-progress".into())
+            .spawn(move || {
+                let (stopped, wakeup) = &*stopping;
+                let mut stopped = crate::failure::lock(stopped);
+                while !*stopped {
+                    report(&monitor.progress());
+                    stopped = wakeup
+                        .wait_timeout(stopped, interval)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .0;
+                }
+            })
+            .ok();
+        ProgressWatcher { stop, thread }
+    }
+}
+
+/// Reports progress periodically until dropped; see [`Monitor::watch`].
+#[derive(Debug)]
+pub struct ProgressWatcher {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for ProgressWatcher {
+    fn drop(&mut self) {
+        *crate::failure::lock(&self.stop.0) = true;
+        self.stop.1.notify_all();
+        if let Some(thread) = self.thread.take() {
+            // A panic in the caller's report function ends only the reporting.
+            let _ = thread.join();
+        }
     }
 }
 

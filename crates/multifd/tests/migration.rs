@@ -114,3 +114,71 @@ fn sixteen_channels_over_unix() {
 fn without_zero_page_detection() {
     migrate_all(4, false, ZeroPageMode::None);
 }
+
+/// A progress watcher sees the announced size from the start, never sees the transferred
+/// count go backwards, and the monitor ends at the whole memory.
+#[test]
+fn progress_is_reported_while_migrating() {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    let source_memory = mixed_memory(99);
+    let total: u64 = source_memory.blocks().iter().map(|block| block.len()).sum();
+    let (listener, address) = listener(false);
+    let destination = spawn_destination(
+        listener,
+        DestinationConfig::default(),
+        empty_like(&source_memory),
+    );
+    let mut source =
+        Source::connect(&address, &SourceConfig::default(), source_memory).expect("connect");
+    let monitor = source.monitor();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let watcher = {
+        let seen = Arc::clone(&seen);
+        monitor.watch(Duration::from_millis(1), move |progress| {
+            seen.lock().expect("lock").push(*progress)
+        })
+    };
+    for block in 0..3 {
+        source.queue_block(block).expect("queue");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stats = source.complete().expect("complete");
+    drop(watcher);
+    destination.join().expect("join").expect("destination");
+
+    let seen = seen.lock().expect("lock");
+    assert!(seen.len() >= 2, "watcher called {} times", seen.len());
+    assert!(seen.iter().all(|progress| progress.guest_bytes == total));
+    assert!(seen
+        .windows(2)
+        .all(|pair| pair[0].guest_bytes_done <= pair[1].guest_bytes_done));
+    let last = monitor.progress();
+    assert_eq!(last.guest_bytes_done, total);
+    assert_eq!(last.bytes, stats.bytes);
+    assert_eq!(last.rounds, 1);
+}
+
+/// A destination carries exactly one migration; a second `run` is refused at once.
+#[test]
+fn a_destination_runs_one_migration() {
+    let source_memory = GuestMemory::new(vec![block("pc.ram", 64 << 10)]).expect("memory");
+    let (listener, address) = listener(true);
+    let destination = std::sync::Arc::new(multifd::Destination::new(DestinationConfig::default()));
+    let receiving = {
+        let destination = std::sync::Arc::clone(&destination);
+        let memory = empty_like(&source_memory);
+        std::thread::spawn(move || destination.run(&listener, |_| Ok(memory)).map(|_| listener))
+    };
+    let mut source =
+        Source::connect(&address, &SourceConfig::default(), source_memory).expect("connect");
+    source.queue_block(0).expect("queue");
+    source.complete().expect("complete");
+    let listener = receiving.join().expect("join").expect("first run");
+    let again = destination.run(&listener, |_| Err("unused".into()));
+    assert!(
+        matches!(&again, Err(multifd::Error::Config(message)) if message.contains("one migration")),
+        "{again:?}"
+    );
+}

@@ -1,7 +1,7 @@
 //! The destination end of a migration.
 
 use std::io::Read;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -68,6 +68,8 @@ pub struct Destination {
     config: DestinationConfig,
     failure: Arc<Failure>,
     monitor: Monitor,
+    /// Set by the first `run`: a destination carries one migration.
+    used: AtomicBool,
 }
 
 /// The connections of a migration whose handshake succeeded.
@@ -84,6 +86,7 @@ impl Destination {
             config,
             failure: Failure::new(),
             monitor: Monitor::default(),
+            used: AtomicBool::new(false),
         }
     }
 
@@ -111,6 +114,11 @@ impl Destination {
         listener: &Listener,
         map_blocks: impl FnOnce(&[BlockAnnouncement]) -> Result<GuestMemory, String>,
     ) -> Result<MigrationStats, Error> {
+        if self.used.swap(true, Ordering::SeqCst) {
+            return Err(Error::Config(
+                "a Destination runs one migration; create a new one for the next".into(),
+            ));
+        }
         let result = self.run_migration(listener, map_blocks);
         result.map_err(|error| self.failure.first_error(error))
     }

@@ -248,6 +248,16 @@ impl Write for &Stream {
     }
 }
 
+/// What [`Listener::accept_until`] saw.
+pub(crate) enum Accepted {
+    /// A new connection.
+    Connection(Stream),
+    /// The watched connection has data or was closed.
+    WatchReadable,
+    /// The deadline passed.
+    TimedOut,
+}
+
 /// A bound listening socket for a destination.
 #[derive(Debug)]
 pub struct Listener {
@@ -292,29 +302,46 @@ impl Listener {
         }
     }
 
-    /// Accepts one connection, waiting at most until `deadline`; `Ok(None)` on timeout.
-    pub(crate) fn accept_until(&self, deadline: Instant) -> io::Result<Option<Stream>> {
+    /// Accepts one connection, waiting at most until `deadline`, unless `watch` (an
+    /// established connection) becomes readable first: it then has a message for the
+    /// caller, or its peer closed it.
+    pub(crate) fn accept_until(
+        &self,
+        deadline: Instant,
+        watch: Option<&Stream>,
+    ) -> io::Result<Accepted> {
         let timeout = deadline.saturating_duration_since(Instant::now());
-        let mut poll = libc::pollfd {
-            fd: self.raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut polls = [
+            libc::pollfd {
+                fd: self.raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: watch.map_or(-1, |stream| stream.as_fd().as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
         let millis = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-        // SAFETY: `poll` is a valid pollfd for one descriptor that lives across the call.
-        let ready = unsafe { libc::poll(&mut poll, 1, millis) };
+        // SAFETY: `polls` is a valid array of two pollfds that lives across the call; a
+        // negative descriptor is ignored by poll(2).
+        let ready = unsafe { libc::poll(polls.as_mut_ptr(), 2, millis) };
         if ready < 0 {
             let error = io::Error::last_os_error();
             return if error.kind() == io::ErrorKind::Interrupted {
-                Ok(None)
+                Ok(Accepted::TimedOut)
             } else {
                 Err(error)
             };
         }
-        if ready == 0 {
-            return Ok(None);
+        if polls[1].revents != 0 {
+            return Ok(Accepted::WatchReadable);
         }
-        Ok(Some(match &self.inner {
+        if polls[0].revents == 0 {
+            return Ok(Accepted::TimedOut);
+        }
+        Ok(Accepted::Connection(match &self.inner {
             ListenerInner::Tcp(listener) => {
                 let (stream, _) = listener.accept()?;
                 stream.set_nodelay(true)?;

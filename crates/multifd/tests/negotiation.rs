@@ -490,3 +490,55 @@ fn source_times_out_when_the_destination_never_answers() {
     }
     drop(silent);
 }
+
+/// A source that gives up while its channels are connecting ends the destination's wait
+/// at once with its reason (an `Abort`), or with the closed control channel.
+#[test]
+fn a_source_giving_up_during_setup_ends_the_wait_promptly() {
+    use multifd_wire::ControlMessage;
+    for abort in [true, false] {
+        let (listener, address) = listener(false);
+        let memory = GuestMemory::new(vec![block("pc.ram", 64 << 10)]).expect("memory");
+        let destination = spawn_destination(listener, quick_destination_config(), memory);
+        let mut source = RawSource::connect(
+            &address,
+            &raw_hello(2, [3; 16]),
+            vec![multifd::BlockAnnouncement {
+                name: "pc.ram".into(),
+                length: 64 << 10,
+            }],
+        );
+        source.open_channel(0);
+        let started = std::time::Instant::now();
+        if abort {
+            source.send(&ControlMessage::Abort("channel 1 unreachable".into()));
+        } else {
+            drop(source);
+        }
+        let error = join_within(destination, DEADLINE).expect_err("the destination fails");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "took {:?}",
+            started.elapsed()
+        );
+        if abort {
+            assert!(
+                matches!(&error, Error::PeerFailed { side: Side::Destination, reason }
+                    if reason == "source aborted: channel 1 unreachable"),
+                "{error:?}"
+            );
+        } else {
+            assert!(
+                matches!(
+                    error,
+                    Error::Closed {
+                        side: Side::Destination,
+                        link: Link::Control,
+                        ..
+                    }
+                ),
+                "{error:?}"
+            );
+        }
+    }
+}

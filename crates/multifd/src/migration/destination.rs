@@ -17,7 +17,7 @@ use crate::failure::{lock, CancelHandle, Failure};
 use crate::ram::ReceivedPages;
 use crate::recv::{ChannelReceiver, ReceiveSettings, ReleaseError, SyncBarrier};
 use crate::stats::{ChannelCounters, Counters, Monitor};
-use crate::transport::{Listener, Stream};
+use crate::transport::{Accepted, Listener, Stream};
 use crate::{Error, GuestMemory, Link, MigrationStats, Side, Uuid, Violation};
 
 /// What a destination accepts. Settings left `None` are taken from the source.
@@ -160,7 +160,7 @@ impl Destination {
         self.failure
             .on_failure(move |_| control_clone.stream().shutdown());
 
-        let streams = self.accept_channels(listener, &hello, parked, &counters)?;
+        let streams = self.accept_channels(listener, &control, &hello, parked, &counters)?;
         let barrier = SyncBarrier::new(channel_count, &self.failure);
         let settings = Arc::new(ReceiveSettings {
             received: ReceivedPages::new(&memory, hello.page_size),
@@ -237,7 +237,7 @@ impl Destination {
             .wait_for_source
             .map(|wait| Instant::now() + wait);
         loop {
-            match self.accept_one(listener, give_up, "waiting for a source")? {
+            match self.accept_one(listener, give_up, "waiting for a source", None)? {
                 Incoming::Control(stream) => return Ok(stream),
                 Incoming::Channel(hello, stream) => parked.push((hello, stream)),
             }
@@ -245,14 +245,22 @@ impl Destination {
     }
 
     /// Accepts one connection and tells control from channel by its first bytes.
+    ///
+    /// While waiting, a message or EOF on `control` (the source giving up during setup)
+    /// ends the wait with the source's reason.
     fn accept_one(
         &self,
         listener: &Listener,
         give_up: Option<Instant>,
         what: &'static str,
+        control: Option<&Mutex<ControlChannel>>,
     ) -> Result<Incoming, Error> {
         let listener_error =
             |context, error| Error::io(Side::Destination, Link::Listener, context, error);
+        let control_stream = control
+            .map(|control| lock(control).stream().try_clone())
+            .transpose()
+            .map_err(|error| Error::io(Side::Destination, Link::Control, "clone", error))?;
         let stream = loop {
             if self.failure.is_failed() {
                 return Err(Error::Cancelled {
@@ -268,11 +276,17 @@ impl Destination {
             }
             let slice_end =
                 give_up.map_or(now + ACCEPT_POLL, |give_up| give_up.min(now + ACCEPT_POLL));
-            if let Some(stream) = listener
-                .accept_until(slice_end)
+            match listener
+                .accept_until(slice_end, control_stream.as_ref())
                 .map_err(|error| listener_error("accept", error))?
             {
-                break stream;
+                Accepted::Connection(stream) => break stream,
+                Accepted::TimedOut => {}
+                Accepted::WatchReadable => {
+                    if let Some(control) = control {
+                        return Err(source_gave_up(&mut lock(control)));
+                    }
+                }
             }
         };
         stream
@@ -413,6 +427,7 @@ impl Destination {
     fn accept_channels(
         &self,
         listener: &Listener,
+        control: &Mutex<ControlChannel>,
         hello: &Hello,
         parked: Vec<(ChannelHello, Stream)>,
         counters: &Counters,
@@ -425,7 +440,12 @@ impl Destination {
             let (channel, stream) = match pending.next() {
                 Some(parked) => parked,
                 None => {
-                    match self.accept_one(listener, Some(give_up), "waiting for every channel")? {
+                    match self.accept_one(
+                        listener,
+                        Some(give_up),
+                        "waiting for every channel",
+                        Some(control),
+                    )? {
                         Incoming::Channel(channel, stream) => (channel, stream),
                         Incoming::Control(_) => {
                             return Err(Error::protocol(
@@ -541,6 +561,23 @@ impl Destination {
                 other => return Err(violation(Violation::UnexpectedMessage(other.name()))),
             }
         }
+    }
+}
+
+/// Why the source's control channel spoke during setup: an `Abort` (its reason), EOF, or
+/// a message that has no place there.
+fn source_gave_up(control: &mut ControlChannel) -> Error {
+    match control.receive() {
+        Ok(ControlMessage::Abort(reason)) => Error::PeerFailed {
+            side: Side::Destination,
+            reason: format!("source aborted: {reason}"),
+        },
+        Ok(other) => Error::protocol(
+            Side::Destination,
+            Link::Control,
+            Violation::UnexpectedMessage(other.name()),
+        ),
+        Err(error) => error,
     }
 }
 

@@ -160,7 +160,14 @@ impl Source {
 
         let mut streams = Vec::with_capacity(usize::from(config.channels));
         for id in 0..config.channels {
-            let stream = connect(Link::Channel(id))?;
+            let stream = match connect(Link::Channel(id)) {
+                Ok(stream) => stream,
+                Err(error) => {
+                    // Tell the destination now rather than leave it waiting for the channel.
+                    let _ = control.send(&ControlMessage::Abort(error.to_string()));
+                    return Err(error);
+                }
+            };
             let hello = ChannelHello { uuid, channel: id }.encode();
             (&stream).write_all(&hello).map_err(|error| {
                 Error::io(Side::Source, Link::Channel(id), "write hello", error)

@@ -148,3 +148,47 @@ fn a_later_round_on_another_channel_waits_for_the_earlier_round() {
     join_within(destination, DEADLINE).expect("destination completes");
     assert!(bytes(&destination_memory.blocks()[0])[..PAGE] == round_2_copy[..]);
 }
+
+/// A source may end its first round before the destination has accepted every channel
+/// (connections complete in the kernel before `accept`): the early `RoundEnd` is kept,
+/// not mistaken for a source giving up.
+#[test]
+fn a_round_may_end_before_every_channel_is_accepted() {
+    use multifd_wire::{ControlMessage, Totals};
+
+    let destination_memory = GuestMemory::new(vec![block("pc.ram", 64 << 10)]).expect("memory");
+    let (listener, address) = listener(false);
+    let destination = spawn_destination(
+        listener,
+        quick_destination_config(),
+        destination_memory.clone(),
+    );
+    let mut source = RawSource::connect(
+        &address,
+        &raw_hello(2, [9; 16]),
+        vec![multifd::BlockAnnouncement {
+            name: "pc.ram".into(),
+            length: 64 << 10,
+        }],
+    );
+    let first = source.open_channel(0);
+    let mut packet = ram_packet(0, "pc.ram", &[4096], &[]);
+    packet.extend_from_slice(&[0x33; PAGE]);
+    source.write_channel(first, &packet);
+    source.write_channel(first, &sync_packet());
+    source.send(&ControlMessage::RoundEnd { round: 1 });
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let second = source.open_channel(1);
+    source.write_channel(second, &sync_packet());
+    let totals = Totals {
+        packets: 3,
+        normal_pages: 1,
+        payload_bytes: PAGE as u64,
+        rounds: 1,
+        ..Totals::default()
+    };
+    source.send(&ControlMessage::Complete(totals));
+    assert_eq!(source.receive(), ControlMessage::Completed(totals));
+    join_within(destination, DEADLINE).expect("destination completes");
+    assert!(bytes(&destination_memory.blocks()[0])[PAGE..2 * PAGE] == [0x33; PAGE]);
+}

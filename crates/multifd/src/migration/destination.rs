@@ -56,6 +56,11 @@ impl Default for DestinationConfig {
     }
 }
 
+/// Control messages a source may send before the destination has accepted every channel
+/// (a source whose channels are connected may already end its first round and complete);
+/// more during setup is a misbehaving source, not worth buffering.
+const MAX_EARLY_MESSAGES: usize = 4;
+
 /// How often a destination waiting for connections checks for cancellation.
 const ACCEPT_POLL: Duration = Duration::from_millis(100);
 
@@ -160,7 +165,9 @@ impl Destination {
         self.failure
             .on_failure(move |_| control_clone.stream().shutdown());
 
-        let streams = self.accept_channels(listener, &control, &hello, parked, &counters)?;
+        let mut early = Vec::new();
+        let streams =
+            self.accept_channels(listener, (&control, &mut early), &hello, parked, &counters)?;
         let barrier = SyncBarrier::new(channel_count, &self.failure);
         let settings = Arc::new(ReceiveSettings {
             received: ReceivedPages::new(&memory, hello.page_size),
@@ -212,7 +219,7 @@ impl Destination {
                 side: Side::Destination,
             })
         } else {
-            self.run_rounds(&control, &barrier, &counters, &shutdowns)
+            self.run_rounds(&control, &barrier, &counters, &shutdowns, early)
         };
         // On error, failing first stops the channel threads so they can be joined.
         let result = result.map_err(|error| self.failure.first_error(error));
@@ -246,19 +253,21 @@ impl Destination {
 
     /// Accepts one connection and tells control from channel by its first bytes.
     ///
-    /// While waiting, a message or EOF on `control` (the source giving up during setup)
-    /// ends the wait with the source's reason.
+    /// While waiting, messages on `control` are read as they come: the source's `Abort`
+    /// or EOF (it gave up during setup) ends the wait at once; any other message (a
+    /// source already ending its first round) is kept in `early` for later.
     fn accept_one(
         &self,
         listener: &Listener,
         give_up: Option<Instant>,
         what: &'static str,
-        control: Option<&Mutex<ControlChannel>>,
+        mut control: Option<(&Mutex<ControlChannel>, &mut Vec<ControlMessage>)>,
     ) -> Result<Incoming, Error> {
         let listener_error =
             |context, error| Error::io(Side::Destination, Link::Listener, context, error);
         let control_stream = control
-            .map(|control| lock(control).stream().try_clone())
+            .as_ref()
+            .map(|(control, _)| lock(control).stream().try_clone())
             .transpose()
             .map_err(|error| Error::io(Side::Destination, Link::Control, "clone", error))?;
         let stream = loop {
@@ -283,8 +292,18 @@ impl Destination {
                 Accepted::Connection(stream) => break stream,
                 Accepted::TimedOut => {}
                 Accepted::WatchReadable => {
-                    if let Some(control) = control {
-                        return Err(source_gave_up(&mut lock(control)));
+                    if let Some((control, early)) = control.as_mut() {
+                        match lock(control).receive()? {
+                            ControlMessage::Abort(reason) => return Err(source_aborted(reason)),
+                            message if early.len() < MAX_EARLY_MESSAGES => early.push(message),
+                            message => {
+                                return Err(Error::protocol(
+                                    Side::Destination,
+                                    Link::Control,
+                                    Violation::UnexpectedMessage(message.name()),
+                                ))
+                            }
+                        }
                     }
                 }
             }
@@ -427,7 +446,7 @@ impl Destination {
     fn accept_channels(
         &self,
         listener: &Listener,
-        control: &Mutex<ControlChannel>,
+        (control, early): (&Mutex<ControlChannel>, &mut Vec<ControlMessage>),
         hello: &Hello,
         parked: Vec<(ChannelHello, Stream)>,
         counters: &Counters,
@@ -444,7 +463,7 @@ impl Destination {
                         listener,
                         Some(give_up),
                         "waiting for every channel",
-                        Some(control),
+                        Some((control, &mut *early)),
                     )? {
                         Incoming::Channel(channel, stream) => (channel, stream),
                         Incoming::Control(_) => {
@@ -502,12 +521,18 @@ impl Destination {
         barrier: &SyncBarrier,
         counters: &Counters,
         shutdowns: &[Stream],
+        early: Vec<ControlMessage>,
     ) -> Result<MigrationStats, Error> {
         let mut reader = lock(control).try_clone()?;
+        let mut early = early.into_iter();
         let mut released = 0u64;
         let violation = |violation| Error::protocol(Side::Destination, Link::Control, violation);
         loop {
-            match reader.receive()? {
+            let message = match early.next() {
+                Some(message) => message,
+                None => reader.receive()?,
+            };
+            match message {
                 ControlMessage::RoundEnd { round } => {
                     if round != released + 1 {
                         return Err(violation(Violation::RoundOutOfOrder {
@@ -552,32 +577,18 @@ impl Destination {
                     );
                     return Ok(stats);
                 }
-                ControlMessage::Abort(reason) => {
-                    return Err(Error::PeerFailed {
-                        side: Side::Destination,
-                        reason: format!("source aborted: {reason}"),
-                    })
-                }
+                ControlMessage::Abort(reason) => return Err(source_aborted(reason)),
                 other => return Err(violation(Violation::UnexpectedMessage(other.name()))),
             }
         }
     }
 }
 
-/// Why the source's control channel spoke during setup: an `Abort` (its reason), EOF, or
-/// a message that has no place there.
-fn source_gave_up(control: &mut ControlChannel) -> Error {
-    match control.receive() {
-        Ok(ControlMessage::Abort(reason)) => Error::PeerFailed {
-            side: Side::Destination,
-            reason: format!("source aborted: {reason}"),
-        },
-        Ok(other) => Error::protocol(
-            Side::Destination,
-            Link::Control,
-            Violation::UnexpectedMessage(other.name()),
-        ),
-        Err(error) => error,
+/// The error a source's `Abort` becomes.
+fn source_aborted(reason: String) -> Error {
+    Error::PeerFailed {
+        side: Side::Destination,
+        reason: format!("source aborted: {reason}"),
     }
 }
 

@@ -69,6 +69,17 @@ pub struct DeviceAnnouncement {
     pub instance_id: u32,
 }
 
+/// How device state travels, announced with the devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceStateSettings {
+    /// Largest device-state payload of one packet, chunk header included: the destination
+    /// sizes its receive buffers by it and refuses anything larger.
+    pub max_payload: u32,
+    /// How many of the last channels carry only device state (0: every channel carries
+    /// both RAM and device state).
+    pub dedicated_channels: u32,
+}
+
 /// Counts one side reports at completion so the other can check nothing was lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Totals {
@@ -161,6 +172,8 @@ pub enum ControlMessage {
     RamBlocks(Vec<BlockAnnouncement>),
     /// Source → destination: the devices.
     Devices(Vec<DeviceAnnouncement>),
+    /// Source → destination: how device state travels.
+    DeviceSettings(DeviceStateSettings),
     /// Source → destination: every channel has sent its SYNC for this round (1-based).
     RoundEnd {
         /// The round that ended.
@@ -189,6 +202,7 @@ const ROUND_END: u32 = 4;
 const SWITCHOVER_START: u32 = 5;
 const COMPLETE: u32 = 6;
 const ABORT: u32 = 7;
+const DEVICE_SETTINGS: u32 = 8;
 const WELCOME: u32 = 0x101;
 const REJECT: u32 = 0x102;
 const COMPLETED: u32 = 0x103;
@@ -259,6 +273,10 @@ impl ControlMessage {
                     instance_id: reader.u32()?,
                 })
             })?),
+            DEVICE_SETTINGS => Self::DeviceSettings(DeviceStateSettings {
+                max_payload: payload.u32()?,
+                dedicated_channels: payload.u32()?,
+            }),
             ROUND_END => Self::RoundEnd {
                 round: payload.u64()?,
             },
@@ -284,6 +302,7 @@ impl ControlMessage {
             Self::Hello(_) => "Hello",
             Self::RamBlocks(_) => "RamBlocks",
             Self::Devices(_) => "Devices",
+            Self::DeviceSettings(_) => "DeviceSettings",
             Self::RoundEnd { .. } => "RoundEnd",
             Self::SwitchoverStart => "SwitchoverStart",
             Self::Complete(_) => "Complete",
@@ -300,6 +319,7 @@ impl ControlMessage {
             Self::Hello(_) => HELLO,
             Self::RamBlocks(_) => RAM_BLOCKS,
             Self::Devices(_) => DEVICES,
+            Self::DeviceSettings(_) => DEVICE_SETTINGS,
             Self::RoundEnd { .. } => ROUND_END,
             Self::SwitchoverStart => SWITCHOVER_START,
             Self::Complete(_) => COMPLETE,
@@ -343,6 +363,10 @@ impl ControlMessage {
                     put_string(out, "device idstr", &device.idstr)?;
                     put_u32(out, device.instance_id);
                 }
+            }
+            Self::DeviceSettings(settings) => {
+                put_u32(out, settings.max_payload);
+                put_u32(out, settings.dedicated_channels);
             }
             Self::RoundEnd { round } => put_u64(out, *round),
             Self::SwitchoverStart | Self::Welcome => {}

@@ -27,8 +27,9 @@ mod hello;
 mod ram_packet;
 
 pub use control::{
-    BlockAnnouncement, ControlMessage, DeviceAnnouncement, Hello, RejectCode, RejectReason, Totals,
-    ZeroPageMode, CONTROL_FRAME_HEADER_LEN, CONTROL_MAGIC, MAX_CONTROL_FRAME, PROTOCOL_VERSION,
+    BlockAnnouncement, ControlMessage, DeviceAnnouncement, DeviceStateSettings, Hello, RejectCode,
+    RejectReason, Totals, ZeroPageMode, CONTROL_FRAME_HEADER_LEN, CONTROL_MAGIC, MAX_CONTROL_FRAME,
+    PROTOCOL_VERSION,
 };
 pub use device_state::{
     DeviceStateChunkHeader, DeviceStateLimits, DeviceStatePacket, CHUNK_FLAG_CONFIG_STATE,

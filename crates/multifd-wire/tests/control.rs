@@ -5,9 +5,9 @@ mod common;
 
 use common::{frame, one_of_each_message};
 use multifd_wire::{
-    BlockAnnouncement, Compression, ControlMessage, DeviceAnnouncement, Hello, RejectCode,
-    RejectReason, Totals, WireError, ZeroPageMode, CONTROL_FRAME_HEADER_LEN, CONTROL_MAGIC,
-    MAX_CONTROL_FRAME, MULTIFD_MAGIC, PROTOCOL_VERSION,
+    BlockAnnouncement, Compression, ControlMessage, DeviceAnnouncement, DeviceStateSettings, Hello,
+    RejectCode, RejectReason, Totals, WireError, ZeroPageMode, CONTROL_FRAME_HEADER_LEN,
+    CONTROL_MAGIC, MAX_CONTROL_FRAME, MULTIFD_MAGIC, PROTOCOL_VERSION,
 };
 
 fn encode(message: &ControlMessage) -> Vec<u8> {
@@ -158,6 +158,22 @@ fn devices_frame_bytes() {
             instance_id: 7,
         }]),
         &expected,
+    );
+}
+
+#[test]
+fn device_settings_frame_bytes() {
+    check_frame(
+        ControlMessage::DeviceSettings(DeviceStateSettings {
+            max_payload: 0x0010_000c,
+            dedicated_channels: 2,
+        }),
+        &[
+            0, 0, 0, 8, // type DeviceSettings
+            0, 0, 0, 8, // length 8
+            0, 0x10, 0, 0x0c, // max payload: 1 MiB of state + the 12-byte chunk header
+            0, 0, 0, 2, // two dedicated channels
+        ],
     );
 }
 
@@ -585,7 +601,7 @@ fn payload_trailing_bytes() {
 
 #[test]
 fn unknown_message_types() {
-    for message_type in [0, 8, 0x100, 0x105, 0x4d46_4443, u32::MAX] {
+    for message_type in [0, 9, 0x100, 0x105, 0x4d46_4443, u32::MAX] {
         assert_eq!(
             ControlMessage::decode(&frame(message_type, &[])),
             Err(WireError::UnknownMessageType(message_type))

@@ -5,8 +5,8 @@
 
 use multifd_wire::{
     BlockAnnouncement, Compression, ControlMessage, DeviceAnnouncement, DeviceStateChunkHeader,
-    DeviceStateLimits, Flags, Hello, RamLimits, RamPacket, RamPacketFields, RejectCode,
-    RejectReason, Totals, ZeroPageMode, NAME_FIELD_LEN,
+    DeviceStateLimits, DeviceStateSettings, Flags, Hello, RamLimits, RamPacket, RamPacketFields,
+    RejectCode, RejectReason, Totals, ZeroPageMode, NAME_FIELD_LEN,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -318,6 +318,10 @@ pub fn one_of_each_message() -> Vec<ControlMessage> {
             idstr: "0000:00:02.0/vfio".into(),
             instance_id: 0,
         }]),
+        ControlMessage::DeviceSettings(DeviceStateSettings {
+            max_payload: 1 << 20,
+            dedicated_channels: 2,
+        }),
         ControlMessage::RoundEnd { round: 1 },
         ControlMessage::SwitchoverStart,
         ControlMessage::Complete(Totals::default()),

@@ -5,6 +5,8 @@ use std::io;
 
 use multifd_wire::{RejectReason, WireError};
 
+use crate::DeviceId;
+
 /// The end of a migration an error happened on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -93,6 +95,69 @@ pub enum Violation {
         /// The device's instance id.
         instance_id: u32,
     },
+    /// A device-state chunk whose idx was received before.
+    #[error("device {device}: duplicate chunk idx {idx}")]
+    DuplicateChunk {
+        /// The device.
+        device: DeviceId,
+        /// The repeated idx.
+        idx: u32,
+    },
+    /// A device-state chunk past the device's config chunk, which must be its last.
+    #[error("device {device}: chunk idx {idx} after the config chunk idx {config_idx}")]
+    ChunkAfterConfig {
+        /// The device.
+        device: DeviceId,
+        /// The chunk past the config.
+        idx: u32,
+        /// The config chunk's idx.
+        config_idx: u32,
+    },
+    /// A second device-state chunk flagged as the config.
+    #[error(
+        "device {device}: chunk idx {idx} flagged as config after config chunk idx {config_idx}"
+    )]
+    SecondConfigChunk {
+        /// The device.
+        device: DeviceId,
+        /// The second config chunk's idx.
+        idx: u32,
+        /// The first config chunk's idx.
+        config_idx: u32,
+    },
+    /// A device's queued chunks would pass the configured cap.
+    #[error(
+        "device {device}: {queued} bytes of device state queued, above the cap of {cap} \
+         (the device loads slower than its state arrives; raise the cap)"
+    )]
+    DeviceQueueFull {
+        /// The device.
+        device: DeviceId,
+        /// Bytes the queue would hold with the chunk, bookkeeping included.
+        queued: u64,
+        /// The cap.
+        cap: u64,
+    },
+    /// At completion, a device's stream has a hole or no config chunk.
+    #[error(
+        "device {device}: chunk idx {idx} missing at completion{}",
+        if *config_received { "" } else { " (no config chunk received)" }
+    )]
+    MissingChunks {
+        /// The device.
+        device: DeviceId,
+        /// The first idx never received.
+        idx: u32,
+        /// Whether the config chunk arrived.
+        config_received: bool,
+    },
+    /// A device-state packet on a channel dedicated to RAM, or RAM pages on a channel
+    /// dedicated to device state.
+    #[error("{0} on a channel that does not carry it")]
+    WrongChannelKind(&'static str),
+    /// A second `SwitchoverStart`.
+    #[error("a second SwitchoverStart")]
+    DuplicateSwitchover,
     /// A control message where the protocol does not allow it.
     #[error("unexpected control message {0}")]
     UnexpectedMessage(&'static str),
@@ -216,6 +281,16 @@ pub enum Error {
     Cancelled {
         /// Where.
         side: Side,
+    },
+    /// A device's save or load callback failed; the migration stopped.
+    #[error("{side}: device {device}: {message}")]
+    Device {
+        /// Where.
+        side: Side,
+        /// The device.
+        device: DeviceId,
+        /// What failed and the device's error.
+        message: String,
     },
     /// A page queued by the caller that is not a whole page inside a block.
     #[error(

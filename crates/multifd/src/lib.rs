@@ -25,13 +25,20 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Devices with state implement [`SaveDevice`] on the source and [`LoadDevice`] on the
+//! destination, registered with [`Source::connect_with_devices`] and
+//! [`Destination::run_with_devices`]; after [`Source::switchover`] their state moves over
+//! the same channels, concurrently with the final RAM round.
+//!
 //! Layout, one module per concept: [`transport`] (sockets, raw vectored I/O), `send`
 //! (channel threads and the buffer swap), `recv` (receive threads, packet validation
-//! against the announced blocks, the SYNC barrier), `ram` (guest memory), `zero_page`,
+//! against the announced blocks, the SYNC barrier), `ram` (guest memory), `device` (device traits, chunking,
+//! reassembly, load threads), `zero_page`,
 //! `migration` (handshake, rounds, completion), `stats`, and `failure`
 //! (first-error-wins shutdown). Wire formats live in the `multifd-wire` crate.
 #![deny(missing_docs)]
 
+mod device;
 mod error;
 mod failure;
 mod migration;
@@ -42,10 +49,14 @@ mod stats;
 pub mod transport;
 mod zero_page;
 
+pub use device::{DeviceError, DeviceId, LoadDevice, SaveDevice, StateWriter};
 pub use error::{Error, Link, Side, Uuid, Violation};
 pub use failure::CancelHandle;
-pub use migration::{Destination, DestinationConfig, Source, SourceConfig};
+pub use migration::{
+    Destination, DestinationConfig, Source, SourceConfig, DEFAULT_DEVICE_CHUNK_SIZE,
+    DEFAULT_MAX_QUEUED_DEVICE_BYTES,
+};
 pub use multifd_wire::{BlockAnnouncement, RejectCode, RejectReason, ZeroPageMode};
 pub use ram::{GuestMemory, RamBlock};
-pub use stats::{ChannelStats, MigrationStats, Monitor, Progress, ProgressWatcher};
+pub use stats::{ChannelStats, DeviceStats, MigrationStats, Monitor, Progress, ProgressWatcher};
 pub use transport::{Address, Listener};

@@ -12,10 +12,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use multifd_wire::{
-    DeviceStateLimits, DeviceStatePacket, PacketHeader, PacketKind, RamLimits, RamPacket,
-    DEVICE_STATE_PACKET_LEN, PACKET_HEADER_LEN, RAM_PACKET_FIXED_LEN,
+    DeviceStateChunkHeader, DeviceStateLimits, DeviceStatePacket, PacketHeader, PacketKind,
+    RamLimits, RamPacket, DEVICE_STATE_CHUNK_HEADER_LEN, DEVICE_STATE_PACKET_LEN,
+    PACKET_HEADER_LEN, RAM_PACKET_FIXED_LEN,
 };
 
+use crate::device::DeviceLoaders;
 use crate::failure::{lock, Failure};
 use crate::ram::ReceivedPages;
 use crate::stats::{ChannelCounters, Counters};
@@ -129,6 +131,10 @@ pub(crate) struct ReceiveSettings {
     pub(crate) received: ReceivedPages,
     pub(crate) ram_limits: RamLimits,
     pub(crate) device_limits: DeviceStateLimits,
+    pub(crate) devices: Arc<DeviceLoaders>,
+    /// Channels from this id up carry only device state, the others only RAM; equal to
+    /// the channel count when every channel carries both.
+    pub(crate) first_device_channel: u8,
 }
 
 /// One channel's receive thread.
@@ -234,6 +240,9 @@ impl ChannelReceiver {
         if ram.normal_pages() == 0 && ram.zero_pages() == 0 {
             return Ok(());
         }
+        if self.id >= settings.first_device_channel {
+            return Err(self.violation(Violation::WrongChannelKind("RAM pages")));
+        }
         let block_index = settings
             .memory
             .find(ram.ramblock)
@@ -278,20 +287,50 @@ impl ChannelReceiver {
         Ok(())
     }
 
-    /// Device state is announced per device; with no device registered, any device-state
-    /// packet names an unknown device.
+    /// Validates a device-state packet and its chunk header, reads the chunk straight into
+    /// a buffer and queues it on the device's reassembler.
     fn receive_device_state(&self, packet: &mut [u8]) -> Result<(), Error> {
+        let settings = &*self.settings;
         (&self.stream)
             .read_exact(&mut packet[PACKET_HEADER_LEN..DEVICE_STATE_PACKET_LEN])
             .map_err(|error| self.error_io("mid-packet", error))?;
-        let device = DeviceStatePacket::decode(
-            &packet[..DEVICE_STATE_PACKET_LEN],
-            &self.settings.device_limits,
-        )
-        .map_err(|error| self.error_wire(error))?;
-        Err(self.violation(Violation::UnknownDevice {
-            idstr: device.idstr.into(),
-            instance_id: device.instance_id,
-        }))
+        let device =
+            DeviceStatePacket::decode(&packet[..DEVICE_STATE_PACKET_LEN], &settings.device_limits)
+                .map_err(|error| self.error_wire(error))?;
+        let index = settings
+            .devices
+            .find(device.idstr, device.instance_id)
+            .ok_or_else(|| {
+                self.violation(Violation::UnknownDevice {
+                    idstr: device.idstr.into(),
+                    instance_id: device.instance_id,
+                })
+            })?;
+        let dedicated = usize::from(settings.first_device_channel) < self.counters.channels.len();
+        if dedicated && self.id < settings.first_device_channel {
+            return Err(self.violation(Violation::WrongChannelKind("device state")));
+        }
+        let mut header = [0u8; DEVICE_STATE_CHUNK_HEADER_LEN];
+        (&self.stream)
+            .read_exact(&mut header)
+            .map_err(|error| self.error_io("mid-payload", error))?;
+        let header = DeviceStateChunkHeader::decode(&header).map_err(|e| self.error_wire(e))?;
+        // Bounded by the negotiated maximum payload, checked by the decoder.
+        let length = device.next_packet_size as usize - DEVICE_STATE_CHUNK_HEADER_LEN;
+        let mut payload = settings.devices.buffer(length);
+        (&self.stream)
+            .read_exact(&mut payload)
+            .map_err(|error| self.error_io("mid-payload", error))?;
+        settings
+            .devices
+            .insert(index, header, payload)
+            .map_err(|violation| self.violation(violation))?;
+        let counters = &self.counters.channels[usize::from(self.id)];
+        ChannelCounters::add(
+            &counters.bytes,
+            (DEVICE_STATE_PACKET_LEN + device.next_packet_size as usize) as u64,
+        );
+        ChannelCounters::add(&counters.device_chunks, 1);
+        Ok(())
     }
 }

@@ -1,32 +1,70 @@
 //! The send side: one thread per channel, and the buffer swap that feeds them.
 //!
-//! Each channel owns one [`Batch`]; each producer (the RAM queue, later device-state
-//! savers) owns another. [`SendChannels::send`] hands the producer's filled batch to an
+//! Each channel owns one [`Batch`]; each producer (the RAM queue, each device-state
+//! saver) owns another. [`SendChannels::send`] hands the producer's filled batch to an
 //! idle channel and gives the producer that channel's empty one: no copy and no allocation
 //! per packet. Producers are served in arrival order (a ticket queue) and idle channels in
 //! the order they became idle, so neither a producer nor a channel starves.
 //!
 //! A round ends with [`SendChannels::sync_round`]: every channel sends a SYNC packet after
-//! whatever batch it holds, and the call returns once all have.
+//! whatever batch it holds, and the call returns once all have. That is also the source's
+//! explicit drain before completion: when it returns, every queued byte was written.
+//!
+//! With dedicated device-state channels the last K channels form a pool of their own:
+//! device-state batches go only there and RAM batches only to the others, each pool with
+//! its own ticket queue, so a producer waiting for one pool never holds up the other.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use multifd_wire::{Compression, Flags, RamPacketFields, ZeroPageMode};
+use multifd_wire::{
+    Compression, DeviceStatePacket, Flags, RamPacketFields, ZeroPageMode,
+    DEVICE_STATE_CHUNK_HEADER_LEN,
+};
 
 use crate::failure::{lock, Failure};
 use crate::stats::{ChannelCounters, Counters};
 use crate::transport::{iovec, push_page, Stream};
 use crate::zero_page::is_zero_page;
-use crate::{Error, GuestMemory, Link, Side};
+use crate::{DeviceId, Error, GuestMemory, Link, Side};
 
-/// A packet's worth of work: pages of one block.
+/// A packet's worth of work: pages of one block, or one device-state chunk.
+///
+/// A batch holds buffers for both kinds, so whichever batch a producer gets back from the
+/// swap, it can fill it without allocating once the buffers have grown to size.
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
+    pub(crate) kind: BatchKind,
     pub(crate) block: usize,
     pub(crate) offsets: Vec<u64>,
+    /// For a device-state chunk: the chunk header, then the state bytes.
+    pub(crate) chunk: Vec<u8>,
+}
+
+/// What a [`Batch`] carries.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BatchKind {
+    /// Pages of `Batch::block` at `Batch::offsets`.
+    #[default]
+    Pages,
+    /// A chunk of the device at this index in [`ChannelSettings::devices`].
+    DeviceState {
+        /// The device's index.
+        device: usize,
+    },
+}
+
+impl Batch {
+    /// An empty batch for a device-state producer, with room for one chunk.
+    pub(crate) fn device_state(device: usize, chunk_size: u32) -> Self {
+        Self {
+            kind: BatchKind::DeviceState { device },
+            chunk: Vec::with_capacity(DEVICE_STATE_CHUNK_HEADER_LEN + chunk_size as usize),
+            ..Self::default()
+        }
+    }
 }
 
 /// The migration stopped (its first error is in the [`Failure`]).
@@ -40,6 +78,10 @@ pub(crate) struct ChannelSettings {
     pub(crate) pages_per_packet: u32,
     pub(crate) zero_page: ZeroPageMode,
     pub(crate) compression: Compression,
+    /// The devices whose chunks may be sent, by index.
+    pub(crate) devices: Vec<DeviceId>,
+    /// How many of the last channels carry only device state (0: all carry both).
+    pub(crate) dedicated_channels: u8,
 }
 
 #[derive(Default)]
@@ -49,13 +91,44 @@ struct Slot {
     sync: bool,
 }
 
-struct State {
-    slots: Vec<Slot>,
+/// Channels that serve the same kind of batch, and the producers waiting for them.
+#[derive(Default)]
+struct Pool {
     idle: VecDeque<u8>,
     next_ticket: u64,
     serving: u64,
+}
+
+/// The pool of RAM batches, and of device state without dedicated channels.
+const SHARED_POOL: usize = 0;
+/// The pool of device-state batches on dedicated channels.
+const DEVICE_POOL: usize = 1;
+
+struct State {
+    slots: Vec<Slot>,
+    pools: [Pool; 2],
+    /// Channels from this id up are dedicated to device state.
+    first_device_channel: u8,
     stopping: bool,
     failed: bool,
+}
+
+impl State {
+    fn pool_of_channel(&self, channel: u8) -> usize {
+        if channel >= self.first_device_channel {
+            DEVICE_POOL
+        } else {
+            SHARED_POOL
+        }
+    }
+
+    fn pool_of_batch(&self, kind: BatchKind) -> usize {
+        let dedicated = usize::from(self.first_device_channel) < self.slots.len();
+        match kind {
+            BatchKind::DeviceState { .. } if dedicated => DEVICE_POOL,
+            _ => SHARED_POOL,
+        }
+    }
 }
 
 struct Shared {
@@ -80,7 +153,7 @@ impl Shared {
 /// The source's channel threads.
 pub(crate) struct SendChannels {
     shared: Arc<Shared>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl SendChannels {
@@ -92,6 +165,16 @@ impl SendChannels {
         failure: &Arc<Failure>,
     ) -> Self {
         let channels = streams.len();
+        let first_device_channel = (channels as u8).saturating_sub(settings.dedicated_channels);
+        let mut pools: [Pool; 2] = Default::default();
+        for channel in 0..channels as u8 {
+            let pool = if channel >= first_device_channel {
+                DEVICE_POOL
+            } else {
+                SHARED_POOL
+            };
+            pools[pool].idle.push_back(channel);
+        }
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 slots: (0..channels)
@@ -99,13 +182,13 @@ impl SendChannels {
                         batch: Batch {
                             block: 0,
                             offsets: Vec::with_capacity(settings.pages_per_packet as usize),
+                            ..Batch::default()
                         },
                         ..Slot::default()
                     })
                     .collect(),
-                idle: (0..channels as u8).collect(),
-                next_ticket: 0,
-                serving: 0,
+                pools,
+                first_device_channel,
                 stopping: false,
                 failed: false,
             }),
@@ -150,28 +233,37 @@ impl SendChannels {
                 Vec::new()
             }
         };
-        Self { shared, threads }
+        Self {
+            shared,
+            threads: Mutex::new(threads),
+        }
     }
 
     /// Swaps `batch` (filled) with an idle channel's empty batch and starts that channel
-    /// on it. Blocks while every channel is busy. Safe to call from several producers.
+    /// on it; `batch` keeps its kind. Blocks while every channel of its pool is busy. Safe
+    /// to call from several producers.
     pub(crate) fn send(&self, batch: &mut Batch) -> Result<(), Stopped> {
         let mut state = self.shared.lock();
-        let ticket = state.next_ticket;
-        state.next_ticket += 1;
-        while !state.failed && (state.serving != ticket || state.idle.is_empty()) {
+        let pool = state.pool_of_batch(batch.kind);
+        let ticket = state.pools[pool].next_ticket;
+        state.pools[pool].next_ticket += 1;
+        while !state.failed
+            && (state.pools[pool].serving != ticket || state.pools[pool].idle.is_empty())
+        {
             state = wait(&self.shared.producers, state);
         }
-        state.serving += 1;
+        state.pools[pool].serving += 1;
         if state.failed {
             self.shared.producers.notify_all();
             return Err(Stopped);
         }
-        let Some(channel) = state.idle.pop_front() else {
+        let Some(channel) = state.pools[pool].idle.pop_front() else {
             return Err(Stopped);
         };
+        let kind = batch.kind;
         let slot = &mut state.slots[usize::from(channel)];
         std::mem::swap(&mut slot.batch, batch);
+        batch.kind = kind;
         slot.job = true;
         self.shared.channels[usize::from(channel)].notify_one();
         self.shared.producers.notify_all();
@@ -179,8 +271,13 @@ impl SendChannels {
     }
 
     /// Makes every channel send a SYNC after the batch it holds; returns when all have.
+    /// Channels waiting to send their SYNC take no new batch, so producers still sending
+    /// (device savers) cannot hold a SYNC back.
     pub(crate) fn sync_round(&self) -> Result<(), Stopped> {
         let mut state = self.shared.lock();
+        for pool in &mut state.pools {
+            pool.idle.clear();
+        }
         for (slot, wakeup) in state.slots.iter_mut().zip(&self.shared.channels) {
             slot.sync = true;
             wakeup.notify_one();
@@ -197,10 +294,11 @@ impl SendChannels {
 
     /// Lets every channel thread finish its work and exit, and waits for them. The
     /// connections close as the threads drop them.
-    pub(crate) fn finish(mut self, failure: &Failure) {
+    pub(crate) fn finish(&self, failure: &Failure) {
         self.shared.lock().stopping = true;
         self.shared.wake_all();
-        for thread in self.threads.drain(..) {
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        for thread in threads {
             if thread.join().is_err() {
                 failure.fail(Error::Internal {
                     side: Side::Source,
@@ -213,14 +311,18 @@ impl SendChannels {
 
 impl Drop for SendChannels {
     fn drop(&mut self) {
-        if !self.threads.is_empty() {
+        let threads = self
+            .threads
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !threads.is_empty() {
             {
                 let mut state = self.shared.lock();
                 state.stopping = true;
                 state.failed = true;
             }
             self.shared.wake_all();
-            for thread in self.threads.drain(..) {
+            for thread in threads.drain(..) {
                 // A panic here was a consequence of the failure being torn down.
                 let _ = thread.join();
             }
@@ -235,7 +337,7 @@ fn wait<'a>(condvar: &Condvar, guard: MutexGuard<'a, State>) -> MutexGuard<'a, S
 }
 
 enum Work {
-    Pages(Batch),
+    Batch(Batch),
     Sync,
 }
 
@@ -264,10 +366,9 @@ impl ChannelSender {
                     }
                     let slot = &mut state.slots[id];
                     if slot.job {
-                        break Work::Pages(std::mem::take(&mut slot.batch));
+                        break Work::Batch(std::mem::take(&mut slot.batch));
                     }
                     if slot.sync {
-                        state.idle.retain(|&channel| channel != self.id);
                         break Work::Sync;
                     }
                     if state.stopping {
@@ -277,7 +378,10 @@ impl ChannelSender {
                 }
             };
             let result = match &work {
-                Work::Pages(batch) => self.send_pages(batch, &mut iovecs),
+                Work::Batch(batch) => match batch.kind {
+                    BatchKind::Pages => self.send_pages(batch, &mut iovecs),
+                    BatchKind::DeviceState { device } => self.send_device_state(device, batch),
+                },
                 Work::Sync => self.send_sync(),
             };
             if let Err(error) = result {
@@ -291,15 +395,23 @@ impl ChannelSender {
             }
             let mut state = shared.lock();
             let slot = &mut state.slots[id];
-            match work {
-                Work::Pages(mut batch) => {
+            let sync_next = match work {
+                Work::Batch(mut batch) => {
                     batch.offsets.clear();
+                    batch.chunk.clear();
                     slot.batch = batch;
                     slot.job = false;
+                    slot.sync
                 }
-                Work::Sync => slot.sync = false,
+                Work::Sync => {
+                    slot.sync = false;
+                    false
+                }
+            };
+            if !sync_next {
+                let pool = state.pool_of_channel(self.id);
+                state.pools[pool].idle.push_back(self.id);
             }
-            state.idle.push_back(self.id);
             shared.producers.notify_all();
         }
     }
@@ -359,6 +471,35 @@ impl ChannelSender {
         ChannelCounters::add(&counters.normal_pages, self.normal.len() as u64);
         ChannelCounters::add(&counters.zero_pages, self.zero.len() as u64);
         ChannelCounters::add(&counters.payload_bytes, payload as u64);
+        Ok(())
+    }
+
+    /// Writes one device-state packet and its chunk (header and state) in one `writev`.
+    fn send_device_state(&mut self, device: usize, batch: &Batch) -> std::io::Result<()> {
+        let id = &self.settings.devices[device];
+        let payload = u32::try_from(batch.chunk.len())
+            .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, error))?;
+        self.header.clear();
+        DeviceStatePacket {
+            idstr: &id.idstr,
+            instance_id: id.instance_id,
+            next_packet_size: payload,
+        }
+        .encode(&mut self.header)
+        .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, error))?;
+        let mut iovecs = [
+            iovec(self.header.as_ptr(), self.header.len()),
+            iovec(batch.chunk.as_ptr(), batch.chunk.len()),
+        ];
+        // SAFETY: both iovecs point to buffers this thread owns (`self.header` and the
+        // batch's chunk), untouched during the call.
+        unsafe { self.stream.write_all_raw(&mut iovecs)? };
+        let counters = self.counters();
+        ChannelCounters::add(
+            &counters.bytes,
+            (self.header.len() + batch.chunk.len()) as u64,
+        );
+        ChannelCounters::add(&counters.device_chunks, 1);
         Ok(())
     }
 
@@ -435,6 +576,7 @@ mod tests {
             Side::Source,
             streams.len() as u8,
             PAGE,
+            &[],
             std::time::Instant::now(),
         );
         SendChannels::start(
@@ -445,6 +587,8 @@ mod tests {
                 pages_per_packet: PAGES_PER_PACKET,
                 zero_page: ZeroPageMode::Multifd,
                 compression: Compression::None,
+                devices: Vec::new(),
+                dedicated_channels: 0,
             },
             &counters,
             failure,
@@ -465,10 +609,10 @@ mod tests {
 
     fn full_batch() -> Batch {
         Batch {
-            block: 0,
             offsets: (0..u64::from(PAGES_PER_PACKET))
                 .map(|page| page * u64::from(PAGE))
                 .collect(),
+            ..Batch::default()
         }
     }
 

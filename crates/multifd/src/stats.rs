@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use multifd_wire::Totals;
 
-use crate::Side;
+use crate::device::DeviceCounters;
+use crate::{DeviceId, Side};
 
 #[derive(Debug, Default)]
 pub(crate) struct ChannelCounters {
@@ -20,6 +21,7 @@ pub(crate) struct ChannelCounters {
     pub(crate) zero_pages: AtomicU64,
     pub(crate) payload_bytes: AtomicU64,
     pub(crate) sync_packets: AtomicU64,
+    pub(crate) device_chunks: AtomicU64,
 }
 
 impl ChannelCounters {
@@ -37,6 +39,7 @@ impl ChannelCounters {
             zero_pages: read(&self.zero_pages),
             payload_bytes: read(&self.payload_bytes),
             sync_packets: read(&self.sync_packets),
+            device_chunks: read(&self.device_chunks),
         }
     }
 }
@@ -52,12 +55,24 @@ pub(crate) struct Counters {
     pub(crate) rounds: AtomicU64,
     setup_time: Mutex<Option<Duration>>,
     pub(crate) pages_per_round: Mutex<Vec<u64>>,
+    /// One per device, in announcement order.
+    pub(crate) devices: Vec<Arc<DeviceCounters>>,
+    /// Most device-state payload bytes queued at once on the destination, all devices.
+    pub(crate) peak_queued_device_bytes: Arc<AtomicU64>,
+    /// When `SwitchoverStart` was sent (source) or received (destination).
+    switchover: OnceLock<Instant>,
 }
 
 impl Counters {
     /// Counters for a migration that began at `started` (the source's connect, or the
     /// destination's accepting the control connection).
-    pub(crate) fn new(side: Side, channels: u8, page_size: u32, started: Instant) -> Arc<Self> {
+    pub(crate) fn new(
+        side: Side,
+        channels: u8,
+        page_size: u32,
+        devices: &[DeviceId],
+        started: Instant,
+    ) -> Arc<Self> {
         Arc::new(Self {
             side,
             page_size,
@@ -67,7 +82,30 @@ impl Counters {
             rounds: AtomicU64::new(0),
             setup_time: Mutex::new(None),
             pages_per_round: Mutex::new(Vec::new()),
+            devices: devices
+                .iter()
+                .map(|id| Arc::new(DeviceCounters::new(id.clone())))
+                .collect(),
+            peak_queued_device_bytes: Arc::new(AtomicU64::new(0)),
+            switchover: OnceLock::new(),
         })
+    }
+
+    /// Records the switchover (the source VM stopped); `false` if it was recorded before.
+    pub(crate) fn switchover_started(&self) -> bool {
+        self.switchover.set(Instant::now()).is_ok()
+    }
+
+    fn device_stats(&self) -> Vec<DeviceStats> {
+        self.devices
+            .iter()
+            .map(|device| DeviceStats {
+                id: device.id.clone(),
+                bytes: device.bytes.load(Ordering::Relaxed),
+                chunks: device.chunks.load(Ordering::Relaxed),
+                busy_time: Duration::from_nanos(device.busy_nanos.load(Ordering::Relaxed)),
+            })
+            .collect()
     }
 
     /// Records the end of setup (handshake done, every channel connected).
@@ -94,8 +132,16 @@ impl Counters {
             zero_pages: channels.iter().map(|channel| channel.zero_pages).sum(),
             payload_bytes: channels.iter().map(|channel| channel.payload_bytes).sum(),
             rounds: self.rounds.load(Ordering::Relaxed),
-            device_chunks: 0,
-            device_bytes: 0,
+            device_chunks: self
+                .devices
+                .iter()
+                .map(|device| device.chunks.load(Ordering::Relaxed))
+                .sum(),
+            device_bytes: self
+                .devices
+                .iter()
+                .map(|device| device.bytes.load(Ordering::Relaxed))
+                .sum(),
         }
     }
 
@@ -116,6 +162,7 @@ impl Counters {
 
     pub(crate) fn finish(&self) -> MigrationStats {
         let channels = self.channel_stats();
+        let devices = self.device_stats();
         let sum = |field: fn(&ChannelStats) -> u64| channels.iter().map(field).sum();
         MigrationStats {
             side: self.side,
@@ -138,6 +185,11 @@ impl Counters {
                 .and_then(|setup| *setup)
                 .unwrap_or_default(),
             total_time: self.started.elapsed(),
+            switchover_time: self.switchover.get().map(Instant::elapsed),
+            device_chunks: devices.iter().map(|device| device.chunks).sum(),
+            device_bytes: devices.iter().map(|device| device.bytes).sum(),
+            peak_queued_device_bytes: self.peak_queued_device_bytes.load(Ordering::Relaxed),
+            devices,
             channels,
         }
     }
@@ -248,6 +300,22 @@ pub struct ChannelStats {
     pub payload_bytes: u64,
     /// SYNC packets.
     pub sync_packets: u64,
+    /// Device-state chunks (packets) this channel carried.
+    pub device_chunks: u64,
+}
+
+/// What one device's state amounted to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// The device.
+    pub id: DeviceId,
+    /// State and config bytes, chunk headers excluded.
+    pub bytes: u64,
+    /// Chunks, the config chunk included.
+    pub chunks: u64,
+    /// Source: the device's save, from its thread's start to its config chunk handed to
+    /// a channel. Destination: time spent inside the device's load callbacks.
+    pub busy_time: Duration,
 }
 
 /// What a whole migration did, on one side.
@@ -275,6 +343,18 @@ pub struct MigrationStats {
     pub setup_time: Duration,
     /// From start to completion confirmed.
     pub total_time: Duration,
+    /// From `SwitchoverStart` (source VM stopped) to completion confirmed: the downtime
+    /// the migration itself causes. `None` if the source never switched over.
+    pub switchover_time: Option<Duration>,
+    /// Device-state chunks over all devices.
+    pub device_chunks: u64,
+    /// Device-state bytes over all devices, chunk headers excluded.
+    pub device_bytes: u64,
+    /// Destination: most device-state bytes queued at once, waiting for their load
+    /// threads, over all devices. Zero on the source.
+    pub peak_queued_device_bytes: u64,
+    /// Per-device figures, in announcement order.
+    pub devices: Vec<DeviceStats>,
     /// Per-channel figures.
     pub channels: Vec<ChannelStats>,
 }

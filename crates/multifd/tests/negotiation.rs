@@ -170,6 +170,7 @@ fn matching_requirements_are_accepted() {
         zero_page: ZeroPageMode::None,
         uuid: Some(uuid),
         connect_timeout: DEADLINE,
+        ..SourceConfig::default()
     };
     let mut source = Source::connect(&address, &config, source_memory).expect("connect");
     source.queue_block(0).expect("queue");
@@ -267,7 +268,7 @@ fn block_announced_twice() {
 }
 
 #[test]
-fn devices_announced() {
+fn unregistered_device_announced() {
     let devices = vec![DeviceAnnouncement {
         idstr: "virtio-net".into(),
         instance_id: 0,

@@ -7,18 +7,24 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use multifd_wire::{
-    BlockAnnouncement, ChannelHello, ControlMessage, DeviceStateLimits, Hello, RamLimits,
-    RejectCode, RejectReason, ZeroPageMode, CHANNEL_HELLO_LEN, CONTROL_MAGIC, MULTIFD_MAGIC,
+    BlockAnnouncement, ChannelHello, ControlMessage, DeviceAnnouncement, DeviceStateLimits,
+    DeviceStateSettings, Hello, RamLimits, RejectCode, RejectReason, ZeroPageMode,
+    CHANNEL_HELLO_LEN, CONTROL_MAGIC, MULTIFD_MAGIC,
 };
 
 use super::control::ControlChannel;
-use super::{check_settings, expect, DEFAULT_CONNECT_TIMEOUT};
+use super::{
+    check_device_settings, check_devices, check_settings, expect, DEFAULT_CONNECT_TIMEOUT,
+};
+use crate::device::{DeviceLoaders, CHUNK_OVERHEAD};
 use crate::failure::{lock, CancelHandle, Failure};
 use crate::ram::ReceivedPages;
 use crate::recv::{ChannelReceiver, ReceiveSettings, ReleaseError, SyncBarrier};
 use crate::stats::{ChannelCounters, Counters, Monitor};
 use crate::transport::{Accepted, Listener, Stream};
-use crate::{Error, GuestMemory, Link, MigrationStats, Side, Uuid, Violation};
+use crate::{
+    DeviceId, Error, GuestMemory, Link, LoadDevice, MigrationStats, Side, Uuid, Violation,
+};
 
 /// What a destination accepts. Settings left `None` are taken from the source.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,7 +45,17 @@ pub struct DestinationConfig {
     pub connect_timeout: Duration,
     /// How long channels may take to reach their SYNC once the source ended a round.
     pub round_timeout: Duration,
+    /// Most device-state bytes one device may have queued, received but not loaded yet;
+    /// past it the migration fails (see [`DEFAULT_MAX_QUEUED_DEVICE_BYTES`]).
+    pub max_queued_device_bytes: u64,
 }
+
+/// Default [`DestinationConfig::max_queued_device_bytes`]. A device whose load keeps up
+/// has about one chunk per channel queued (the reorder window: a few MiB with 1 MiB chunks,
+/// 128 MiB only at 8 channels of the largest 16 MiB chunks); 128 MiB leaves that room plus
+/// slack for a load thread that stalls briefly, while several devices together still fit
+/// a destination host's memory.
+pub const DEFAULT_MAX_QUEUED_DEVICE_BYTES: u64 = 128 << 20;
 
 impl Default for DestinationConfig {
     fn default() -> Self {
@@ -52,6 +68,7 @@ impl Default for DestinationConfig {
             wait_for_source: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             round_timeout: Duration::from_secs(60),
+            max_queued_device_bytes: DEFAULT_MAX_QUEUED_DEVICE_BYTES,
         }
     }
 }
@@ -63,9 +80,6 @@ const MAX_EARLY_MESSAGES: usize = 4;
 
 /// How often a destination waiting for connections checks for cancellation.
 const ACCEPT_POLL: Duration = Duration::from_millis(100);
-
-/// Device-state payload bound until devices are supported: the chunk header alone.
-const DEVICE_STATE_MAX_PAYLOAD: u32 = multifd_wire::DEVICE_STATE_CHUNK_HEADER_LEN as u32;
 
 /// The receiving end: accepts one migration into memory the VMM maps.
 #[derive(Debug)]
@@ -82,6 +96,9 @@ struct Connected {
     control: ControlChannel,
     hello: Hello,
     memory: GuestMemory,
+    device_settings: DeviceStateSettings,
+    /// The registered devices, in the order the source announced them.
+    devices: Vec<(DeviceId, Box<dyn LoadDevice>)>,
 }
 
 impl Destination {
@@ -113,18 +130,32 @@ impl Destination {
     /// `map_blocks` receives the RAM blocks the source announced and returns the memory
     /// to receive them into, with the same names and lengths; memory must start zeroed
     /// (pages the source sends as zero are only written if they were received before).
-    /// An `Err` from it rejects the migration with that message.
+    /// An `Err` from it rejects the migration with that message. The source must announce
+    /// no devices.
     pub fn run(
         &self,
         listener: &Listener,
         map_blocks: impl FnOnce(&[BlockAnnouncement]) -> Result<GuestMemory, String>,
+    ) -> Result<MigrationStats, Error> {
+        self.run_with_devices(listener, map_blocks, Vec::new())
+    }
+
+    /// Like [`Destination::run`], loading the state of `devices`. The source must
+    /// announce exactly these devices (any other set is rejected: a device left out would
+    /// silently keep its old state); `Completed` is sent, and this returns, only once
+    /// every device loaded all its chunks and its config.
+    pub fn run_with_devices(
+        &self,
+        listener: &Listener,
+        map_blocks: impl FnOnce(&[BlockAnnouncement]) -> Result<GuestMemory, String>,
+        devices: Vec<(DeviceId, Box<dyn LoadDevice>)>,
     ) -> Result<MigrationStats, Error> {
         if self.used.swap(true, Ordering::SeqCst) {
             return Err(Error::Config(
                 "a Destination runs one migration; create a new one for the next".into(),
             ));
         }
-        let result = self.run_migration(listener, map_blocks);
+        let result = self.run_migration(listener, map_blocks, devices);
         result.map_err(|error| self.failure.first_error(error))
     }
 
@@ -132,18 +163,28 @@ impl Destination {
         &self,
         listener: &Listener,
         map_blocks: impl FnOnce(&[BlockAnnouncement]) -> Result<GuestMemory, String>,
+        devices: Vec<(DeviceId, Box<dyn LoadDevice>)>,
     ) -> Result<MigrationStats, Error> {
         let mut parked = Vec::new();
         let control = self.accept_control(listener, &mut parked)?;
         let started = Instant::now();
-        let connected = self.handshake(control, map_blocks)?;
+        let connected = self.handshake(control, map_blocks, devices)?;
         let Connected {
             control,
             hello,
             memory,
+            device_settings,
+            devices,
         } = connected;
         let channel_count = hello.channels as u8;
-        let counters = Counters::new(Side::Destination, channel_count, hello.page_size, started);
+        let device_ids: Vec<DeviceId> = devices.iter().map(|(id, _)| id.clone()).collect();
+        let counters = Counters::new(
+            Side::Destination,
+            channel_count,
+            hello.page_size,
+            &device_ids,
+            started,
+        );
         counters.guest_bytes.store(
             memory.blocks().iter().map(|block| block.len()).sum(),
             Ordering::Relaxed,
@@ -169,6 +210,22 @@ impl Destination {
         let streams =
             self.accept_channels(listener, (&control, &mut early), &hello, parked, &counters)?;
         let barrier = SyncBarrier::new(channel_count, &self.failure);
+        let loaders = DeviceLoaders::start(
+            counters
+                .devices
+                .iter()
+                .cloned()
+                .zip(devices.into_iter().map(|(_, device)| device))
+                .collect(),
+            self.config.max_queued_device_bytes,
+            channel_count,
+            Arc::clone(&counters.peak_queued_device_bytes),
+            &self.failure,
+        );
+        let loaders = match loaders {
+            Ok(loaders) => loaders,
+            Err(error) => return Err(self.failure.first_error(error)),
+        };
         let settings = Arc::new(ReceiveSettings {
             received: ReceivedPages::new(&memory, hello.page_size),
             memory,
@@ -179,9 +236,12 @@ impl Destination {
                 extensions: hello.extensions,
             },
             device_limits: DeviceStateLimits {
-                max_payload: DEVICE_STATE_MAX_PAYLOAD,
+                max_payload: device_settings.max_payload,
                 extensions: hello.extensions,
             },
+            devices: Arc::clone(&loaders),
+            first_device_channel: channel_count
+                .saturating_sub(device_settings.dedicated_channels as u8),
         });
         let mut shutdowns = Vec::with_capacity(streams.len());
         let mut threads = Vec::with_capacity(streams.len());
@@ -219,11 +279,12 @@ impl Destination {
                 side: Side::Destination,
             })
         } else {
-            self.run_rounds(&control, &barrier, &counters, &shutdowns, early)
+            self.run_rounds(&control, &barrier, &counters, &loaders, &shutdowns, early)
         };
-        // On error, failing first stops the channel threads so they can be joined.
+        // On error, failing first stops the channel and load threads so they can be joined.
         let result = result.map_err(|error| self.failure.first_error(error));
         join(threads, &self.failure);
+        loaders.join(&self.failure);
         match result {
             Ok(_) if self.failure.is_failed() => Err(self.failure.first_error(Error::Internal {
                 side: Side::Destination,
@@ -337,11 +398,13 @@ impl Destination {
         }
     }
 
-    /// Reads `Hello`, `RamBlocks` and `Devices`, and answers `Welcome` or `Reject`.
+    /// Reads `Hello`, `RamBlocks`, `Devices` and `DeviceSettings`, and answers `Welcome`
+    /// or `Reject`.
     fn handshake(
         &self,
         stream: Stream,
         map_blocks: impl FnOnce(&[BlockAnnouncement]) -> Result<GuestMemory, String>,
+        registered: Vec<(DeviceId, Box<dyn LoadDevice>)>,
     ) -> Result<Connected, Error> {
         let mut control = ControlChannel::new(Side::Destination, stream)?;
         let unexpected = |message: &ControlMessage| {
@@ -359,22 +422,22 @@ impl Destination {
             ControlMessage::RamBlocks(blocks) => blocks,
             other => return Err(unexpected(&other)),
         };
-        let devices = match control.receive()? {
+        let announced = match control.receive()? {
             ControlMessage::Devices(devices) => devices,
             other => return Err(unexpected(&other)),
         };
+        let device_settings = match control.receive()? {
+            ControlMessage::DeviceSettings(settings) => settings,
+            other => return Err(unexpected(&other)),
+        };
+        let mut devices = None;
         let verdict = self
             .negotiate(&hello)
             .and_then(|()| check_announced_blocks(&blocks, hello.page_size))
-            .and_then(|()| match devices.first() {
-                Some(device) => Err(RejectReason {
-                    code: RejectCode::Devices,
-                    detail: format!(
-                        "device {:?} instance {}: device state is not supported",
-                        device.idstr, device.instance_id
-                    ),
-                }),
-                None => Ok(()),
+            .and_then(|()| self.check_device_settings(&device_settings, hello.channels))
+            .and_then(|()| {
+                devices = Some(match_devices(&announced, registered)?);
+                Ok(())
             })
             .and_then(|()| {
                 let memory = map_blocks(&blocks).map_err(|detail| RejectReason {
@@ -394,6 +457,8 @@ impl Destination {
                     control,
                     hello,
                     memory,
+                    device_settings,
+                    devices: devices.unwrap_or_default(),
                 })
             }
             Err(reason) => {
@@ -405,6 +470,26 @@ impl Destination {
                 })
             }
         }
+    }
+
+    fn check_device_settings(
+        &self,
+        settings: &DeviceStateSettings,
+        channels: u32,
+    ) -> Result<(), RejectReason> {
+        check_device_settings(settings, channels)?;
+        let cap = self.config.max_queued_device_bytes;
+        if u64::from(settings.max_payload) + CHUNK_OVERHEAD > cap {
+            return Err(RejectReason {
+                code: RejectCode::Devices,
+                detail: format!(
+                    "device-state chunks of up to {} bytes do not fit the destination's \
+                     queue cap of {cap} bytes per device",
+                    settings.max_payload
+                ),
+            });
+        }
+        Ok(())
     }
 
     fn negotiate(&self, hello: &Hello) -> Result<(), RejectReason> {
@@ -520,6 +605,7 @@ impl Destination {
         control: &Mutex<ControlChannel>,
         barrier: &SyncBarrier,
         counters: &Counters,
+        loaders: &DeviceLoaders,
         shutdowns: &[Stream],
         early: Vec<ControlMessage>,
     ) -> Result<MigrationStats, Error> {
@@ -557,7 +643,15 @@ impl Destination {
                     released = round;
                     counters.rounds.store(released, Ordering::Relaxed);
                 }
+                ControlMessage::SwitchoverStart => {
+                    if !counters.switchover_started() {
+                        return Err(violation(Violation::DuplicateSwitchover));
+                    }
+                }
                 ControlMessage::Complete(sent) => {
+                    // Every channel delivered its last SYNC before the last `RoundEnd`, so
+                    // every device chunk has arrived: a hole now is a missing chunk.
+                    loaders.complete(&self.failure)?;
                     let received = counters.totals();
                     if sent != received {
                         return Err(violation(Violation::TotalsMismatch {
@@ -595,6 +689,42 @@ fn source_aborted(reason: String) -> Error {
 enum Incoming {
     Control(Stream),
     Channel(ChannelHello, Stream),
+}
+
+/// Puts the registered devices in the order the source announced them; rejects any
+/// difference between the two sets.
+fn match_devices(
+    announced: &[DeviceAnnouncement],
+    mut registered: Vec<(DeviceId, Box<dyn LoadDevice>)>,
+) -> Result<Vec<(DeviceId, Box<dyn LoadDevice>)>, RejectReason> {
+    check_devices(announced)?;
+    let reject = |detail| {
+        Err(RejectReason {
+            code: RejectCode::Devices,
+            detail,
+        })
+    };
+    let mut ordered = Vec::with_capacity(announced.len());
+    for device in announced {
+        let position = registered
+            .iter()
+            .position(|(id, _)| id.idstr == device.idstr && id.instance_id == device.instance_id);
+        match position {
+            Some(position) => ordered.push(registered.swap_remove(position)),
+            None => {
+                return reject(format!(
+                    "device {:?} instance {} is not registered on the destination",
+                    device.idstr, device.instance_id
+                ))
+            }
+        }
+    }
+    if let Some((id, _)) = registered.first() {
+        return reject(format!(
+            "device {id} is registered on the destination but the source did not announce it"
+        ));
+    }
+    Ok(ordered)
 }
 
 fn check_announced_blocks(

@@ -13,10 +13,13 @@ mod source;
 
 use std::time::Duration;
 
-use multifd_wire::{Compression, Hello, RejectCode, RejectReason, PROTOCOL_VERSION};
+use multifd_wire::{
+    Compression, DeviceAnnouncement, DeviceStateSettings, Hello, RejectCode, RejectReason,
+    DEVICE_STATE_CHUNK_HEADER_LEN, NAME_FIELD_LEN, PROTOCOL_VERSION,
+};
 
-pub use destination::{Destination, DestinationConfig};
-pub use source::{Source, SourceConfig};
+pub use destination::{Destination, DestinationConfig, DEFAULT_MAX_QUEUED_DEVICE_BYTES};
+pub use source::{Source, SourceConfig, DEFAULT_DEVICE_CHUNK_SIZE};
 
 /// Smallest page size accepted: zero detection and zeroing work in 64-byte steps.
 const MIN_PAGE_SIZE: u32 = 64;
@@ -24,6 +27,10 @@ const MIN_PAGE_SIZE: u32 = 64;
 const MAX_PAGE_SIZE: u32 = 1 << 20;
 /// Largest packet accepted: bounds each channel's receive buffer and every payload.
 const MAX_PACKET_SIZE: u32 = 16 << 20;
+
+/// Largest device-state chunk accepted, for the same reason as [`MAX_PACKET_SIZE`]: it
+/// bounds every receive buffer the destination allocates for a chunk.
+const MAX_DEVICE_CHUNK_SIZE: u32 = 16 << 20;
 
 /// How long setup may take by default: connecting, handshake, every channel arriving.
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,6 +87,58 @@ pub(crate) fn check_settings(hello: &Hello) -> Result<(), RejectReason> {
             RejectCode::Extensions,
             format!("extensions {:#x} are not supported", hello.extensions),
         );
+    }
+    Ok(())
+}
+
+/// Checks announced devices: valid id strings, each device once.
+pub(crate) fn check_devices(devices: &[DeviceAnnouncement]) -> Result<(), RejectReason> {
+    for (index, device) in devices.iter().enumerate() {
+        let problem = if device.idstr.is_empty() || device.idstr.len() >= NAME_FIELD_LEN {
+            Some("idstr must be 1 to 255 bytes")
+        } else if device.idstr.contains('\0') {
+            Some("idstr contains a NUL byte")
+        } else if devices[..index].contains(device) {
+            Some("announced twice")
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(RejectReason {
+                code: RejectCode::Devices,
+                detail: format!(
+                    "device {:?} instance {}: {problem}",
+                    device.idstr, device.instance_id
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks the device-state settings against the channel count.
+pub(crate) fn check_device_settings(
+    settings: &DeviceStateSettings,
+    channels: u32,
+) -> Result<(), RejectReason> {
+    let header = DEVICE_STATE_CHUNK_HEADER_LEN as u32;
+    if settings.max_payload <= header || settings.max_payload > MAX_DEVICE_CHUNK_SIZE + header {
+        return Err(RejectReason {
+            code: RejectCode::Devices,
+            detail: format!(
+                "device-state chunk size {}, must be 1 to {MAX_DEVICE_CHUNK_SIZE}",
+                i64::from(settings.max_payload) - i64::from(header)
+            ),
+        });
+    }
+    if settings.dedicated_channels >= channels {
+        return Err(RejectReason {
+            code: RejectCode::ChannelCount,
+            detail: format!(
+                "{} dedicated device-state channels, must be fewer than the {channels} channels",
+                settings.dedicated_channels
+            ),
+        });
     }
     Ok(())
 }

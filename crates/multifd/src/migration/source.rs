@@ -8,16 +8,19 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use multifd_wire::{
-    BlockAnnouncement, ChannelHello, Compression, ControlMessage, Hello, Totals, ZeroPageMode,
+    BlockAnnouncement, ChannelHello, Compression, ControlMessage, DeviceAnnouncement,
+    DeviceStateSettings, Hello, Totals, ZeroPageMode, DEVICE_STATE_CHUNK_HEADER_LEN,
     PROTOCOL_VERSION,
 };
 
 use super::control::ControlChannel;
-use super::{check_settings, DEFAULT_CONNECT_TIMEOUT};
+use super::{check_device_settings, check_devices, check_settings, DEFAULT_CONNECT_TIMEOUT};
+use crate::device::{save_devices, SaveJob};
 use crate::failure::{lock, CancelHandle, Failure};
 use crate::send::{Batch, ChannelSettings, SendChannels};
 use crate::stats::{Counters, Monitor};
 use crate::transport::{Address, Stream};
+use crate::{DeviceId, SaveDevice};
 use crate::{Error, GuestMemory, Link, MigrationStats, Side, Uuid, Violation};
 
 /// How a source migrates.
@@ -35,7 +38,21 @@ pub struct SourceConfig {
     pub uuid: Option<[u8; 16]>,
     /// How long connecting and the handshake may take.
     pub connect_timeout: Duration,
+    /// Device-state bytes per chunk (the config chunk's blob must fit in one).
+    pub device_chunk_size: u32,
+    /// How many of the last channels carry only device state, RAM using the others
+    /// (the seeds' RFC design); 0 shares every channel between RAM and devices.
+    pub device_channels: u8,
+    /// Saves the devices one after another on a single thread instead of one thread
+    /// each: how a VMM without multifd device state serializes them, for comparison.
+    pub sequential_device_save: bool,
 }
+
+/// Default [`SourceConfig::device_chunk_size`]: 1 MiB makes the 288 bytes of packet and
+/// chunk headers negligible and each write large, while a device of a few MiB is still
+/// spread over every channel and the destination's reorder window (about one chunk per
+/// channel) stays a few MiB.
+pub const DEFAULT_DEVICE_CHUNK_SIZE: u32 = 1 << 20;
 
 impl Default for SourceConfig {
     fn default() -> Self {
@@ -46,6 +63,9 @@ impl Default for SourceConfig {
             zero_page: ZeroPageMode::Multifd,
             uuid: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            device_chunk_size: DEFAULT_DEVICE_CHUNK_SIZE,
+            device_channels: 0,
+            sequential_device_save: false,
         }
     }
 }
@@ -72,20 +92,38 @@ pub struct Source {
     control: Arc<Mutex<ControlChannel>>,
     events: mpsc::Receiver<ControlEvent>,
     control_reader: Option<JoinHandle<()>>,
-    channels: Option<SendChannels>,
+    channels: Option<Arc<SendChannels>>,
     failure: Arc<Failure>,
     counters: Arc<Counters>,
     batch: Batch,
     pages_this_round: u64,
     rounds: u64,
+    /// Devices not saved yet: all of them until [`Source::switchover`].
+    unsaved_devices: Vec<SaveJob>,
+    /// Whether [`Source::switchover`] ran.
+    switched_over: bool,
+    save_threads: Vec<JoinHandle<()>>,
+    device_chunk_size: u32,
+    sequential_device_save: bool,
 }
 
 impl Source {
-    /// Connects to a destination, negotiates, and opens every channel.
+    /// Connects to a destination, negotiates, and opens every channel; no devices.
     pub fn connect(
         address: &Address,
         config: &SourceConfig,
         memory: GuestMemory,
+    ) -> Result<Self, Error> {
+        Self::connect_with_devices(address, config, memory, Vec::new())
+    }
+
+    /// Connects like [`Source::connect`] and announces `devices`, whose state
+    /// [`Source::switchover`] sends. The destination must have registered exactly these.
+    pub fn connect_with_devices(
+        address: &Address,
+        config: &SourceConfig,
+        memory: GuestMemory,
+        devices: Vec<(DeviceId, Box<dyn SaveDevice>)>,
     ) -> Result<Self, Error> {
         let started = Instant::now();
         let uuid = match config.uuid {
@@ -107,6 +145,23 @@ impl Source {
         };
         check_settings(&hello).map_err(|reason| Error::Config(reason.detail))?;
         memory.check_layout(config.page_size)?;
+        let device_ids: Vec<DeviceId> = devices.iter().map(|(id, _)| id.clone()).collect();
+        let announced: Vec<DeviceAnnouncement> = device_ids
+            .iter()
+            .map(|id| DeviceAnnouncement {
+                idstr: id.idstr.clone(),
+                instance_id: id.instance_id,
+            })
+            .collect();
+        check_devices(&announced).map_err(|reason| Error::Config(reason.detail))?;
+        let device_settings = DeviceStateSettings {
+            max_payload: config
+                .device_chunk_size
+                .saturating_add(DEVICE_STATE_CHUNK_HEADER_LEN as u32),
+            dedicated_channels: u32::from(config.device_channels),
+        };
+        check_device_settings(&device_settings, hello.channels)
+            .map_err(|reason| Error::Config(reason.detail))?;
 
         let connect = |link| {
             Stream::connect(address, config.connect_timeout)
@@ -125,7 +180,8 @@ impl Source {
                 })
                 .collect(),
         ))?;
-        control.send(&ControlMessage::Devices(Vec::new()))?;
+        control.send(&ControlMessage::Devices(announced))?;
+        control.send(&ControlMessage::DeviceSettings(device_settings))?;
         control
             .stream()
             .set_read_timeout(Some(config.connect_timeout))
@@ -176,7 +232,13 @@ impl Source {
         }
 
         let failure = Failure::new();
-        let counters = Counters::new(Side::Source, config.channels, config.page_size, started);
+        let counters = Counters::new(
+            Side::Source,
+            config.channels,
+            config.page_size,
+            &device_ids,
+            started,
+        );
         counters.guest_bytes.store(
             memory.blocks().iter().map(|block| block.len()).sum(),
             Ordering::Relaxed,
@@ -228,10 +290,21 @@ impl Source {
                 pages_per_packet,
                 zero_page: config.zero_page,
                 compression: Compression::None,
+                devices: device_ids,
+                dedicated_channels: config.device_channels,
             },
             &counters,
             &failure,
         );
+        let unsaved_devices = devices
+            .into_iter()
+            .enumerate()
+            .map(|(index, (_, device))| SaveJob {
+                device,
+                index,
+                counters: Arc::clone(&counters.devices[index]),
+            })
+            .collect();
         counters.setup_done();
         tracing::info!(uuid = %Uuid(uuid), channels = config.channels, "migration set up");
         Ok(Self {
@@ -241,15 +314,20 @@ impl Source {
             control,
             events,
             control_reader: Some(control_reader),
-            channels: Some(channels),
+            channels: Some(Arc::new(channels)),
             failure,
             counters,
             batch: Batch {
-                block: 0,
                 offsets: Vec::with_capacity(pages_per_packet as usize),
+                ..Batch::default()
             },
             pages_this_round: 0,
             rounds: 0,
+            unsaved_devices,
+            switched_over: false,
+            save_threads: Vec::new(),
+            device_chunk_size: config.device_chunk_size,
+            sequential_device_save: config.sequential_device_save,
         })
     }
 
@@ -337,10 +415,58 @@ impl Source {
         self.send_control(&ControlMessage::RoundEnd { round })
     }
 
-    /// Finishes: ends the last round, reports the totals, waits for the destination to
-    /// confirm it received and loaded everything, and closes the channels.
+    /// The VM is stopped: tells the destination (the downtime clock starts) and starts
+    /// saving every device, each on its own thread, concurrently with whatever the
+    /// caller queues next (the final RAM round). Called at most once; [`Source::complete`]
+    /// calls it if the caller did not.
+    pub fn switchover(&mut self) -> Result<(), Error> {
+        if self.switched_over {
+            return Err(Error::Config("switchover already started".into()));
+        }
+        self.switched_over = true;
+        self.send_control(&ControlMessage::SwitchoverStart)?;
+        self.counters.switchover_started();
+        let channels = Arc::clone(self.channels()?);
+        let jobs = std::mem::take(&mut self.unsaved_devices);
+        let groups: Vec<Vec<SaveJob>> = if self.sequential_device_save {
+            vec![jobs]
+        } else {
+            jobs.into_iter().map(|job| vec![job]).collect()
+        };
+        for (number, group) in groups.into_iter().enumerate() {
+            let channels = Arc::clone(&channels);
+            let failure = Arc::clone(&self.failure);
+            let chunk_size = self.device_chunk_size;
+            let spawned = std::thread::Builder::new()
+                .name(format!("multifd-save-{number}"))
+                .spawn(move || save_devices(group, &channels, chunk_size, &failure));
+            match spawned {
+                Ok(thread) => self.save_threads.push(thread),
+                Err(error) => {
+                    return Err(self.fail(Error::Internal {
+                        side: Side::Source,
+                        what: format!("cannot spawn a device save thread: {error}"),
+                    }))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Finishes: switches over if the caller did not, waits for every device's save,
+    /// ends the last round (which drains every channel: each writes all it was given,
+    /// then a SYNC), reports the totals, waits for the destination to confirm it received
+    /// and loaded everything, and closes the channels.
     pub fn complete(mut self) -> Result<MigrationStats, Error> {
-        if self.pages_this_round > 0 || self.rounds == 0 {
+        if !self.switched_over {
+            self.switchover()?;
+        }
+        self.join_save_threads();
+        if self.failure.is_failed() {
+            return Err(self.stopped());
+        }
+        let devices_sent = !self.counters.devices.is_empty();
+        if self.pages_this_round > 0 || self.rounds == 0 || devices_sent {
             self.end_round()?;
         }
         let totals = self.counters.totals();
@@ -378,7 +504,18 @@ impl Source {
         Ok(stats)
     }
 
-    fn channels(&self) -> Result<&SendChannels, Error> {
+    fn join_save_threads(&mut self) {
+        for thread in self.save_threads.drain(..) {
+            if thread.join().is_err() {
+                self.failure.fail(Error::Internal {
+                    side: Side::Source,
+                    what: "a device save thread panicked".into(),
+                });
+            }
+        }
+    }
+
+    fn channels(&self) -> Result<&Arc<SendChannels>, Error> {
         self.channels.as_ref().ok_or_else(|| self.stopped())
     }
 
@@ -434,6 +571,7 @@ impl Drop for Source {
     fn drop(&mut self) {
         if self.channels.is_some() {
             self.failure.fail(Error::Cancelled { side: Side::Source });
+            self.join_save_threads();
             drop(self.channels.take());
         }
         if let Some(reader) = self.control_reader.take() {

@@ -278,6 +278,13 @@ pub fn tcp_connect(address: &Address) -> std::net::TcpStream {
     stream
 }
 
+/// The device-state settings a [`RawSource`] announces: chunks of up to 64 KiB of state,
+/// every channel shared.
+pub const DEVICE_SETTINGS: multifd_wire::DeviceStateSettings = multifd_wire::DeviceStateSettings {
+    max_payload: (64 << 10) + multifd_wire::DEVICE_STATE_CHUNK_HEADER_LEN as u32,
+    dedicated_channels: 0,
+};
+
 /// A source driven by hand: every byte it sends is chosen by the test.
 pub struct RawSource {
     pub address: Address,
@@ -288,8 +295,8 @@ pub struct RawSource {
 }
 
 impl RawSource {
-    /// Connects the control channel and sends the magic and these three messages, without
-    /// waiting for the answer.
+    /// Connects the control channel and sends the magic, these three messages and
+    /// [`DEVICE_SETTINGS`], without waiting for the answer.
     pub fn announce(
         address: &Address,
         hello: &multifd_wire::Hello,
@@ -310,6 +317,9 @@ impl RawSource {
         source.send(&multifd_wire::ControlMessage::Hello(hello.clone()));
         source.send(&multifd_wire::ControlMessage::RamBlocks(blocks));
         source.send(&multifd_wire::ControlMessage::Devices(devices));
+        source.send(&multifd_wire::ControlMessage::DeviceSettings(
+            DEVICE_SETTINGS,
+        ));
         source
     }
 

@@ -91,21 +91,35 @@ pub fn spawn_destination(
     config: DestinationConfig,
     memory: GuestMemory,
 ) -> JoinHandle<Result<MigrationStats, Error>> {
+    spawn_destination_with_devices(listener, config, memory, Vec::new())
+}
+
+/// Like [`spawn_destination`], loading the state of `devices`.
+pub fn spawn_destination_with_devices(
+    listener: Listener,
+    config: DestinationConfig,
+    memory: GuestMemory,
+    devices: Vec<(multifd::DeviceId, Box<dyn multifd::LoadDevice>)>,
+) -> JoinHandle<Result<MigrationStats, Error>> {
     std::thread::spawn(move || {
-        Destination::new(config).run(&listener, |announced: &[BlockAnnouncement]| {
-            GuestMemory::new(
-                announced
-                    .iter()
-                    .map(|block| {
-                        memory
-                            .find(&block.name)
-                            .map(|index| memory.blocks()[index].clone())
-                            .ok_or_else(|| format!("no block {}", block.name))
-                    })
-                    .collect::<Result<_, _>>()?,
-            )
-            .map_err(|error| error.to_string())
-        })
+        Destination::new(config).run_with_devices(
+            &listener,
+            |announced: &[BlockAnnouncement]| {
+                GuestMemory::new(
+                    announced
+                        .iter()
+                        .map(|block| {
+                            memory
+                                .find(&block.name)
+                                .map(|index| memory.blocks()[index].clone())
+                                .ok_or_else(|| format!("no block {}", block.name))
+                        })
+                        .collect::<Result<_, _>>()?,
+                )
+                .map_err(|error| error.to_string())
+            },
+            devices,
+        )
     })
 }
 
@@ -446,8 +460,15 @@ pub fn threads_named(prefixes: &[&str]) -> Vec<String> {
     names
 }
 
-/// Names of the engine's own threads (send, receive and source control threads).
-pub const ENGINE_THREADS: [&str; 3] = ["multifd-send-", "multifd-recv-", "multifd-source-"];
+/// Names of the engine's own threads (send, receive, source control, device save and
+/// device load threads).
+pub const ENGINE_THREADS: [&str; 5] = [
+    "multifd-send-",
+    "multifd-recv-",
+    "multifd-source-",
+    "multifd-save-",
+    "multifd-load-",
+];
 
 /// Waits up to `settle` for every engine thread to end; returns those still running.
 pub fn engine_threads_after(settle: std::time::Duration) -> Vec<String> {

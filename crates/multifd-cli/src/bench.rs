@@ -13,6 +13,7 @@ use multifd::{Destination, DestinationConfig, GuestMemory, Listener, Source, Sou
 use serde_json::json;
 
 use crate::demo::anonymous_block;
+use crate::device_bench::{self, DeviceBenchArgs};
 use crate::image::{self, parse_size};
 use crate::qemu_baseline::{self, QemuOptions};
 use crate::ram_files::{self, RamFile};
@@ -41,6 +42,18 @@ pub struct BenchArgs {
     /// Print one JSON object on stdout instead of a table.
     #[arg(long)]
     json: bool,
+    /// Measure device state instead: the switchover time of this many devices moved
+    /// sequentially over one channel, over the shared channels, and over dedicated
+    /// channels (the last half), with and without a concurrent final RAM round of
+    /// --final-ram bytes. Channel counts must be at least 2.
+    #[arg(long, default_value_t = 0)]
+    devices: u32,
+    /// State per device, with --devices.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    device_size: u64,
+    /// The concurrent final RAM round, with --devices (0: only without RAM).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    final_ram: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -60,6 +73,16 @@ struct Row {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if args.devices > 0 {
+        return device_bench::run(DeviceBenchArgs {
+            devices: args.devices,
+            device_size: args.device_size,
+            final_ram: args.final_ram,
+            channels: args.channels,
+            repeat: args.repeat,
+            json: args.json,
+        });
+    }
     let directory = image::scratch_directory(args.dir.as_deref(), "multifd-bench-")?;
     let image_path = directory.path().join("guest.img");
     image::create(&image_path, args.size, 1)?;

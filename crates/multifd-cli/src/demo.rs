@@ -11,6 +11,7 @@ use multifd::{
 };
 use serde_json::json;
 
+use crate::device_files::{self, DeviceFile};
 use crate::image::{self, parse_size};
 use crate::ram_files::{self, RamFile};
 use crate::report;
@@ -33,6 +34,14 @@ pub struct DemoArgs {
 
 /// A second, small block, so the demo shows several RAM blocks (a VGA frame buffer's size).
 const VRAM_SIZE: u64 = 16 << 20;
+
+/// Devices the demo migrates, with their state sizes: a NIC with a lot of state, a GPU
+/// with some, and a device whose whole state fits its config blob.
+const DEVICES: [(&str, u32, u64); 3] = [
+    ("0000:00:05.0/vfio", 0, 24 << 20),
+    ("0000:00:06.0/vfio", 0, 6 << 20),
+    ("virtio-rng", 1, 1000),
+];
 
 pub fn run(args: DemoArgs) -> Result<()> {
     let directory = image::scratch_directory(args.dir.as_deref(), "multifd-demo-")?;
@@ -60,31 +69,54 @@ pub fn run(args: DemoArgs) -> Result<()> {
             .collect()
     };
     let (sources, destinations) = (ram("src"), ram("dst"));
+    let device_files = |suffix: &str| -> Vec<DeviceFile> {
+        DEVICES
+            .iter()
+            .enumerate()
+            .map(|(index, (idstr, instance_id, _))| DeviceFile {
+                id: multifd::DeviceId::new(*idstr, *instance_id),
+                path: path(&format!("device{index}.{suffix}")),
+            })
+            .collect()
+    };
+    let (device_sources, device_destinations) = (device_files("src"), device_files("dst"));
+    for (index, (file, (_, _, size))) in device_sources.iter().zip(DEVICES).enumerate() {
+        image::create(&file.path, size, 10 + index as u64)?;
+    }
 
     let listener = Listener::bind(&"tcp:127.0.0.1:0".parse()?)?;
     let address = listener.address();
     let destination = Destination::new(DestinationConfig::default());
+    let loaders = device_files::create_for_receiving(&device_destinations)?;
     let receiving = {
         let destinations = destinations.clone();
         std::thread::spawn(move || {
-            destination.run(&listener, |announced| {
-                ram_files::create_for_receiving(&destinations, announced)
-                    .map_err(|error| format!("{error:#}"))
-            })
+            destination.run_with_devices(
+                &listener,
+                |announced| {
+                    ram_files::create_for_receiving(&destinations, announced)
+                        .map_err(|error| format!("{error:#}"))
+                },
+                loaders,
+            )
         })
     };
+    let savers = device_files::open_for_sending(&device_sources)?;
     let memory = ram_files::map_for_sending(&sources)?;
     let config = SourceConfig {
         channels: args.channels,
         ..SourceConfig::default()
     };
-    let sent = migrate(&address, &config, memory, args.json);
+    let sent = migrate(&address, &config, memory, savers, args.json);
     let received = receiving
         .join()
         .map_err(|_| anyhow::anyhow!("the destination thread panicked"))?;
     let (sent, received) = (sent?, received?);
 
     for (source, destination) in sources.iter().zip(&destinations) {
+        verify(&source.path, &destination.path)?;
+    }
+    for (source, destination) in device_sources.iter().zip(&device_destinations) {
         verify(&source.path, &destination.path)?;
     }
     if args.json {
@@ -94,7 +126,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         println!("{object}");
     } else {
         print!("{}", report::table(&sent));
-        println!("verified: destination memory equals the source byte for byte");
+        println!("verified: destination memory and device state equal the source's byte for byte");
     }
     Ok(())
 }
@@ -103,14 +135,18 @@ fn migrate(
     address: &multifd::Address,
     config: &SourceConfig,
     memory: GuestMemory,
+    devices: multifd::SaveDevices,
     json: bool,
 ) -> Result<multifd::MigrationStats> {
-    let mut source = Source::connect(address, config, memory)?;
+    let mut source = Source::connect_with_devices(address, config, memory, devices)?;
     let progress = report::ProgressBar::start(source.monitor(), "migrating", json);
     let result = (|| {
         for block in 0..source.memory().blocks().len() {
             source.queue_block(block)?;
         }
+        source.end_round()?;
+        // The VM stops: device state goes while the final round (here empty) would.
+        source.switchover()?;
         source.complete()
     })();
     progress.finish();

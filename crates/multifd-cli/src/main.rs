@@ -2,6 +2,8 @@
 
 mod bench;
 mod demo;
+mod device_bench;
+mod device_files;
 mod image;
 mod qemu_baseline;
 mod ram_files;
@@ -16,6 +18,7 @@ use multifd::{
     Address, Destination, DestinationConfig, Listener, Source, SourceConfig, ZeroPageMode,
 };
 
+use crate::device_files::DeviceFile;
 use crate::ram_files::RamFile;
 
 #[derive(Parser)]
@@ -37,7 +40,8 @@ enum Command {
     Recv(RecvArgs),
     /// Generate a mixed 1 GiB image, migrate it over loopback, verify it, print statistics.
     Demo(demo::DemoArgs),
-    /// Measure throughput on loopback for several channel counts, beside QEMU if installed.
+    /// Measure throughput on loopback for several channel counts, beside QEMU if installed;
+    /// with --devices, measure the switchover time of device state instead.
     Bench(bench::BenchArgs),
 }
 
@@ -52,6 +56,18 @@ struct SendArgs {
     /// RAM block NAME and the memory-image file holding it, as NAME=PATH (repeatable).
     #[arg(long = "ram", value_name = "NAME=PATH", required = true)]
     ram: Vec<RamFile>,
+    /// A device and the file holding its state, as IDSTR[/INSTANCE]=PATH (repeatable).
+    /// The file's last 4 KiB (the whole file when smaller) is sent as the device's config
+    /// blob, the rest as its state stream; the instance is the part after the last `/`
+    /// when it is a number, 0 otherwise.
+    #[arg(long = "device", value_name = "IDSTR[/INSTANCE]=PATH")]
+    devices: Vec<DeviceFile>,
+    /// Device-state bytes per chunk.
+    #[arg(long, default_value_t = multifd::DEFAULT_DEVICE_CHUNK_SIZE)]
+    device_chunk_size: u32,
+    /// Dedicate the last K channels to device state (RAM uses the others); 0 shares them.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    device_channels: u8,
     #[command(flatten)]
     settings: Settings,
     /// Zero-page handling: detect zero pages in the channel threads, or send every page.
@@ -70,6 +86,14 @@ struct RecvArgs {
     /// (or truncated) at the announced size.
     #[arg(long = "ram", value_name = "NAME=PATH", required = true)]
     ram: Vec<RamFile>,
+    /// A device and the file to write its loaded state to (state, then config blob), as
+    /// IDSTR[/INSTANCE]=PATH (repeatable). The source must send exactly these devices.
+    #[arg(long = "device", value_name = "IDSTR[/INSTANCE]=PATH")]
+    devices: Vec<DeviceFile>,
+    /// Most device-state bytes one device may have queued before it loads them; past it
+    /// the migration fails.
+    #[arg(long, value_name = "BYTES", default_value_t = multifd::DEFAULT_MAX_QUEUED_DEVICE_BYTES)]
+    max_queued_device_bytes: u64,
     /// Accept only this many channels.
     #[arg(long)]
     channels: Option<u8>,
@@ -137,14 +161,19 @@ fn send(args: SendArgs) -> Result<()> {
         page_size: args.settings.page_size,
         packet_size: args.settings.packet_size,
         zero_page: args.zero_page.into(),
+        device_chunk_size: args.device_chunk_size,
+        device_channels: args.device_channels,
         ..SourceConfig::default()
     };
-    let mut source = Source::connect(&args.to, &config, memory)?;
+    let devices = device_files::open_for_sending(&args.devices)?;
+    let mut source = Source::connect_with_devices(&args.to, &config, memory, devices)?;
     let progress = report::ProgressBar::start(source.monitor(), "sending", args.output.json);
     let result = (|| {
         for block in 0..source.memory().blocks().len() {
             source.queue_block(block)?;
         }
+        source.end_round()?;
+        source.switchover()?;
         source.complete()
     })();
     progress.finish();
@@ -156,12 +185,19 @@ fn recv(args: RecvArgs) -> Result<()> {
     let destination = Destination::new(DestinationConfig {
         channels: args.channels,
         wait_for_source: args.timeout.map(Duration::from_secs),
+        max_queued_device_bytes: args.max_queued_device_bytes,
         ..DestinationConfig::default()
     });
+    let devices = device_files::create_for_receiving(&args.devices)?;
     let progress = report::ProgressBar::start(destination.monitor(), "receiving", args.output.json);
-    let result = destination.run(&listener, |announced| {
-        ram_files::create_for_receiving(&args.ram, announced).map_err(|error| format!("{error:#}"))
-    });
+    let result = destination.run_with_devices(
+        &listener,
+        |announced| {
+            ram_files::create_for_receiving(&args.ram, announced)
+                .map_err(|error| format!("{error:#}"))
+        },
+        devices,
+    );
     progress.finish();
     report::print_outcome(result.map_err(Into::into), args.output.json)
 }

@@ -104,8 +104,28 @@ pub fn to_json(stats: &MigrationStats) -> Value {
             "zero_pages": channel.zero_pages,
             "payload_bytes": channel.payload_bytes,
             "sync_packets": channel.sync_packets,
+            "device_chunks": channel.device_chunks,
+        })).collect::<Vec<_>>(),
+        "switchover_seconds": stats.switchover_time.map(|time| time.as_secs_f64()),
+        "device_bytes": stats.device_bytes,
+        "device_chunks": stats.device_chunks,
+        "peak_queued_device_bytes": stats.peak_queued_device_bytes,
+        "devices": stats.devices.iter().map(|device| json!({
+            "idstr": device.id.idstr,
+            "instance_id": device.id.instance_id,
+            "bytes": device.bytes,
+            "chunks": device.chunks,
+            busy_key(stats.side): device.busy_time.as_secs_f64(),
         })).collect::<Vec<_>>(),
     })
+}
+
+/// What a device's busy time is on this side: its save, or its loading.
+fn busy_key(side: multifd::Side) -> &'static str {
+    match side {
+        multifd::Side::Source => "save_seconds",
+        multifd::Side::Destination => "load_seconds",
+    }
 }
 
 /// The statistics as a human-readable table.
@@ -126,22 +146,23 @@ pub fn table(stats: &MigrationStats) -> String {
         stats.wire_throughput() / GIB,
     );
     out += &format!(
-        "{:>8} {:>14} {:>10} {:>12} {:>12} {:>6}\n",
-        "channel", "bytes", "packets", "normal", "zero", "syncs"
+        "{:>8} {:>14} {:>10} {:>12} {:>12} {:>6} {:>13}\n",
+        "channel", "bytes", "packets", "normal", "zero", "syncs", "device chunks"
     );
     for channel in &stats.channels {
         out += &format!(
-            "{:>8} {:>14} {:>10} {:>12} {:>12} {:>6}\n",
+            "{:>8} {:>14} {:>10} {:>12} {:>12} {:>6} {:>13}\n",
             channel.id,
             channel.bytes,
             channel.packets,
             channel.normal_pages,
             channel.zero_pages,
-            channel.sync_packets
+            channel.sync_packets,
+            channel.device_chunks
         );
     }
     out += &format!(
-        "{:>8} {:>14} {:>10} {:>12} {:>12} {:>6}\n",
+        "{:>8} {:>14} {:>10} {:>12} {:>12} {:>6} {:>13}\n",
         "total",
         stats.bytes,
         stats.packets,
@@ -151,7 +172,42 @@ pub fn table(stats: &MigrationStats) -> String {
             .channels
             .iter()
             .map(|channel| channel.sync_packets)
-            .sum::<u64>()
+            .sum::<u64>(),
+        stats.device_chunks
     );
+    if let Some(switchover) = stats.switchover_time {
+        out += &format!(
+            "switchover to completion (downtime proxy): {:.3} s\n",
+            switchover.as_secs_f64()
+        );
+    }
+    if !stats.devices.is_empty() {
+        let busy = match stats.side {
+            multifd::Side::Source => "save s",
+            multifd::Side::Destination => "load s",
+        };
+        out += &format!(
+            "{:>24} {:>9} {:>14} {:>8} {:>8}\n",
+            "device", "instance", "bytes", "chunks", busy
+        );
+        for device in &stats.devices {
+            out += &format!(
+                "{:>24} {:>9} {:>14} {:>8} {:>8.3}\n",
+                device.id.idstr,
+                device.id.instance_id,
+                device.bytes,
+                device.chunks,
+                device.busy_time.as_secs_f64()
+            );
+        }
+        out += &format!(
+            "device state {} bytes in {} chunks",
+            stats.device_bytes, stats.device_chunks
+        );
+        if stats.side == multifd::Side::Destination {
+            out += &format!("; at most {} bytes queued", stats.peak_queued_device_bytes);
+        }
+        out += "\n";
+    }
     out
 }

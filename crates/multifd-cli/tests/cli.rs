@@ -228,3 +228,85 @@ fn demo_verifies_its_copy() {
         report["normal_pages"]
     );
 }
+
+#[test]
+fn send_and_recv_copy_device_files_over_dedicated_channels() {
+    let directory = tempfile::tempdir().expect("temp dir");
+    let path = |name: &str| directory.path().join(name);
+    image(&path("ram.img"), 64, 1);
+    // A device with state and a config blob, and one small enough to be only a config.
+    let nic: Vec<u8> = (0..3_000_000u32)
+        .map(|index| (index * 7 % 251) as u8)
+        .collect();
+    std::fs::write(path("nic.state"), &nic).expect("write nic");
+    std::fs::write(path("rng.state"), b"tiny device").expect("write rng");
+    let recv = start_recv(
+        directory.path(),
+        &[
+            "--ram",
+            &arg("pc.ram", &path("ram.copy")),
+            "--device",
+            &arg("0000:00:05.0/vfio", &path("nic.copy")),
+            "--device",
+            &arg("virtio-rng/2", &path("rng.copy")),
+            "--json",
+        ],
+    );
+    let send = spawn(multifd().args([
+        "send",
+        "--to",
+        &socket(directory.path()),
+        "--channels",
+        "3",
+        "--device-channels",
+        "1",
+        "--device-chunk-size",
+        "262144",
+        "--ram",
+        &arg("pc.ram", &path("ram.img")),
+        "--device",
+        &arg("0000:00:05.0/vfio", &path("nic.state")),
+        "--device",
+        &arg("virtio-rng/2", &path("rng.state")),
+        "--json",
+    ]));
+    let (sent, received) = (
+        finish(send, Duration::from_secs(30)),
+        finish(recv, Duration::from_secs(30)),
+    );
+    assert!(
+        sent.status.success(),
+        "send: {}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    assert!(
+        received.status.success(),
+        "recv: {}",
+        String::from_utf8_lossy(&received.stderr)
+    );
+    assert!(std::fs::read(path("nic.copy")).expect("copy") == nic);
+    assert_eq!(
+        std::fs::read(path("rng.copy")).expect("copy"),
+        b"tiny device"
+    );
+
+    let sent: Value = serde_json::from_slice(&sent.stdout).expect("send prints JSON");
+    let received: Value = serde_json::from_slice(&received.stdout).expect("recv prints JSON");
+    // The NIC: 3,000,000 - 4096 state bytes in chunks of 256 KiB (12) plus its config.
+    for report in [&sent, &received] {
+        let devices = report["devices"].as_array().expect("devices");
+        assert_eq!(devices.len(), 2);
+        assert_eq!(devices[0]["idstr"], "0000:00:05.0/vfio");
+        assert_eq!(devices[0]["bytes"], 3_000_000);
+        assert_eq!(devices[0]["chunks"], 13);
+        assert_eq!(devices[1]["idstr"], "virtio-rng");
+        assert_eq!(devices[1]["instance_id"], 2);
+        assert_eq!(devices[1]["chunks"], 1);
+        assert!(report["switchover_seconds"].as_f64().is_some());
+        let per_channel = report["per_channel"].as_array().expect("per_channel");
+        assert_eq!(per_channel[2]["device_chunks"], 14);
+        assert_eq!(per_channel[2]["normal_pages"], 0);
+    }
+    assert!(received["devices"][0]["load_seconds"].as_f64().is_some());
+    assert!(sent["devices"][0]["save_seconds"].as_f64().is_some());
+}

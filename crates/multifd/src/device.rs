@@ -29,6 +29,12 @@ use crate::{Error, Side, Violation};
 /// What a device's save or load callback returns on failure.
 pub type DeviceError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The devices a source saves, each with its id.
+pub type SaveDevices = Vec<(DeviceId, Box<dyn SaveDevice>)>;
+
+/// The devices a destination loads, each with its id.
+pub type LoadDevices = Vec<(DeviceId, Box<dyn LoadDevice>)>;
+
 /// Names a device on both ends: its id string and instance id, as QEMU's savevm does.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DeviceId {

@@ -49,7 +49,9 @@ mod stats;
 pub mod transport;
 mod zero_page;
 
-pub use device::{DeviceError, DeviceId, LoadDevice, SaveDevice, StateWriter};
+pub use device::{
+    DeviceError, DeviceId, LoadDevice, LoadDevices, SaveDevice, SaveDevices, StateWriter,
+};
 pub use error::{Error, Link, Side, Uuid, Violation};
 pub use failure::CancelHandle;
 pub use migration::{

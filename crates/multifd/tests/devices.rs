@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use common::*;
 use multifd::{
     BlockAnnouncement, DestinationConfig, DeviceError, DeviceId, Error, GuestMemory, Link,
-    LoadDevice, MigrationStats, SaveDevice, Side, Source, SourceConfig, StateWriter, Violation,
+    LoadDevice, LoadDevices, MigrationStats, SaveDevice, SaveDevices, Side, Source, SourceConfig,
+    StateWriter, Violation,
 };
 use multifd_wire::{ControlMessage, DeviceAnnouncement, DeviceStateChunkHeader, Totals, WireError};
 
@@ -130,8 +131,8 @@ fn device_id(seed: u64) -> DeviceId {
 }
 
 struct Devices {
-    save: Vec<(DeviceId, Box<dyn SaveDevice>)>,
-    load: Vec<(DeviceId, Box<dyn LoadDevice>)>,
+    save: SaveDevices,
+    load: LoadDevices,
     loaded: Vec<Arc<Mutex<Loaded>>>,
 }
 

@@ -23,7 +23,7 @@ use crate::recv::{ChannelReceiver, ReceiveSettings, ReleaseError, SyncBarrier};
 use crate::stats::{ChannelCounters, Counters, Monitor};
 use crate::transport::{Accepted, Listener, Stream};
 use crate::{
-    DeviceId, Error, GuestMemory, Link, LoadDevice, MigrationStats, Side, Uuid, Violation,
+    DeviceId, Error, GuestMemory, Link, LoadDevices, MigrationStats, Side, Uuid, Violation,
 };
 
 /// What a destination accepts. Settings left `None` are taken from the source.
@@ -98,7 +98,7 @@ struct Connected {
     memory: GuestMemory,
     device_settings: DeviceStateSettings,
     /// The registered devices, in the order the source announced them.
-    devices: Vec<(DeviceId, Box<dyn LoadDevice>)>,
+    devices: LoadDevices,
 }
 
 impl Destination {
@@ -148,7 +148,7 @@ impl Destination {
         &self,
         listener: &Listener,
         map_blocks: impl FnOnce(&[BlockAnnouncement]) -> Result<GuestMemory, String>,
-        devices: Vec<(DeviceId, Box<dyn LoadDevice>)>,
+        devices: LoadDevices,
     ) -> Result<MigrationStats, Error> {
         if self.used.swap(true, Ordering::SeqCst) {
             return Err(Error::Config(
@@ -163,7 +163,7 @@ impl Destination {
         &self,
         listener: &Listener,
         map_blocks: impl FnOnce(&[BlockAnnouncement]) -> Result<GuestMemory, String>,
-        devices: Vec<(DeviceId, Box<dyn LoadDevice>)>,
+        devices: LoadDevices,
     ) -> Result<MigrationStats, Error> {
         let mut parked = Vec::new();
         let control = self.accept_control(listener, &mut parked)?;
@@ -404,7 +404,7 @@ impl Destination {
         &self,
         stream: Stream,
         map_blocks: impl FnOnce(&[BlockAnnouncement]) -> Result<GuestMemory, String>,
-        registered: Vec<(DeviceId, Box<dyn LoadDevice>)>,
+        registered: LoadDevices,
     ) -> Result<Connected, Error> {
         let mut control = ControlChannel::new(Side::Destination, stream)?;
         let unexpected = |message: &ControlMessage| {
@@ -695,8 +695,8 @@ enum Incoming {
 /// difference between the two sets.
 fn match_devices(
     announced: &[DeviceAnnouncement],
-    mut registered: Vec<(DeviceId, Box<dyn LoadDevice>)>,
-) -> Result<Vec<(DeviceId, Box<dyn LoadDevice>)>, RejectReason> {
+    mut registered: LoadDevices,
+) -> Result<LoadDevices, RejectReason> {
     check_devices(announced)?;
     let reject = |detail| {
         Err(RejectReason {

@@ -20,7 +20,7 @@ use crate::failure::{lock, CancelHandle, Failure};
 use crate::send::{Batch, ChannelSettings, SendChannels};
 use crate::stats::{Counters, Monitor};
 use crate::transport::{Address, Stream};
-use crate::{DeviceId, SaveDevice};
+use crate::{DeviceId, SaveDevices};
 use crate::{Error, GuestMemory, Link, MigrationStats, Side, Uuid, Violation};
 
 /// How a source migrates.
@@ -123,7 +123,7 @@ impl Source {
         address: &Address,
         config: &SourceConfig,
         memory: GuestMemory,
-        devices: Vec<(DeviceId, Box<dyn SaveDevice>)>,
+        devices: SaveDevices,
     ) -> Result<Self, Error> {
         let started = Instant::now();
         let uuid = match config.uuid {

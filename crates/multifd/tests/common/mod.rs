@@ -99,7 +99,7 @@ pub fn spawn_destination_with_devices(
     listener: Listener,
     config: DestinationConfig,
     memory: GuestMemory,
-    devices: Vec<(multifd::DeviceId, Box<dyn multifd::LoadDevice>)>,
+    devices: multifd::LoadDevices,
 ) -> JoinHandle<Result<MigrationStats, Error>> {
     std::thread::spawn(move || {
         Destination::new(config).run_with_devices(

@@ -1,0 +1,312 @@
+//! `multifd bench --devices N`: the switchover time (from `SwitchoverStart` to the
+//! destination's `Completed`, the downtime proxy) of device state moved three ways, with
+//! and without a concurrent final RAM round:
+//!
+//! - (a) sequential: the devices saved one after another on one thread, through one
+//!   dedicated channel, as a VMM without multifd device state serializes them;
+//! - (b) shared: one save thread per device over the shared multifd channels;
+//! - (c) dedicated: one save thread per device over the last half of the channels
+//!   (the seeds' RFC design), RAM over the first half.
+//!
+//! Devices save from memory and load by copying into preallocated memory, so what is
+//! measured is the transport, not a device. Everything runs on this host over loopback.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{ensure, Result};
+use multifd::{
+    DestinationConfig, DeviceError, DeviceId, GuestMemory, Listener, LoadDevice, LoadDevices,
+    RamBlock, SaveDevice, Source, SourceConfig, StateWriter,
+};
+use serde_json::json;
+
+use crate::demo::anonymous_block;
+use crate::image;
+
+const GIB: f64 = (1u64 << 30) as f64;
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// What to measure.
+pub struct DeviceBenchArgs {
+    pub devices: u32,
+    pub device_size: u64,
+    pub final_ram: u64,
+    pub channels: Vec<u8>,
+    pub repeat: usize,
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Sequential,
+    Shared,
+    Dedicated,
+}
+
+impl Mode {
+    const ALL: [Self; 3] = [Self::Sequential, Self::Shared, Self::Dedicated];
+
+    fn config(self, channels: u8) -> SourceConfig {
+        let base = SourceConfig {
+            channels,
+            ..SourceConfig::default()
+        };
+        match self {
+            Self::Sequential => SourceConfig {
+                device_channels: 1,
+                sequential_device_save: true,
+                ..base
+            },
+            Self::Shared => base,
+            Self::Dedicated => SourceConfig {
+                device_channels: channels / 2,
+                ..base
+            },
+        }
+    }
+}
+
+/// Saves a device's state from memory.
+struct MemorySave {
+    state: Arc<Vec<u8>>,
+}
+
+impl SaveDevice for MemorySave {
+    fn save_state(&mut self, state: &mut StateWriter<'_>) -> Result<(), DeviceError> {
+        state.write_all(&self.state)?;
+        Ok(())
+    }
+
+    fn save_config(&mut self) -> Result<Vec<u8>, DeviceError> {
+        Ok(b"config".to_vec())
+    }
+}
+
+/// Loads a device's state by copying it into preallocated memory.
+struct MemoryLoad {
+    target: Arc<Mutex<Vec<u8>>>,
+    position: usize,
+}
+
+impl LoadDevice for MemoryLoad {
+    fn load_state(&mut self, chunk: &[u8]) -> Result<(), DeviceError> {
+        let mut target = self
+            .target
+            .lock()
+            .map_err(|_| "the target buffer is poisoned")?;
+        let end = self.position + chunk.len();
+        let Some(slot) = target.get_mut(self.position..end) else {
+            return Err(format!("state longer than the {} bytes expected", end).into());
+        };
+        slot.copy_from_slice(chunk);
+        self.position = end;
+        Ok(())
+    }
+
+    fn load_config(&mut self, _config: &[u8]) -> Result<(), DeviceError> {
+        Ok(())
+    }
+}
+
+/// Memory shared by every run: device states, their targets, the RAM blocks.
+struct Setup {
+    states: Vec<Arc<Vec<u8>>>,
+    targets: Vec<Arc<Mutex<Vec<u8>>>>,
+    source_ram: RamBlock,
+    destination_ram: RamBlock,
+}
+
+fn device_id(index: usize) -> DeviceId {
+    DeviceId::new(format!("0000:00:{:02x}.0/vfio", index + 4), 0)
+}
+
+impl Setup {
+    fn new(args: &DeviceBenchArgs) -> Result<Self> {
+        let size = usize::try_from(args.device_size)?;
+        let states = (0..args.devices)
+            .map(|index| {
+                let mut state = vec![0u8; size];
+                image::fill(&mut state, 100 + u64::from(index));
+                Arc::new(state)
+            })
+            .collect();
+        let targets = (0..args.devices)
+            .map(|_| Arc::new(Mutex::new(vec![1u8; size])))
+            .collect();
+        let ram_size = args.final_ram.max(image::PAGE as u64);
+        let mut mapping = memmap2::MmapMut::map_anon(usize::try_from(ram_size)?)?;
+        image::fill(&mut mapping, 7);
+        Ok(Self {
+            states,
+            targets,
+            source_ram: RamBlock::from_mapping("pc.ram", memmap2::MmapRaw::from(mapping))?,
+            destination_ram: anonymous_block("pc.ram", ram_size, true)?,
+        })
+    }
+
+    /// One migration; returns the source's switchover-to-completed seconds.
+    fn run(&self, mode: Mode, channels: u8, with_ram: bool) -> Result<f64> {
+        let listener = Listener::bind(&"tcp:127.0.0.1:0".parse()?)?;
+        let address = listener.address();
+        let destination_memory = GuestMemory::new(vec![self.destination_ram.clone()])?;
+        let loaders: LoadDevices = self
+            .targets
+            .iter()
+            .enumerate()
+            .map(|(index, target)| {
+                let load = MemoryLoad {
+                    target: Arc::clone(target),
+                    position: 0,
+                };
+                (device_id(index), Box::new(load) as Box<dyn LoadDevice>)
+            })
+            .collect();
+        let receiving = std::thread::spawn(move || {
+            multifd::Destination::new(DestinationConfig::default()).run_with_devices(
+                &listener,
+                |_| Ok(destination_memory),
+                loaders,
+            )
+        });
+        let savers = self
+            .states
+            .iter()
+            .enumerate()
+            .map(|(index, state)| {
+                let save = MemorySave {
+                    state: Arc::clone(state),
+                };
+                (device_id(index), Box::new(save) as Box<dyn SaveDevice>)
+            })
+            .collect();
+        let memory = GuestMemory::new(vec![self.source_ram.clone()])?;
+        let mut source =
+            Source::connect_with_devices(&address, &mode.config(channels), memory, savers)?;
+        source.switchover()?;
+        if with_ram {
+            source.queue_block(0)?;
+        }
+        let stats = source.complete()?;
+        receiving
+            .join()
+            .map_err(|_| anyhow::anyhow!("the destination thread panicked"))??;
+        let expected = self.states.len() as u64 * (self.states[0].len() as u64 + 6);
+        ensure!(
+            stats.device_bytes == expected,
+            "{} device bytes sent, expected {expected}",
+            stats.device_bytes
+        );
+        stats
+            .switchover_time
+            .map(|time| time.as_secs_f64())
+            .ok_or_else(|| anyhow::anyhow!("no switchover time measured"))
+    }
+}
+
+struct Row {
+    final_ram: u64,
+    channels: u8,
+    /// Median seconds per mode, in [`Mode::ALL`] order.
+    seconds: [f64; 3],
+}
+
+pub fn run(args: DeviceBenchArgs) -> Result<()> {
+    ensure!(args.devices > 0, "--devices must be at least 1");
+    ensure!(
+        args.channels.iter().all(|&channels| channels >= 2),
+        "device benchmarks need at least 2 channels (one dedicated to device state)"
+    );
+    let setup = Setup::new(&args)?;
+    let rams: Vec<u64> = if args.final_ram > 0 {
+        vec![0, args.final_ram]
+    } else {
+        vec![0]
+    };
+    // One unmeasured run: the first migration pays for cold page tables and sockets.
+    setup.run(Mode::Shared, args.channels[0], false)?;
+    let mut rows = Vec::new();
+    for &final_ram in &rams {
+        for &channels in &args.channels {
+            let mut runs: [Vec<f64>; 3] = Default::default();
+            for repeat in 0..args.repeat {
+                // Rotate the order so no mode always runs first or last.
+                for offset in 0..Mode::ALL.len() {
+                    let index = (offset + repeat) % Mode::ALL.len();
+                    runs[index].push(setup.run(Mode::ALL[index], channels, final_ram > 0)?);
+                }
+            }
+            rows.push(Row {
+                final_ram,
+                channels,
+                seconds: runs.map(|mut values| median(&mut values)),
+            });
+        }
+    }
+    print(&args, &rows);
+    Ok(())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn print(args: &DeviceBenchArgs, rows: &[Row]) {
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "devices": args.devices,
+                "device_bytes": args.device_size,
+                "repeat": args.repeat,
+                "cpus": std::thread::available_parallelism().map(usize::from).unwrap_or(1),
+                "runs": rows.iter().map(|row| json!({
+                    "final_ram_bytes": row.final_ram,
+                    "channels": row.channels,
+                    "dedicated_channels": row.channels / 2,
+                    "sequential_seconds": row.seconds[0],
+                    "shared_seconds": row.seconds[1],
+                    "dedicated_seconds": row.seconds[2],
+                    "shared_ratio": row.seconds[1] / row.seconds[0],
+                    "dedicated_ratio": row.seconds[2] / row.seconds[0],
+                })).collect::<Vec<_>>(),
+            })
+        );
+        return;
+    }
+    println!(
+        "{} devices x {:.0} MiB of state; switchover to completed (downtime proxy), median of {} runs",
+        args.devices,
+        args.device_size as f64 / MIB,
+        args.repeat
+    );
+    println!(
+        "{:>10} {:>8} {:>14} {:>10} {:>14} {:>8} {:>8}",
+        "final RAM",
+        "channels",
+        "(a) sequential",
+        "(b) shared",
+        "(c) dedicated",
+        "(b)/(a)",
+        "(c)/(a)"
+    );
+    for row in rows {
+        let ram = if row.final_ram == 0 {
+            "none".to_owned()
+        } else {
+            format!("{:.2} GiB", row.final_ram as f64 / GIB)
+        };
+        println!(
+            "{:>10} {:>8} {:>12.3} s {:>8.3} s {:>8.3} s K={} {:>8.2} {:>8.2}",
+            ram,
+            row.channels,
+            row.seconds[0],
+            row.seconds[1],
+            row.seconds[2],
+            row.channels / 2,
+            row.seconds[1] / row.seconds[0],
+            row.seconds[2] / row.seconds[0]
+        );
+    }
+}

@@ -485,6 +485,11 @@ struct Session {
 /// A destination with device [`DEVICE`] instance 0 registered, queuing at most `cap`
 /// bytes, and a raw source past the handshake with every channel open.
 fn session(cap: u64) -> Session {
+    session_with(cap, DEVICE_SETTINGS)
+}
+
+/// Like [`session`], with these device-state settings.
+fn session_with(cap: u64, device_settings: multifd_wire::DeviceStateSettings) -> Session {
     let (listener, address) = listener(false);
     let memory = GuestMemory::new(vec![block("pc.ram", 16 * RAW_PAGE as usize)]).expect("memory");
     let log = Arc::new(Mutex::new(Vec::new()));
@@ -501,7 +506,7 @@ fn session(cap: u64) -> Session {
             Box::new(Recorder(Arc::clone(&log))),
         )],
     );
-    let mut raw = RawSource::announce(
+    let mut raw = RawSource::announce_with(
         &address,
         &raw_hello(u32::from(CHANNELS), UUID),
         vec![BlockAnnouncement {
@@ -512,6 +517,7 @@ fn session(cap: u64) -> Session {
             idstr: DEVICE.into(),
             instance_id: 0,
         }],
+        device_settings,
     );
     match raw.receive() {
         ControlMessage::Welcome => {}
@@ -726,4 +732,91 @@ fn queued_bytes_over_the_cap() {
             cap: CAP,
         },
     );
+}
+
+/// Channel 1 of 2 dedicated to device state.
+const ONE_DEDICATED: multifd_wire::DeviceStateSettings = multifd_wire::DeviceStateSettings {
+    dedicated_channels: 1,
+    ..DEVICE_SETTINGS
+};
+
+#[test]
+fn device_state_on_a_ram_channel() {
+    let _serial = serial();
+    let mut session = session_with(1 << 20, ONE_DEDICATED);
+    session.send(0, 0, false, b"zero");
+    let (error, reason) = session.failure();
+    assert_eq!(
+        error.violation(),
+        Some(&Violation::WrongChannelKind("device state")),
+        "{error}"
+    );
+    assert!(
+        matches!(
+            error,
+            Error::Protocol {
+                link: Link::Channel(0),
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(reason.contains("channel 0"), "{reason}");
+}
+
+#[test]
+fn ram_pages_on_a_device_state_channel() {
+    let _serial = serial();
+    let mut session = session_with(1 << 20, ONE_DEDICATED);
+    session
+        .raw
+        .write_channel(1, &ram_packet(0, "pc.ram", &[0], &[]));
+    session.raw.write_channel(1, &vec![7u8; RAW_PAGE as usize]);
+    let (error, reason) = session.failure();
+    assert_eq!(
+        error.violation(),
+        Some(&Violation::WrongChannelKind("RAM pages")),
+        "{error}"
+    );
+    assert!(
+        matches!(
+            error,
+            Error::Protocol {
+                link: Link::Channel(1),
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(reason.contains("channel 1"), "{reason}");
+}
+
+#[test]
+fn dedicated_channels_without_one_for_ram_are_rejected() {
+    let _serial = serial();
+    let (listener, address) = listener(false);
+    let memory = GuestMemory::new(vec![block("pc.ram", 16 * RAW_PAGE as usize)]).expect("memory");
+    let destination =
+        spawn_destination_with_devices(listener, quick_destination_config(), memory, Vec::new());
+    let mut raw = RawSource::announce_with(
+        &address,
+        &raw_hello(u32::from(CHANNELS), UUID),
+        vec![BlockAnnouncement {
+            name: "pc.ram".into(),
+            length: 16 * u64::from(RAW_PAGE),
+        }],
+        Vec::new(),
+        multifd_wire::DeviceStateSettings {
+            dedicated_channels: u32::from(CHANNELS),
+            ..DEVICE_SETTINGS
+        },
+    );
+    match raw.receive() {
+        ControlMessage::Reject(reason) => {
+            assert_eq!(reason.code, multifd::RejectCode::ChannelCount, "{reason:?}");
+            assert!(reason.detail.contains("dedicated"), "{reason:?}");
+        }
+        other => panic!("expected Reject, got {other:?}"),
+    }
+    assert!(join_within(destination, DEADLINE).is_err());
 }

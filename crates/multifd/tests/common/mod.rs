@@ -317,6 +317,17 @@ impl RawSource {
         blocks: Vec<BlockAnnouncement>,
         devices: Vec<multifd_wire::DeviceAnnouncement>,
     ) -> Self {
+        Self::announce_with(address, hello, blocks, devices, DEVICE_SETTINGS)
+    }
+
+    /// Like [`RawSource::announce`], with these device-state settings.
+    pub fn announce_with(
+        address: &Address,
+        hello: &multifd_wire::Hello,
+        blocks: Vec<BlockAnnouncement>,
+        devices: Vec<multifd_wire::DeviceAnnouncement>,
+        device_settings: multifd_wire::DeviceStateSettings,
+    ) -> Self {
         use std::io::Write;
         let mut control = tcp_connect(address);
         control
@@ -332,7 +343,7 @@ impl RawSource {
         source.send(&multifd_wire::ControlMessage::RamBlocks(blocks));
         source.send(&multifd_wire::ControlMessage::Devices(devices));
         source.send(&multifd_wire::ControlMessage::DeviceSettings(
-            DEVICE_SETTINGS,
+            device_settings,
         ));
         source
     }

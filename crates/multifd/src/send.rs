@@ -113,13 +113,19 @@ struct State {
     failed: bool,
 }
 
+/// The pool channel `channel` serves when channels from `first_device_channel` up are
+/// dedicated to device state.
+fn pool_of_channel(channel: u8, first_device_channel: u8) -> usize {
+    if channel >= first_device_channel {
+        DEVICE_POOL
+    } else {
+        SHARED_POOL
+    }
+}
+
 impl State {
     fn pool_of_channel(&self, channel: u8) -> usize {
-        if channel >= self.first_device_channel {
-            DEVICE_POOL
-        } else {
-            SHARED_POOL
-        }
+        pool_of_channel(channel, self.first_device_channel)
     }
 
     fn pool_of_batch(&self, kind: BatchKind) -> usize {
@@ -168,12 +174,9 @@ impl SendChannels {
         let first_device_channel = (channels as u8).saturating_sub(settings.dedicated_channels);
         let mut pools: [Pool; 2] = Default::default();
         for channel in 0..channels as u8 {
-            let pool = if channel >= first_device_channel {
-                DEVICE_POOL
-            } else {
-                SHARED_POOL
-            };
-            pools[pool].idle.push_back(channel);
+            pools[pool_of_channel(channel, first_device_channel)]
+                .idle
+                .push_back(channel);
         }
         let shared = Arc::new(Shared {
             state: Mutex::new(State {

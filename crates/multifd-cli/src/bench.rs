@@ -54,6 +54,10 @@ pub struct BenchArgs {
     /// The concurrent final RAM round, with --devices (0: only without RAM).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     final_ram: u64,
+    /// With --devices: bytes per second each device saves and loads at most (0: no
+    /// limit), as a device's firmware paces its state; 512M is 512 MiB/s.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    device_rate: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -80,6 +84,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             final_ram: args.final_ram,
             channels: args.channels,
             repeat: args.repeat,
+            device_rate: args.device_rate,
             json: args.json,
         });
     }

@@ -9,10 +9,14 @@
 //!   (the seeds' RFC design), RAM over the first half.
 //!
 //! Devices save from memory and load by copying into preallocated memory, so what is
-//! measured is the transport, not a device. Everything runs on this host over loopback.
+//! measured is the transport, not a device; with `--device-rate` each device also produces
+//! and consumes its state no faster than that, as real devices do (a VFIO device's state
+//! comes out of and goes back into its firmware at a rate of its own), without using CPU
+//! for it. Everything runs on this host over loopback.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use multifd::{
@@ -34,8 +38,44 @@ pub struct DeviceBenchArgs {
     pub final_ram: u64,
     pub channels: Vec<u8>,
     pub repeat: usize,
+    /// Bytes per second each device saves and loads at most; 0 for no limit.
+    pub device_rate: u64,
     pub json: bool,
 }
+
+/// Holds a device to `rate` bytes per second by sleeping (a device's own pace costs the
+/// host no CPU).
+struct Pacer {
+    rate: u64,
+    started: Option<Instant>,
+    bytes: u64,
+}
+
+impl Pacer {
+    fn new(rate: u64) -> Self {
+        Self {
+            rate,
+            started: None,
+            bytes: 0,
+        }
+    }
+
+    /// Accounts for `bytes` more and sleeps until the rate allows them.
+    fn pace(&mut self, bytes: usize) {
+        if self.rate == 0 {
+            return;
+        }
+        let started = *self.started.get_or_insert_with(Instant::now);
+        self.bytes += bytes as u64;
+        let due = started + Duration::from_secs_f64(self.bytes as f64 / self.rate as f64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// How much a paced device saves between two checks of its pace.
+const PACE_STEP: usize = 1 << 20;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -70,11 +110,15 @@ impl Mode {
 /// Saves a device's state from memory.
 struct MemorySave {
     state: Arc<Vec<u8>>,
+    pacer: Pacer,
 }
 
 impl SaveDevice for MemorySave {
     fn save_state(&mut self, state: &mut StateWriter<'_>) -> Result<(), DeviceError> {
-        state.write_all(&self.state)?;
+        for piece in self.state.chunks(PACE_STEP) {
+            self.pacer.pace(piece.len());
+            state.write_all(piece)?;
+        }
         Ok(())
     }
 
@@ -87,10 +131,12 @@ impl SaveDevice for MemorySave {
 struct MemoryLoad {
     target: Arc<Mutex<Vec<u8>>>,
     position: usize,
+    pacer: Pacer,
 }
 
 impl LoadDevice for MemoryLoad {
     fn load_state(&mut self, chunk: &[u8]) -> Result<(), DeviceError> {
+        self.pacer.pace(chunk.len());
         let mut target = self
             .target
             .lock()
@@ -115,6 +161,7 @@ struct Setup {
     targets: Vec<Arc<Mutex<Vec<u8>>>>,
     source_ram: RamBlock,
     destination_ram: RamBlock,
+    device_rate: u64,
 }
 
 fn device_id(index: usize) -> DeviceId {
@@ -142,6 +189,7 @@ impl Setup {
             targets,
             source_ram: RamBlock::from_mapping("pc.ram", memmap2::MmapRaw::from(mapping))?,
             destination_ram: anonymous_block("pc.ram", ram_size, true)?,
+            device_rate: args.device_rate,
         })
     }
 
@@ -158,6 +206,7 @@ impl Setup {
                 let load = MemoryLoad {
                     target: Arc::clone(target),
                     position: 0,
+                    pacer: Pacer::new(self.device_rate),
                 };
                 (device_id(index), Box::new(load) as Box<dyn LoadDevice>)
             })
@@ -176,6 +225,7 @@ impl Setup {
             .map(|(index, state)| {
                 let save = MemorySave {
                     state: Arc::clone(state),
+                    pacer: Pacer::new(self.device_rate),
                 };
                 (device_id(index), Box::new(save) as Box<dyn SaveDevice>)
             })
@@ -259,6 +309,7 @@ fn print(args: &DeviceBenchArgs, rows: &[Row]) {
             json!({
                 "devices": args.devices,
                 "device_bytes": args.device_size,
+                "device_rate": args.device_rate,
                 "repeat": args.repeat,
                 "cpus": std::thread::available_parallelism().map(usize::from).unwrap_or(1),
                 "runs": rows.iter().map(|row| json!({
@@ -275,8 +326,16 @@ fn print(args: &DeviceBenchArgs, rows: &[Row]) {
         );
         return;
     }
+    let rate = if args.device_rate == 0 {
+        "devices unpaced".to_owned()
+    } else {
+        format!(
+            "devices paced at {:.0} MiB/s",
+            args.device_rate as f64 / MIB
+        )
+    };
     println!(
-        "{} devices x {:.0} MiB of state; switchover to completed (downtime proxy), median of {} runs",
+        "{} devices x {:.0} MiB of state, {rate}; switchover to completed (downtime proxy), median of {} runs",
         args.devices,
         args.device_size as f64 / MIB,
         args.repeat

@@ -52,11 +52,11 @@ pub struct BenchArgs {
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     device_size: u64,
     /// The concurrent final RAM round, with --devices (0: only without RAM).
-    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    #[arg(long, default_value = "1G", value_parser = parse_size_or_zero)]
     final_ram: u64,
     /// With --devices: bytes per second each device saves and loads at most (0: no
     /// limit), as a device's firmware paces its state; 512M is 512 MiB/s.
-    #[arg(long, default_value = "0", value_parser = parse_size)]
+    #[arg(long, default_value = "0", value_parser = parse_size_or_zero)]
     device_rate: u64,
 }
 
@@ -239,6 +239,15 @@ impl Bench<'_> {
             }
             run => Ok(run),
         }
+    }
+}
+
+/// A size as [`parse_size`] reads it, or 0 for "none".
+fn parse_size_or_zero(text: &str) -> Result<u64, String> {
+    if text == "0" {
+        Ok(0)
+    } else {
+        parse_size(text)
     }
 }
 

@@ -310,3 +310,39 @@ fn send_and_recv_copy_device_files_over_dedicated_channels() {
     assert!(received["devices"][0]["load_seconds"].as_f64().is_some());
     assert!(sent["devices"][0]["save_seconds"].as_f64().is_some());
 }
+
+#[test]
+fn bench_devices_reports_the_three_layouts_with_ratios() {
+    let output = finish(
+        spawn(multifd().args([
+            "bench",
+            "--devices",
+            "2",
+            "--device-size",
+            "1M",
+            "--final-ram",
+            "4M",
+            "--channels",
+            "2",
+            "--json",
+        ])),
+        Duration::from_secs(60),
+    );
+    assert!(
+        output.status.success(),
+        "bench: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).expect("bench prints JSON");
+    let runs = report["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 2, "without and with the final RAM round");
+    assert_eq!(runs[0]["final_ram_bytes"], 0);
+    assert_eq!(runs[1]["final_ram_bytes"], 4 << 20);
+    for run in runs {
+        assert_eq!(run["dedicated_channels"], 1);
+        for key in ["sequential_seconds", "shared_seconds", "dedicated_seconds"] {
+            assert!(run[key].as_f64().expect(key) > 0.0, "{run}");
+        }
+        assert!(run["shared_ratio"].as_f64().expect("ratio") > 0.0, "{run}");
+    }
+}

@@ -209,6 +209,9 @@ impl Destination {
         let mut early = Vec::new();
         let streams =
             self.accept_channels(listener, (&control, &mut early), &hello, parked, &counters)?;
+        // Cloned before any channel thread runs: a failing channel's hook must find the
+        // control lock free to send `Failed`.
+        let reader = lock(&control).try_clone()?;
         let barrier = SyncBarrier::new(channel_count, &self.failure);
         let loaders = DeviceLoaders::start(
             counters
@@ -279,7 +282,14 @@ impl Destination {
                 side: Side::Destination,
             })
         } else {
-            self.run_rounds(&control, &barrier, &counters, &loaders, &shutdowns, early)
+            self.run_rounds(
+                &control,
+                (reader, early),
+                &barrier,
+                &counters,
+                &loaders,
+                &shutdowns,
+            )
         };
         // On error, failing first stops the channel and load threads so they can be joined.
         let result = result.map_err(|error| self.failure.first_error(error));
@@ -599,17 +609,17 @@ impl Destination {
         Ok(streams.into_iter().flatten().collect())
     }
 
-    /// Releases rounds as the source ends them, until `Complete`.
+    /// Releases rounds as the source ends them, until `Complete`: reads the messages kept
+    /// while channels were accepted, then the control channel through `reader`.
     fn run_rounds(
         &self,
         control: &Mutex<ControlChannel>,
+        (mut reader, early): (ControlChannel, Vec<ControlMessage>),
         barrier: &SyncBarrier,
         counters: &Counters,
         loaders: &DeviceLoaders,
         shutdowns: &[Stream],
-        early: Vec<ControlMessage>,
     ) -> Result<MigrationStats, Error> {
-        let mut reader = lock(control).try_clone()?;
         let mut early = early.into_iter();
         let mut released = 0u64;
         let violation = |violation| Error::protocol(Side::Destination, Link::Control, violation);

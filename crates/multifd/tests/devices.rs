@@ -248,6 +248,108 @@ fn eight_devices_of_64_mib_with_a_ram_round_over_8_channels() {
     assert!(received.peak_queued_device_bytes <= 8 * multifd::DEFAULT_MAX_QUEUED_DEVICE_BYTES);
 }
 
+/// A loopback TCP proxy in front of `target` that holds back everything channel
+/// `delayed` sends after its hello for `delay`, so chunks sent on the other channels
+/// overtake the ones sent on it.
+fn delaying_proxy(
+    target: multifd::Address,
+    delayed: u8,
+    delay: std::time::Duration,
+) -> multifd::Address {
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+    let multifd::Address::Tcp(target) = target else {
+        panic!("the proxy forwards TCP only");
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+    let address = listener.local_addr().expect("proxy address");
+    std::thread::spawn(move || {
+        for incoming in listener.incoming() {
+            let Ok(mut from_source) = incoming else {
+                return;
+            };
+            let mut to_destination = TcpStream::connect(&target).expect("connect through");
+            let mut back = to_destination.try_clone().expect("clone");
+            let mut to_source = from_source.try_clone().expect("clone");
+            std::thread::spawn(move || {
+                // Whatever the destination answers goes straight back.
+                let _ = std::io::copy(&mut back, &mut to_source);
+                let _ = to_source.shutdown(std::net::Shutdown::Both);
+            });
+            std::thread::spawn(move || {
+                let mut first = [0u8; multifd_wire::CHANNEL_HELLO_LEN];
+                if from_source.read_exact(&mut first[..4]).is_err() {
+                    return;
+                }
+                let mut sent = 4;
+                if first[..4] == multifd_wire::MULTIFD_MAGIC.to_be_bytes() {
+                    if from_source.read_exact(&mut first[4..]).is_err() {
+                        return;
+                    }
+                    sent = first.len();
+                }
+                let channel = multifd_wire::ChannelHello::decode(&first)
+                    .map(|hello| hello.channel)
+                    .ok();
+                if to_destination.write_all(&first[..sent]).is_err() {
+                    return;
+                }
+                if channel == Some(delayed) {
+                    std::thread::sleep(delay);
+                }
+                let _ = std::io::copy(&mut from_source, &mut to_destination);
+                let _ = to_destination.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    multifd::Address::Tcp(address.to_string())
+}
+
+#[test]
+fn a_delayed_channel_reorders_chunks_which_still_load_in_order() {
+    let _serial = serial();
+    const LENGTH: u64 = 4 << 20;
+    let devices = devices(2, LENGTH);
+    let memory = GuestMemory::new(vec![block("pc.ram", 1 << 20)]).expect("memory");
+    let (listener, address) = listener(false);
+    let destination = spawn_destination_with_devices(
+        listener,
+        DestinationConfig::default(),
+        empty_like(&memory),
+        devices.load,
+    );
+    let config = SourceConfig {
+        channels: 2,
+        device_chunk_size: 64 << 10,
+        ..SourceConfig::default()
+    };
+    let proxy = delaying_proxy(address, 1, std::time::Duration::from_millis(300));
+    let mut source =
+        Source::connect_with_devices(&proxy, &config, memory, devices.save).expect("connect");
+    source.queue_block(0).expect("queue");
+    source.complete().expect("source completes");
+    let received = join_within(destination, DEADLINE).expect("destination completes");
+    for (seed, loaded) in devices.loaded.iter().enumerate() {
+        // Each chunk was checked against the pattern at the position the stream reached.
+        let loaded = loaded.lock().expect("loaded");
+        assert_eq!(loaded.bytes, LENGTH, "device {seed}");
+        assert_eq!(
+            loaded.config.as_deref(),
+            Some(&config_blob(seed as u64)[..])
+        );
+    }
+    assert!(
+        received.channels[1].device_chunks > 0,
+        "the delayed channel carried chunks: {:?}",
+        received.channels
+    );
+    assert!(
+        received.peak_queued_device_bytes >= 64 << 10,
+        "later chunks overtook the delayed ones and waited: {}",
+        received.peak_queued_device_bytes
+    );
+}
+
 #[test]
 fn dedicated_channels_carry_only_device_state() {
     let _serial = serial();

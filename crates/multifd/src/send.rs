@@ -644,6 +644,32 @@ mod tests {
     }
 
     #[test]
+    fn producers_that_keep_sending_cannot_hold_a_sync_back() {
+        let (pool, failure, readers) = start(2);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            for _ in 0..3 {
+                scope.spawn(|| {
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut batch = full_batch();
+                        pool.send(&mut batch).expect("send");
+                    }
+                });
+            }
+            for _ in 0..20 {
+                pool.sync_round()
+                    .expect("every round ends while producers send");
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        pool.finish(&failure);
+        for reader in readers {
+            let packets = reader.join().expect("reader");
+            assert_eq!(packets.iter().filter(|packet| packet.is_none()).count(), 20);
+        }
+    }
+
+    #[test]
     fn concurrent_producers_reach_every_channel_and_syncs_come_last() {
         const PRODUCERS: usize = 4;
         const BATCHES: usize = 200;

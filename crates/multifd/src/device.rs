@@ -311,7 +311,8 @@ pub(crate) struct Reassembler<B> {
     /// Received chunks not yet released, by idx: payload and whether it is the config.
     pending: BTreeMap<u32, (B, bool)>,
     /// The next idx to release.
-    next: u32,
+    /// Wider than an idx, so releasing idx `u32::MAX` cannot overflow.
+    next: u64,
     /// The config chunk's idx, once it arrived.
     config_idx: Option<u32>,
     /// Whether the config chunk was released: the stream is complete.
@@ -343,7 +344,7 @@ impl<B: AsRef<[u8]>> Reassembler<B> {
         config: bool,
         payload: B,
     ) -> Result<(), ReassemblyError> {
-        if idx < self.next || self.pending.contains_key(&idx) {
+        if u64::from(idx) < self.next || self.pending.contains_key(&idx) {
             return Err(ReassemblyError::Duplicate { idx });
         }
         if let Some(config_idx) = self.config_idx {
@@ -382,7 +383,7 @@ impl<B: AsRef<[u8]>> Reassembler<B> {
 
     /// The next chunk in order, if it arrived: its payload and whether it is the config.
     pub(crate) fn pop(&mut self) -> Option<(B, bool)> {
-        let (payload, config) = self.pending.remove(&self.next)?;
+        let (payload, config) = self.pending.remove(&u32::try_from(self.next).ok()?)?;
         self.queued_bytes -= payload.as_ref().len() as u64;
         self.next += 1;
         self.done = config;
@@ -406,16 +407,16 @@ impl<B: AsRef<[u8]>> Reassembler<B> {
     pub(crate) fn missing(&self) -> Option<Missing> {
         let mut expected = self.next;
         for &idx in self.pending.keys() {
-            if idx != expected {
+            if u64::from(idx) != expected {
                 break;
             }
             expected += 1;
         }
         match self.config_idx {
-            Some(config_idx) if expected > config_idx => None,
+            Some(config_idx) if expected > u64::from(config_idx) => None,
             _ if self.done => None,
             config_idx => Some(Missing {
-                idx: expected,
+                idx: u32::try_from(expected).unwrap_or(u32::MAX),
                 config_received: config_idx.is_some(),
             }),
         }

@@ -24,6 +24,14 @@ impl Flags {
     pub const DEVICE_STATE: u32 = 0x40;
     /// The first bit that belongs to this project's negotiated extensions.
     pub const FIRST_EXTENSION: u32 = 0x100;
+    /// Extension: the payload is lz4-compressed ([`Compression::Lz4`]). The compression
+    /// field stays 0 (QEMU has no lz4); valid only when negotiated in `Hello.extensions`.
+    pub const LZ4: u32 = 0x100;
+    /// Extension (raw fallback): this packet's payload is its pages uncompressed although
+    /// a compression method was negotiated, because they did not shrink. The sender and
+    /// the receiver both restart the channel's compression stream after such a packet.
+    /// Valid only when negotiated in `Hello.extensions`.
+    pub const UNCOMPRESSED: u32 = 0x200;
 
     /// Whether the SYNC bit is set.
     pub fn is_sync(self) -> bool {
@@ -35,9 +43,15 @@ impl Flags {
         self.0 & Self::DEVICE_STATE != 0
     }
 
-    /// The compression method the flags announce.
+    /// Whether the UNCOMPRESSED (raw fallback) extension bit is set.
+    pub fn is_uncompressed(self) -> bool {
+        self.0 & Self::UNCOMPRESSED != 0
+    }
+
+    /// The compression method the flags announce: the compression field, or the lz4
+    /// extension bit.
     pub fn compression(self) -> Result<Compression, WireError> {
-        Compression::from_wire(self.0 & Self::COMPRESSION_MASK)
+        Compression::from_wire(self.0 & (Self::COMPRESSION_MASK | Self::LZ4))
     }
 
     /// Rejects bits outside `allowed` that are not negotiated `extensions`.
@@ -63,36 +77,54 @@ pub enum Compression {
     Zlib,
     /// zstd, one stream per channel.
     Zstd,
+    /// lz4, this project's extension: independent blocks, no state across packets.
+    Lz4,
 }
 
 impl Compression {
-    /// The value in the compression field of the flags.
+    /// Every method, in wire order.
+    pub const ALL: [Self; 4] = [Self::None, Self::Zlib, Self::Zstd, Self::Lz4];
+
+    /// The flag bits that announce the method: QEMU's value in the compression field, or
+    /// for lz4 the [`Flags::LZ4`] extension bit (also its value in `Hello.compression`).
     pub fn to_wire(self) -> u32 {
         match self {
             Self::None => 0x00,
             Self::Zlib => 0x02,
             Self::Zstd => 0x04,
+            Self::Lz4 => Flags::LZ4,
+        }
+    }
+
+    /// The extension bits a migration with this method must negotiate.
+    pub fn extension(self) -> u32 {
+        match self {
+            Self::Lz4 => Flags::LZ4,
+            Self::None | Self::Zlib | Self::Zstd => 0,
         }
     }
 
     /// The largest payload a packet of `raw` page bytes may carry: `None` when the payload
-    /// must be exactly `raw` bytes (no compression). For stream compressors the bound is
-    /// the worst-case expansion of incompressible input plus the per-packet sync-flush
-    /// marker and the stream header on a channel's first packet, rounded up generously.
+    /// must be exactly `raw` bytes (no compression). For compressors the bound is the
+    /// worst-case expansion of incompressible input (deflate stored blocks: 5 bytes per
+    /// 64 KiB; zstd raw blocks: 3 bytes per 128 KiB; lz4: 1/255 plus 20 bytes per 60 KiB
+    /// block) plus the per-packet flush marker and the stream header on a channel's first
+    /// packet, rounded up generously.
     pub fn max_payload(self, raw: u64) -> Option<u64> {
         match self {
             Self::None => None,
-            Self::Zlib | Self::Zstd => Some(raw + raw / 64 + 1024),
+            Self::Zlib | Self::Zstd | Self::Lz4 => Some(raw + raw / 64 + 1024),
         }
     }
 
-    /// Parses a compression-field value; QEMU's QPL, UADK and QATzip are recognised and
-    /// refused.
+    /// Parses the bits [`Compression::to_wire`] produces; QEMU's QPL, UADK and QATzip are
+    /// recognised and refused.
     pub fn from_wire(value: u32) -> Result<Self, WireError> {
         match value {
             0x00 => Ok(Self::None),
             0x02 => Ok(Self::Zlib),
             0x04 => Ok(Self::Zstd),
+            Flags::LZ4 => Ok(Self::Lz4),
             0x08 => Err(WireError::UnsupportedCompression("qpl")),
             0x10 => Err(WireError::UnsupportedCompression("uadk")),
             0x20 => Err(WireError::UnsupportedCompression("qatzip")),
@@ -107,6 +139,7 @@ impl fmt::Display for Compression {
             Self::None => "none",
             Self::Zlib => "zlib",
             Self::Zstd => "zstd",
+            Self::Lz4 => "lz4",
         })
     }
 }

@@ -25,9 +25,14 @@ pub struct RamLimits {
 }
 
 impl RamLimits {
-    fn check_payload(&self, normal_pages: u32, size: u32) -> Result<(), WireError> {
+    fn check_payload(&self, flags: Flags, normal_pages: u32, size: u32) -> Result<(), WireError> {
         let raw = u64::from(normal_pages) * u64::from(self.page_size);
-        match self.compression.max_payload(raw) {
+        let compression = if flags.is_uncompressed() {
+            Compression::None
+        } else {
+            self.compression
+        };
+        match compression.max_payload(raw) {
             None if u64::from(size) != raw => Err(WireError::PayloadSizeMismatch {
                 size,
                 expected: raw,
@@ -177,7 +182,7 @@ impl<'a> RamPacket<'a> {
                 payload: next_packet_size,
             });
         }
-        limits.check_payload(normal_pages, next_packet_size)?;
+        limits.check_payload(flags, normal_pages, next_packet_size)?;
         let table = reader.take(8 * pages_alloc as usize)?;
         reader.finish()?;
         let (normal, rest) = table.split_at(8 * normal_pages as usize);

@@ -437,37 +437,37 @@ fn ram_packet_unknown_flags() {
 #[test]
 fn ram_packet_extension_flags() {
     let mut raw = RawRam::valid();
-    raw.flags = 0x100;
+    raw.flags = 0x400;
     // Not negotiated: refused.
     assert_eq!(
         decode_ram(&raw, &limits4()),
         Err(WireError::UnknownFlags {
-            bits: 0x100,
-            flags: 0x100,
+            bits: 0x400,
+            flags: 0x400,
         })
     );
     // Another extension negotiated, not this one: refused.
     let other = RamLimits {
-        extensions: 0x200,
+        extensions: 0x800,
         ..limits4()
     };
     assert_eq!(
         decode_ram(&raw, &other),
         Err(WireError::UnknownFlags {
-            bits: 0x100,
-            flags: 0x100,
+            bits: 0x400,
+            flags: 0x400,
         })
     );
     // Negotiated: accepted and kept.
     let negotiated = RamLimits {
-        extensions: 0x100,
+        extensions: 0x400,
         ..limits4()
     };
     let bytes = raw.bytes();
     let packet = RamPacket::decode(&bytes, &negotiated).unwrap();
-    assert_eq!(packet.flags, Flags(0x100));
+    assert_eq!(packet.flags, Flags(0x400));
     // Only the unnegotiated bits are named.
-    raw.flags = 0x8000_0301;
+    raw.flags = 0x8000_0601;
     raw.normal_pages = 0;
     raw.zero_pages = 0;
     raw.next_packet_size = 0;
@@ -475,7 +475,7 @@ fn ram_packet_extension_flags() {
         decode_ram(&raw, &negotiated),
         Err(WireError::UnknownFlags {
             bits: 0x8000_0200,
-            flags: 0x8000_0301,
+            flags: 0x8000_0601,
         })
     );
 }

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::io;
 
-use multifd_wire::{RejectReason, WireError};
+use multifd_wire::{Compression, RejectReason, WireError};
 
 use crate::DeviceId;
 
@@ -158,6 +158,42 @@ pub enum Violation {
     /// A second `SwitchoverStart`.
     #[error("a second SwitchoverStart")]
     DuplicateSwitchover,
+    /// A compressed payload that does not decode.
+    #[error("corrupt {method} payload in packet {packet_num}: {detail}")]
+    CorruptPayload {
+        /// The negotiated method.
+        method: Compression,
+        /// The packet's sequence number.
+        packet_num: u64,
+        /// What the decoder found wrong.
+        detail: String,
+    },
+    /// A compressed payload that inflates to fewer bytes than its normal pages.
+    #[error(
+        "{method} payload of packet {packet_num} inflates to {inflated} bytes, expected {expected}"
+    )]
+    PayloadInflatesShort {
+        /// The negotiated method.
+        method: Compression,
+        /// The packet's sequence number.
+        packet_num: u64,
+        /// Bytes it inflated to.
+        inflated: u64,
+        /// `normal_pages × page_size`.
+        expected: u64,
+    },
+    /// A compressed payload that inflates to more bytes than its normal pages.
+    #[error(
+        "{method} payload of packet {packet_num} inflates past the {expected} bytes of its pages"
+    )]
+    PayloadInflatesLong {
+        /// The negotiated method.
+        method: Compression,
+        /// The packet's sequence number.
+        packet_num: u64,
+        /// `normal_pages × page_size`.
+        expected: u64,
+    },
     /// A control message where the protocol does not allow it.
     #[error("unexpected control message {0}")]
     UnexpectedMessage(&'static str),

@@ -33,11 +33,13 @@
 //! Layout, one module per concept: [`transport`] (sockets, raw vectored I/O), `send`
 //! (channel threads and the buffer swap), `recv` (receive threads, packet validation
 //! against the announced blocks, the SYNC barrier), `ram` (guest memory), `device` (device traits, chunking,
-//! reassembly, load threads), `zero_page`,
+//! reassembly, load threads), `zero_page`, `compress` (per-channel compressors and the
+//! payload formats),
 //! `migration` (handshake, rounds, completion), `stats`, and `failure`
 //! (first-error-wins shutdown). Wire formats live in the `multifd-wire` crate.
 #![deny(missing_docs)]
 
+mod compress;
 mod device;
 mod error;
 mod failure;
@@ -49,6 +51,7 @@ mod stats;
 pub mod transport;
 mod zero_page;
 
+pub use compress::{CompressionSettings, PacketCompressor, LZ4_BLOCK_LEN, ZSTD_WINDOW_LOG_MAX};
 pub use device::{
     DeviceError, DeviceId, LoadDevice, LoadDevices, SaveDevice, SaveDevices, StateWriter,
 };
@@ -58,7 +61,7 @@ pub use migration::{
     Destination, DestinationConfig, Source, SourceConfig, DEFAULT_DEVICE_CHUNK_SIZE,
     DEFAULT_MAX_QUEUED_DEVICE_BYTES,
 };
-pub use multifd_wire::{BlockAnnouncement, RejectCode, RejectReason, ZeroPageMode};
+pub use multifd_wire::{BlockAnnouncement, Compression, RejectCode, RejectReason, ZeroPageMode};
 pub use ram::{GuestMemory, RamBlock};
 pub use stats::{ChannelStats, DeviceStats, MigrationStats, Monitor, Progress, ProgressWatcher};
 pub use transport::{Address, Listener};

@@ -103,6 +103,37 @@ impl RamBlock {
         self.host.as_ptr().wrapping_add(offset as usize)
     }
 
+    /// Copies the page at `offset` out of guest memory into `page` with volatile word
+    /// loads: the guest may be writing it, and no reference to its memory is formed.
+    ///
+    /// # Safety
+    ///
+    /// `offset + page.len()` must be within the block, `page.len()` a multiple of 8, and
+    /// the block's host address 8-byte aligned (checked at setup).
+    pub(crate) unsafe fn read_page(&self, offset: u64, page: &mut [u8]) {
+        let words = self.host_address(offset).cast::<u64>().cast_const();
+        for (index, chunk) in page.chunks_exact_mut(8).enumerate() {
+            // SAFETY: within the block and aligned per the caller's contract; the block's
+            // memory is mapped readable (`from_raw_parts`/`map_file` contracts).
+            let word = unsafe { words.add(index).read_volatile() };
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+    }
+
+    /// Copies `page` into guest memory at `offset` with a raw copy (no reference to
+    /// guest memory is formed).
+    ///
+    /// # Safety
+    ///
+    /// `offset + page.len()` must be within the block, which must be mapped writable.
+    pub(crate) unsafe fn write_page(&self, offset: u64, page: &[u8]) {
+        // SAFETY: the destination range is inside the block per the caller's contract and
+        // mapped writable; `page` is a channel buffer, which cannot overlap guest memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(page.as_ptr(), self.host_address(offset), page.len())
+        };
+    }
+
     /// Zeroes one page with volatile stores.
     ///
     /// # Safety

@@ -17,9 +17,10 @@ use multifd_wire::{
     PACKET_HEADER_LEN, RAM_PACKET_FIXED_LEN,
 };
 
+use crate::compress::ChannelDecompressor;
 use crate::device::DeviceLoaders;
 use crate::failure::{lock, Failure};
-use crate::ram::ReceivedPages;
+use crate::ram::{RamBlock, ReceivedPages};
 use crate::stats::{ChannelCounters, Counters};
 use crate::transport::{push_page, Stream};
 use crate::{Error, GuestMemory, Link, Side, Violation};
@@ -185,6 +186,9 @@ impl ChannelReceiver {
         let limits = self.settings.ram_limits;
         let mut packet = vec![0u8; RamPacket::wire_len(limits.max_pages)];
         let mut iovecs: Vec<libc::iovec> = Vec::with_capacity(limits.max_pages as usize);
+        let packet_bytes = (limits.max_pages * limits.page_size) as usize;
+        let mut decompressor = ChannelDecompressor::new(limits.compression, packet_bytes)
+            .map_err(|error| self.error_io("create the decompressor", error))?;
         loop {
             match (&self.stream).read(&mut packet[..1]) {
                 Ok(0) if self.barrier.finishing() => return Ok(()),
@@ -206,13 +210,20 @@ impl ChannelReceiver {
             let header = PacketHeader::decode(&packet[..PACKET_HEADER_LEN])
                 .map_err(|e| self.error_wire(e))?;
             match header.kind() {
-                PacketKind::Ram => self.receive_ram(&mut packet, &mut iovecs)?,
+                PacketKind::Ram => {
+                    self.receive_ram(&mut packet, &mut iovecs, decompressor.as_mut())?
+                }
                 PacketKind::DeviceState => self.receive_device_state(&mut packet)?,
             }
         }
     }
 
-    fn receive_ram(&self, packet: &mut [u8], iovecs: &mut Vec<libc::iovec>) -> Result<(), Error> {
+    fn receive_ram(
+        &self,
+        packet: &mut [u8],
+        iovecs: &mut Vec<libc::iovec>,
+        decompressor: Option<&mut ChannelDecompressor>,
+    ) -> Result<(), Error> {
         let settings = &*self.settings;
         let limits = &settings.ram_limits;
         (&self.stream)
@@ -261,15 +272,29 @@ impl ChannelReceiver {
                 length: block.len(),
             }));
         }
-        iovecs.clear();
-        for offset in ram.normal_offsets() {
-            push_page(iovecs, 0, block.host_address(offset), page_size as usize);
+        match decompressor {
+            Some(decompressor) if ram.normal_pages() > 0 && !ram.flags.is_uncompressed() => {
+                self.receive_compressed(&ram, block, decompressor)?;
+            }
+            decompressor => {
+                if let Some(decompressor) = decompressor.filter(|_| ram.flags.is_uncompressed()) {
+                    // The sender restarted its stream after this raw packet.
+                    decompressor
+                        .restart()
+                        .map_err(|error| self.error_io("restart the decompressor", error))?;
+                    ChannelCounters::add(&counters.uncompressed_packets, 1);
+                }
+                iovecs.clear();
+                for offset in ram.normal_offsets() {
+                    push_page(iovecs, 0, block.host_address(offset), page_size as usize);
+                }
+                // SAFETY: every iovec is a whole page inside the block (offsets checked
+                // above), and the block stays mapped writable for the migration with no
+                // Rust references into it (`RamBlock` contract).
+                unsafe { self.stream.read_exact_raw(iovecs) }
+                    .map_err(|error| self.error_io("mid-payload", error))?;
+            }
         }
-        // SAFETY: every iovec is a whole page inside the block (offsets checked above), and
-        // the block stays mapped writable for the migration with no Rust references into it
-        // (`RamBlock` contract).
-        unsafe { self.stream.read_exact_raw(iovecs) }
-            .map_err(|error| self.error_io("mid-payload", error))?;
         for offset in ram.normal_offsets() {
             settings.received.mark(block_index, offset / page_size);
         }
@@ -283,7 +308,39 @@ impl ChannelReceiver {
         ChannelCounters::add(&counters.normal_pages, u64::from(ram.normal_pages()));
         ChannelCounters::add(&counters.zero_pages, u64::from(ram.zero_pages()));
         ChannelCounters::add(&counters.payload_bytes, u64::from(ram.next_packet_size));
+        ChannelCounters::add(
+            &counters.raw_payload_bytes,
+            u64::from(ram.normal_pages()) * page_size,
+        );
         ChannelCounters::add(&counters.bytes, u64::from(ram.next_packet_size));
+        Ok(())
+    }
+
+    /// Reads a compressed payload into the channel's buffer, inflates it (exactly
+    /// `normal × page` bytes, or a violation) and copies the pages into guest memory.
+    fn receive_compressed(
+        &self,
+        ram: &RamPacket<'_>,
+        block: &RamBlock,
+        decompressor: &mut ChannelDecompressor,
+    ) -> Result<(), Error> {
+        let size = ram.next_packet_size as usize;
+        (&self.stream)
+            .read_exact(decompressor.input(size))
+            .map_err(|error| self.error_io("mid-payload", error))?;
+        let started = Instant::now();
+        let page_size = self.settings.ram_limits.page_size as usize;
+        let expected = ram.normal_pages() as usize * page_size;
+        let pages = decompressor
+            .inflate(ram.packet_num, size, expected)
+            .map_err(|violation| self.violation(violation))?;
+        for (page, offset) in pages.chunks_exact(page_size).zip(ram.normal_offsets()) {
+            // SAFETY: the offset is a whole page inside the block (checked by the caller),
+            // which stays mapped writable for the migration.
+            unsafe { block.write_page(offset, page) };
+        }
+        let counters = &self.counters.channels[usize::from(self.id)];
+        ChannelCounters::add(&counters.codec_nanos, started.elapsed().as_nanos() as u64);
         Ok(())
     }
 

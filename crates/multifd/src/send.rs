@@ -18,12 +18,13 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use multifd_wire::{
-    Compression, DeviceStatePacket, Flags, RamPacketFields, ZeroPageMode,
-    DEVICE_STATE_CHUNK_HEADER_LEN,
+    DeviceStatePacket, Flags, RamPacketFields, ZeroPageMode, DEVICE_STATE_CHUNK_HEADER_LEN,
 };
 
+use crate::compress::{ChannelCompressor, CompressionSettings};
 use crate::failure::{lock, Failure};
 use crate::stats::{ChannelCounters, Counters};
 use crate::transport::{iovec, push_page, Stream};
@@ -77,7 +78,7 @@ pub(crate) struct ChannelSettings {
     pub(crate) page_size: u32,
     pub(crate) pages_per_packet: u32,
     pub(crate) zero_page: ZeroPageMode,
-    pub(crate) compression: Compression,
+    pub(crate) compression: CompressionSettings,
     /// The devices whose chunks may be sent, by index.
     pub(crate) devices: Vec<DeviceId>,
     /// How many of the last channels carry only device state (0: all carry both).
@@ -218,6 +219,7 @@ impl SendChannels {
                     header: Vec::new(),
                     normal: Vec::with_capacity(settings.pages_per_packet as usize),
                     zero: Vec::with_capacity(settings.pages_per_packet as usize),
+                    compressor: None,
                 };
                 let shared = Arc::clone(&shared);
                 let failure = Arc::clone(failure);
@@ -354,11 +356,26 @@ struct ChannelSender {
     header: Vec<u8>,
     normal: Vec<u64>,
     zero: Vec<u64>,
+    /// The channel's compression stream, made on its thread; `None` without compression.
+    compressor: Option<ChannelCompressor>,
 }
 
 impl ChannelSender {
     fn run(mut self, shared: &Shared, failure: &Failure) {
         let id = usize::from(self.id);
+        let packet_bytes = (self.settings.pages_per_packet * self.settings.page_size) as usize;
+        match ChannelCompressor::new(self.settings.compression, packet_bytes) {
+            Ok(compressor) => self.compressor = compressor,
+            Err(error) => {
+                failure.fail(Error::io(
+                    Side::Source,
+                    Link::Channel(self.id),
+                    "create the compressor",
+                    error,
+                ));
+                return;
+            }
+        }
         let mut iovecs = Vec::with_capacity(1 + self.settings.pages_per_packet as usize);
         loop {
             let work = {
@@ -456,17 +473,43 @@ impl ChannelSender {
                 self.normal.push(offset);
             }
         }
-        let payload = self.normal.len() * page_size;
-        self.header.clear();
-        self.encode_packet(0, block.name(), payload as u32)?;
+        let raw_payload = self.normal.len() * page_size;
         iovecs.clear();
-        iovecs.push(iovec(self.header.as_ptr(), self.header.len()));
-        for &offset in &self.normal {
-            push_page(iovecs, 1, block.host_address(offset), page_size);
-        }
+        iovecs.push(iovec(self.header.as_ptr(), 0));
+        let mut flags = 0;
+        let payload = match self.compressor.as_mut() {
+            Some(compressor) if !self.normal.is_empty() => {
+                let started = Instant::now();
+                // SAFETY: the queued offsets are whole pages inside the block (checked when
+                // queued), whose host address is 8-byte aligned and whose page size is a
+                // multiple of 64 (both checked at setup); a batch holds at most a packet.
+                let packed = unsafe { compressor.compress_pages(block, &self.normal, page_size)? };
+                if packed.uncompressed {
+                    flags |= Flags::UNCOMPRESSED;
+                }
+                iovecs.push(iovec(packed.bytes.as_ptr(), packed.bytes.len()));
+                let counters = &self.counters.channels[usize::from(self.id)];
+                ChannelCounters::add(&counters.codec_nanos, started.elapsed().as_nanos() as u64);
+                ChannelCounters::add(
+                    &counters.uncompressed_packets,
+                    u64::from(packed.uncompressed),
+                );
+                packed.bytes.len()
+            }
+            _ => {
+                for &offset in &self.normal {
+                    push_page(iovecs, 1, block.host_address(offset), page_size);
+                }
+                raw_payload
+            }
+        };
+        self.header.clear();
+        self.encode_packet(flags, block.name(), payload as u32)?;
+        iovecs[0] = iovec(self.header.as_ptr(), self.header.len());
         // SAFETY: the header iovec points to `self.header`, untouched during the call; page
         // iovecs point inside the block (whole pages, checked when queued), which stays
-        // mapped for the migration. Guest writes during the copy are allowed.
+        // mapped for the migration, or into the compressor's buffers, untouched until the
+        // next packet. Guest writes during the copy are allowed.
         unsafe { self.stream.write_all_raw(iovecs)? };
         let counters = self.counters();
         ChannelCounters::add(&counters.bytes, (self.header.len() + payload) as u64);
@@ -474,6 +517,7 @@ impl ChannelSender {
         ChannelCounters::add(&counters.normal_pages, self.normal.len() as u64);
         ChannelCounters::add(&counters.zero_pages, self.zero.len() as u64);
         ChannelCounters::add(&counters.payload_bytes, payload as u64);
+        ChannelCounters::add(&counters.raw_payload_bytes, raw_payload as u64);
         Ok(())
     }
 
@@ -513,7 +557,7 @@ impl ChannelSender {
         next_packet_size: u32,
     ) -> std::io::Result<()> {
         RamPacketFields {
-            flags: Flags(flags | self.settings.compression.to_wire()),
+            flags: Flags(flags | self.settings.compression.method.to_wire()),
             pages_alloc: self.settings.pages_per_packet,
             next_packet_size,
             packet_num: self.packet_numbers.fetch_add(1, Ordering::Relaxed),
@@ -531,7 +575,7 @@ mod tests {
     use std::io::Read;
     use std::os::unix::net::UnixStream;
 
-    use multifd_wire::{PacketHeader, RamLimits, RamPacket, RAM_PACKET_FIXED_LEN};
+    use multifd_wire::{Compression, PacketHeader, RamLimits, RamPacket, RAM_PACKET_FIXED_LEN};
 
     use super::*;
     use crate::RamBlock;
@@ -589,7 +633,7 @@ mod tests {
                 page_size: PAGE,
                 pages_per_packet: PAGES_PER_PACKET,
                 zero_page: ZeroPageMode::Multifd,
-                compression: Compression::None,
+                compression: CompressionSettings::NONE,
                 devices: Vec::new(),
                 dedicated_channels: 0,
             },

@@ -22,6 +22,9 @@ pub(crate) struct ChannelCounters {
     pub(crate) payload_bytes: AtomicU64,
     pub(crate) sync_packets: AtomicU64,
     pub(crate) device_chunks: AtomicU64,
+    pub(crate) raw_payload_bytes: AtomicU64,
+    pub(crate) uncompressed_packets: AtomicU64,
+    pub(crate) codec_nanos: AtomicU64,
 }
 
 impl ChannelCounters {
@@ -40,6 +43,9 @@ impl ChannelCounters {
             payload_bytes: read(&self.payload_bytes),
             sync_packets: read(&self.sync_packets),
             device_chunks: read(&self.device_chunks),
+            raw_payload_bytes: read(&self.raw_payload_bytes),
+            uncompressed_packets: read(&self.uncompressed_packets),
+            codec_time: Duration::from_nanos(read(&self.codec_nanos)),
         }
     }
 }
@@ -172,6 +178,9 @@ impl Counters {
             normal_pages: sum(|channel| channel.normal_pages),
             zero_pages: sum(|channel| channel.zero_pages),
             payload_bytes: sum(|channel| channel.payload_bytes),
+            raw_payload_bytes: sum(|channel| channel.raw_payload_bytes),
+            uncompressed_packets: sum(|channel| channel.uncompressed_packets),
+            codec_time: channels.iter().map(|channel| channel.codec_time).sum(),
             rounds: self.rounds.load(Ordering::Relaxed),
             pages_per_round: self
                 .pages_per_round
@@ -302,6 +311,13 @@ pub struct ChannelStats {
     pub sync_packets: u64,
     /// Device-state chunks (packets) this channel carried.
     pub device_chunks: u64,
+    /// Page payload bytes before compression (normal pages times the page size).
+    pub raw_payload_bytes: u64,
+    /// Packets sent raw because compression would not have shrunk them.
+    pub uncompressed_packets: u64,
+    /// Time spent compressing (source: copying pages out of guest memory included) or
+    /// decompressing (destination: copying pages into guest memory included).
+    pub codec_time: Duration,
 }
 
 /// What one device's state amounted to.
@@ -333,8 +349,14 @@ pub struct MigrationStats {
     pub normal_pages: u64,
     /// Pages sent as zero.
     pub zero_pages: u64,
-    /// Page payload bytes.
+    /// Page payload bytes, as sent (compressed where compression was used).
     pub payload_bytes: u64,
+    /// Page payload bytes before compression.
+    pub raw_payload_bytes: u64,
+    /// Packets sent raw because compression would not have shrunk them.
+    pub uncompressed_packets: u64,
+    /// Compression (source) or decompression (destination) time over all channels.
+    pub codec_time: Duration,
     /// Rounds (each ended by a SYNC on every channel).
     pub rounds: u64,
     /// Pages queued in each round (the dirty pages of that round), source side only.
@@ -368,6 +390,15 @@ impl MigrationStats {
     /// Guest bytes per second over the whole migration.
     pub fn guest_throughput(&self) -> f64 {
         self.guest_bytes() as f64 / self.total_time.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+
+    /// Page bytes before compression per payload byte sent (1 without compression).
+    pub fn compression_ratio(&self) -> f64 {
+        if self.payload_bytes == 0 {
+            1.0
+        } else {
+            self.raw_payload_bytes as f64 / self.payload_bytes as f64
+        }
     }
 
     /// Wire bytes per second over the whole migration.

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use multifd::{
-    Address, BlockAnnouncement, DestinationConfig, Error, GuestMemory, Link, MigrationStats,
-    RejectCode, Side, Source, SourceConfig, ZeroPageMode,
+    Address, BlockAnnouncement, CompressionSettings, DestinationConfig, Error, GuestMemory, Link,
+    MigrationStats, RejectCode, Side, Source, SourceConfig, ZeroPageMode,
 };
-use multifd_wire::{Compression, ControlMessage, DeviceAnnouncement, RejectReason};
+use multifd_wire::{Compression, ControlMessage, DeviceAnnouncement, Flags, RejectReason};
 
 const BLOCK: &str = "pc.ram";
 const BLOCK_LEN: usize = 16 * PAGE;
@@ -158,6 +158,7 @@ fn matching_requirements_are_accepted() {
         page_size: Some(4096),
         packet_size: Some(64 * 1024),
         zero_page: Some(ZeroPageMode::None),
+        compression: Some(zstd(3)),
         uuid: Some(uuid),
         ..DestinationConfig::default()
     });
@@ -168,6 +169,7 @@ fn matching_requirements_are_accepted() {
         page_size: 4096,
         packet_size: 64 * 1024,
         zero_page: ZeroPageMode::None,
+        compression: zstd(3),
         uuid: Some(uuid),
         connect_timeout: DEADLINE,
         ..SourceConfig::default()
@@ -210,15 +212,123 @@ fn protocol_version_mismatch() {
     assert!(reason.detail.contains("protocol version 2"), "{reason:?}");
 }
 
+fn zstd(level: i32) -> CompressionSettings {
+    CompressionSettings::new(Compression::Zstd, Some(level)).expect("a zstd level")
+}
+
 #[test]
-fn unsupported_compression() {
-    let hello = multifd_wire::Hello {
-        compression: Compression::Zstd,
-        compression_level: 1,
+fn compression_method_mismatch() {
+    for (required, proposed) in [
+        (CompressionSettings::NONE, zstd(1)),
+        (zstd(1), CompressionSettings::NONE),
+        (
+            zstd(1),
+            CompressionSettings::new(Compression::Zlib, Some(1)).expect("zlib"),
+        ),
+        (
+            CompressionSettings::new(Compression::Lz4, None).expect("lz4"),
+            zstd(1),
+        ),
+    ] {
+        rejected(
+            DestinationConfig {
+                compression: Some(required),
+                ..DestinationConfig::default()
+            },
+            SourceConfig {
+                compression: proposed,
+                ..SourceConfig::default()
+            },
+            RejectCode::Compression,
+        );
+    }
+}
+
+#[test]
+fn compression_level_mismatch() {
+    rejected(
+        DestinationConfig {
+            compression: Some(zstd(3)),
+            ..DestinationConfig::default()
+        },
+        SourceConfig {
+            compression: zstd(1),
+            ..SourceConfig::default()
+        },
+        RejectCode::Compression,
+    );
+}
+
+/// A `Hello` proposing `method` at `level` with `extensions`.
+fn compressed_hello(method: Compression, level: i32, extensions: u32) -> multifd_wire::Hello {
+    multifd_wire::Hello {
+        compression: method,
+        compression_level: level,
+        extensions,
         ..raw_hello(2, [7; 16])
-    };
-    let reason = raw_rejected(hello, announced(), Vec::new(), RejectCode::Compression);
-    assert!(reason.detail.contains("zstd"), "{reason:?}");
+    }
+}
+
+#[test]
+fn compression_level_out_of_range() {
+    for (method, level, detail) in [
+        (Compression::Zstd, 20, "zstd level 20 outside -5..=19"),
+        (Compression::Zstd, -6, "zstd level -6 outside -5..=19"),
+        (Compression::Zlib, 10, "zlib level 10 outside 0..=9"),
+        (Compression::Zlib, -1, "zlib level -1 outside 0..=9"),
+        (Compression::Lz4, 1, "lz4 has no levels, got level 1"),
+        (Compression::None, 1, "none has no levels, got level 1"),
+    ] {
+        let extensions = CompressionSettings { method, level: 0 }.method.extension()
+            | if method == Compression::None {
+                0
+            } else {
+                Flags::UNCOMPRESSED
+            };
+        let hello = compressed_hello(method, level, extensions);
+        let reason = raw_rejected(hello, announced(), Vec::new(), RejectCode::Compression);
+        assert_eq!(reason.detail, detail);
+    }
+}
+
+#[test]
+fn compression_extensions_must_match_the_method() {
+    for (method, extensions) in [
+        // lz4 without its extension bit, or without the raw fallback.
+        (Compression::Lz4, Flags::UNCOMPRESSED),
+        (Compression::Lz4, Flags::LZ4),
+        // The raw fallback without compression; lz4's bit with another method.
+        (Compression::None, Flags::UNCOMPRESSED),
+        (Compression::Zstd, Flags::LZ4 | Flags::UNCOMPRESSED),
+        (Compression::Zlib, 0),
+    ] {
+        let hello = compressed_hello(method, 0, extensions);
+        let reason = raw_rejected(hello, announced(), Vec::new(), RejectCode::Extensions);
+        assert!(
+            reason
+                .detail
+                .contains(&format!("extensions {extensions:#x}")),
+            "{reason:?}"
+        );
+    }
+}
+
+#[test]
+fn compression_level_is_a_config_error() {
+    assert!(matches!(
+        CompressionSettings::new(Compression::Zstd, Some(20)),
+        Err(Error::Config(detail)) if detail == "zstd level 20 outside -5..=19"
+    ));
+    invalid_config(
+        SourceConfig {
+            compression: CompressionSettings {
+                method: Compression::Zlib,
+                level: 12,
+            },
+            ..SourceConfig::default()
+        },
+        "zlib level 12",
+    );
 }
 
 #[test]

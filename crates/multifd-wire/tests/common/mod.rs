@@ -105,6 +105,7 @@ pub fn compression() -> impl Strategy<Value = Compression> {
         Just(Compression::None),
         Just(Compression::Zlib),
         Just(Compression::Zstd),
+        Just(Compression::Lz4),
     ]
 }
 
@@ -121,7 +122,9 @@ pub fn ram_limits() -> impl Strategy<Value = RamLimits> {
                 max_pages,
                 page_size,
                 compression,
-                extensions: extensions & !(Flags::FIRST_EXTENSION - 1),
+                // Any extensions, except lz4's bit, which comes with lz4 only.
+                extensions: (extensions & !(Flags::FIRST_EXTENSION - 1) & !Flags::LZ4)
+                    | compression.extension(),
             },
         )
 }
@@ -147,7 +150,15 @@ pub fn ram_packet(limits: RamLimits) -> impl Strategy<Value = OwnedRamPacket> {
             // Page-aligned offsets anywhere in a 2^40-byte block.
             let offset = (0u64..(1u64 << 40) / page_size).prop_map(move |page| page * page_size);
             let raw = u64::from(normal) * page_size;
-            let payload = match (sync, limits.compression.max_payload(raw)) {
+            // Where the raw fallback was negotiated, packets with an odd page count use it.
+            let uncompressed =
+                limits.extensions & Flags::UNCOMPRESSED != 0 && normal % 2 == 1 && !sync;
+            let bound = if uncompressed {
+                None
+            } else {
+                limits.compression.max_payload(raw)
+            };
+            let payload = match (sync, bound) {
                 (true, _) => Just(0u32).boxed(),
                 (false, None) => Just(u32::try_from(raw).unwrap()).boxed(),
                 (false, Some(bound)) => (0..=u32::try_from(bound).unwrap()).boxed(),
@@ -161,6 +172,7 @@ pub fn ram_packet(limits: RamLimits) -> impl Strategy<Value = OwnedRamPacket> {
                 any::<u64>(),
                 name_field_string(),
                 any::<u32>(),
+                Just(uncompressed),
             )
         })
         .prop_map(
@@ -173,10 +185,15 @@ pub fn ram_packet(limits: RamLimits) -> impl Strategy<Value = OwnedRamPacket> {
                 packet_num,
                 ramblock,
                 ext,
+                uncompressed,
             )| {
-                let mut flags = limits.compression.to_wire() | (ext & limits.extensions);
+                let other_extensions = limits.extensions & !(Flags::LZ4 | Flags::UNCOMPRESSED);
+                let mut flags = limits.compression.to_wire() | (ext & other_extensions);
                 if sync {
                     flags |= Flags::SYNC;
+                }
+                if uncompressed {
+                    flags |= Flags::UNCOMPRESSED;
                 }
                 OwnedRamPacket {
                     flags: Flags(flags),

@@ -23,7 +23,8 @@ use crate::recv::{ChannelReceiver, ReceiveSettings, ReleaseError, SyncBarrier};
 use crate::stats::{ChannelCounters, Counters, Monitor};
 use crate::transport::{Accepted, Listener, Stream};
 use crate::{
-    DeviceId, Error, GuestMemory, Link, LoadDevices, MigrationStats, Side, Uuid, Violation,
+    CompressionSettings, DeviceId, Error, GuestMemory, Link, LoadDevices, MigrationStats, Side,
+    Uuid, Violation,
 };
 
 /// What a destination accepts. Settings left `None` are taken from the source.
@@ -37,6 +38,8 @@ pub struct DestinationConfig {
     pub packet_size: Option<u32>,
     /// Required zero-page mode.
     pub zero_page: Option<ZeroPageMode>,
+    /// Required compression method and level.
+    pub compression: Option<CompressionSettings>,
     /// Required migration uuid: only the migration the operator expects is accepted.
     pub uuid: Option<[u8; 16]>,
     /// How long to wait for a source to connect; `None` waits until cancelled.
@@ -64,6 +67,7 @@ impl Default for DestinationConfig {
             page_size: None,
             packet_size: None,
             zero_page: None,
+            compression: None,
             uuid: None,
             wait_for_source: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -528,6 +532,16 @@ impl Destination {
             "zero-page mode",
             config.zero_page,
             hello.zero_page,
+        )?;
+        expect(
+            RejectCode::Compression,
+            "compression",
+            config.compression.map(|settings| settings.to_string()),
+            CompressionSettings {
+                method: hello.compression,
+                level: hello.compression_level,
+            }
+            .to_string(),
         )?;
         expect(
             RejectCode::Uuid,

@@ -14,9 +14,11 @@ mod source;
 use std::time::Duration;
 
 use multifd_wire::{
-    Compression, DeviceAnnouncement, DeviceStateSettings, Hello, RejectCode, RejectReason,
+    DeviceAnnouncement, DeviceStateSettings, Hello, RejectCode, RejectReason,
     DEVICE_STATE_CHUNK_HEADER_LEN, NAME_FIELD_LEN, PROTOCOL_VERSION,
 };
+
+use crate::CompressionSettings;
 
 pub use destination::{Destination, DestinationConfig, DEFAULT_MAX_QUEUED_DEVICE_BYTES};
 pub use source::{Source, SourceConfig, DEFAULT_DEVICE_CHUNK_SIZE};
@@ -76,16 +78,21 @@ pub(crate) fn check_settings(hello: &Hello) -> Result<(), RejectReason> {
             ),
         );
     }
-    if hello.compression != Compression::None {
-        return reject(
-            RejectCode::Compression,
-            format!("compression {} is not supported", hello.compression),
-        );
+    let compression = CompressionSettings {
+        method: hello.compression,
+        level: hello.compression_level,
+    };
+    if let Err(detail) = compression.check() {
+        return reject(RejectCode::Compression, detail);
     }
-    if hello.extensions != 0 {
+    if hello.extensions != compression.extensions() {
         return reject(
             RejectCode::Extensions,
-            format!("extensions {:#x} are not supported", hello.extensions),
+            format!(
+                "extensions {:#x}, {compression} uses exactly {:#x}",
+                hello.extensions,
+                compression.extensions()
+            ),
         );
     }
     Ok(())

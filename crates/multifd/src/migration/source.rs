@@ -8,9 +8,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use multifd_wire::{
-    BlockAnnouncement, ChannelHello, Compression, ControlMessage, DeviceAnnouncement,
-    DeviceStateSettings, Hello, Totals, ZeroPageMode, DEVICE_STATE_CHUNK_HEADER_LEN,
-    PROTOCOL_VERSION,
+    BlockAnnouncement, ChannelHello, ControlMessage, DeviceAnnouncement, DeviceStateSettings,
+    Hello, Totals, ZeroPageMode, DEVICE_STATE_CHUNK_HEADER_LEN, PROTOCOL_VERSION,
 };
 
 use super::control::ControlChannel;
@@ -20,7 +19,7 @@ use crate::failure::{lock, CancelHandle, Failure};
 use crate::send::{Batch, ChannelSettings, SendChannels};
 use crate::stats::{Counters, Monitor};
 use crate::transport::{Address, Stream};
-use crate::{DeviceId, SaveDevices};
+use crate::{CompressionSettings, DeviceId, SaveDevices};
 use crate::{Error, GuestMemory, Link, MigrationStats, Side, Uuid, Violation};
 
 /// How a source migrates.
@@ -34,6 +33,8 @@ pub struct SourceConfig {
     pub packet_size: u32,
     /// Zero-page handling.
     pub zero_page: ZeroPageMode,
+    /// Compression method and level ([`CompressionSettings::new`] checks the level).
+    pub compression: CompressionSettings,
     /// The migration's uuid; a random one when `None`.
     pub uuid: Option<[u8; 16]>,
     /// How long connecting and the handshake may take.
@@ -61,6 +62,7 @@ impl Default for SourceConfig {
             page_size: 4096,
             packet_size: 512 * 1024,
             zero_page: ZeroPageMode::Multifd,
+            compression: CompressionSettings::NONE,
             uuid: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             device_chunk_size: DEFAULT_DEVICE_CHUNK_SIZE,
@@ -138,10 +140,10 @@ impl Source {
             channels: u32::from(config.channels),
             page_size: config.page_size,
             packet_size: config.packet_size,
-            compression: Compression::None,
-            compression_level: 0,
+            compression: config.compression.method,
+            compression_level: config.compression.level,
             zero_page: config.zero_page,
-            extensions: 0,
+            extensions: config.compression.extensions(),
         };
         check_settings(&hello).map_err(|reason| Error::Config(reason.detail))?;
         memory.check_layout(config.page_size)?;
@@ -289,7 +291,7 @@ impl Source {
                 page_size: config.page_size,
                 pages_per_packet,
                 zero_page: config.zero_page,
-                compression: Compression::None,
+                compression: config.compression,
                 devices: device_ids,
                 dedicated_channels: config.device_channels,
             },

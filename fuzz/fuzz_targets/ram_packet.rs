@@ -8,7 +8,7 @@ use multifd_wire::{
     Compression, PacketHeader, RamLimits, RamPacket, RamPacketFields, PACKET_HEADER_LEN,
 };
 
-const LIMITS: [RamLimits; 5] = [
+const LIMITS: [RamLimits; 6] = [
     // The spec's default: 4 KiB pages, 512 KiB packets.
     RamLimits {
         max_pages: 128,
@@ -16,12 +16,19 @@ const LIMITS: [RamLimits; 5] = [
         compression: Compression::None,
         extensions: 0,
     },
-    // Small packets, zlib, one extension negotiated.
+    // Small packets, zlib with the raw fallback extension.
     RamLimits {
         max_pages: 4,
         page_size: 4096,
         compression: Compression::Zlib,
-        extensions: 0x100,
+        extensions: 0x200,
+    },
+    // lz4 (an extension bit of its own) with the raw fallback.
+    RamLimits {
+        max_pages: 128,
+        page_size: 4096,
+        compression: Compression::Lz4,
+        extensions: 0x300,
     },
     // Every offset aligned, zstd, every extension.
     RamLimits {
@@ -62,6 +69,11 @@ fuzz_target!(|data: &[u8]| {
         let normal: Vec<u64> = packet.normal_offsets().collect();
         let zero: Vec<u64> = packet.zero_offsets().collect();
         assert!(normal.len() + zero.len() <= packet.pages_alloc as usize);
+        if packet.flags.is_uncompressed() || limits.compression == Compression::None {
+            // A raw payload is exactly the normal pages.
+            let raw = normal.len() as u64 * u64::from(limits.page_size);
+            assert_eq!(u64::from(packet.next_packet_size), raw);
+        }
         let fields = RamPacketFields {
             flags: packet.flags,
             pages_alloc: packet.pages_alloc,

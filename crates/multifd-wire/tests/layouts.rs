@@ -34,6 +34,28 @@ fn constants_match_qemu() {
 }
 
 #[test]
+fn extension_encodings() {
+    // lz4 is this project's extension bit, with QEMU's compression field left at 0.
+    assert_eq!(Flags::LZ4, 0x100);
+    assert_eq!(Flags::UNCOMPRESSED, 0x200);
+    assert_eq!(Compression::Lz4.to_wire(), 0x100);
+    assert_eq!(Compression::Lz4.extension(), 0x100);
+    for method in [Compression::None, Compression::Zlib, Compression::Zstd] {
+        assert_eq!(method.extension(), 0, "{method}");
+    }
+    assert_eq!(Compression::from_wire(0x100), Ok(Compression::Lz4));
+    assert_eq!(Flags(0x101).compression(), Ok(Compression::Lz4));
+    assert_eq!(Flags(0x300).compression(), Ok(Compression::Lz4));
+    assert!(Flags(0x200).is_uncompressed());
+    assert!(!Flags(0x100).is_uncompressed());
+    assert_eq!(Compression::Lz4.to_string(), "lz4");
+    assert_eq!(Compression::ALL.len(), 4);
+    for method in Compression::ALL {
+        assert_eq!(Compression::from_wire(method.to_wire()), Ok(method));
+    }
+}
+
+#[test]
 fn structure_sizes() {
     assert_eq!(CHANNEL_HELLO_LEN, 64);
     assert_eq!(PACKET_HEADER_LEN, 12);

@@ -524,6 +524,74 @@ fn ram_packet_unknown_compression() {
 }
 
 #[test]
+fn lz4_bit_with_a_qemu_compression_value_is_unknown() {
+    let limits = RamLimits {
+        compression: Compression::Lz4,
+        extensions: Flags::LZ4,
+        ..limits4()
+    };
+    for value in [0x102, 0x104] {
+        let mut raw = RawRam::valid();
+        raw.flags = value;
+        raw.next_packet_size = 100;
+        assert_eq!(
+            decode_ram(&raw, &limits),
+            Err(WireError::UnknownCompression(value))
+        );
+    }
+    let mut raw = RawRam::valid();
+    raw.flags = Flags::LZ4;
+    raw.next_packet_size = 100;
+    decode_ram(&raw, &limits).unwrap();
+    // Not negotiated: the bit is refused before the method is looked at.
+    assert_eq!(
+        decode_ram(&raw, &limits4()),
+        Err(WireError::UnknownFlags {
+            bits: 0x100,
+            flags: 0x100,
+        })
+    );
+}
+
+#[test]
+fn raw_fallback_payload_is_exactly_the_pages() {
+    for compression in [Compression::Zlib, Compression::Zstd, Compression::Lz4] {
+        let limits = RamLimits {
+            compression,
+            extensions: compression.extension() | Flags::UNCOMPRESSED,
+            ..limits4()
+        };
+        let mut raw = RawRam::valid();
+        raw.flags = compression.to_wire() | Flags::UNCOMPRESSED;
+        decode_ram(&raw, &limits).unwrap();
+        for size in [0, 100, 8191, 8193, 9344] {
+            raw.next_packet_size = size;
+            assert_eq!(
+                decode_ram(&raw, &limits),
+                Err(WireError::PayloadSizeMismatch {
+                    size,
+                    expected: 8192,
+                }),
+                "{compression}"
+            );
+        }
+        // Without the extension negotiated, the flag is refused.
+        let plain = RamLimits {
+            extensions: compression.extension(),
+            ..limits
+        };
+        raw.next_packet_size = 8192;
+        assert_eq!(
+            decode_ram(&raw, &plain),
+            Err(WireError::UnknownFlags {
+                bits: Flags::UNCOMPRESSED,
+                flags: raw.flags,
+            })
+        );
+    }
+}
+
+#[test]
 fn ram_packet_compression_mismatch() {
     let mut raw = RawRam::valid();
     raw.flags = Compression::Zlib.to_wire();
@@ -754,10 +822,11 @@ fn payload_size_mismatch_without_compression() {
 #[test]
 fn payload_above_bound_with_compression() {
     // 2 pages of 4 KiB: raw 8192, bound 8192 + 8192 / 64 + 1024 = 9344.
-    for compression in [Compression::Zlib, Compression::Zstd] {
+    for compression in [Compression::Zlib, Compression::Zstd, Compression::Lz4] {
         assert_eq!(compression.max_payload(8192), Some(9344));
         let limits = RamLimits {
             compression,
+            extensions: compression.extension(),
             ..limits4()
         };
         let mut raw = RawRam::valid();

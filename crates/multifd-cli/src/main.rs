@@ -1,6 +1,7 @@
 //! `multifd`: migrate guest memory images between hosts over parallel channels.
 
 mod bench;
+mod cpu_time;
 mod demo;
 mod device_bench;
 mod device_files;
@@ -15,7 +16,8 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use multifd::{
-    Address, Destination, DestinationConfig, Listener, Source, SourceConfig, ZeroPageMode,
+    Address, Compression, CompressionSettings, Destination, DestinationConfig, Listener, Source,
+    SourceConfig, ZeroPageMode,
 };
 
 use crate::device_files::DeviceFile;
@@ -73,6 +75,13 @@ struct SendArgs {
     /// Zero-page handling: detect zero pages in the channel threads, or send every page.
     #[arg(long, value_enum, default_value_t = ZeroPage::Multifd)]
     zero_page: ZeroPage,
+    /// Page compression: zlib and zstd as QEMU's multifd does them, or lz4 (fastest).
+    #[arg(long, value_enum, default_value_t = Method::None)]
+    compress: Method,
+    /// Compression level: zlib 0 to 9 (default 1), zstd -5 to 19 (default 1); none and
+    /// lz4 have no levels.
+    #[arg(long, allow_negative_numbers = true)]
+    level: Option<i32>,
     #[command(flatten)]
     output: Output,
 }
@@ -97,6 +106,12 @@ struct RecvArgs {
     /// Accept only this many channels.
     #[arg(long)]
     channels: Option<u8>,
+    /// Accept only this compression method (at `--level`, or the method's default).
+    #[arg(long, value_enum)]
+    compress: Option<Method>,
+    /// Accept only this compression level (with `--compress`).
+    #[arg(long, allow_negative_numbers = true, requires = "compress")]
+    level: Option<i32>,
     /// Give up if no source connects within this many seconds (default: wait).
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<u64>,
@@ -126,6 +141,26 @@ struct Output {
 enum ZeroPage {
     None,
     Multifd,
+}
+
+/// A page compression method, as the command line names it.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Method {
+    None,
+    Zlib,
+    Zstd,
+    Lz4,
+}
+
+impl From<Method> for Compression {
+    fn from(method: Method) -> Self {
+        match method {
+            Method::None => Self::None,
+            Method::Zlib => Self::Zlib,
+            Method::Zstd => Self::Zstd,
+            Method::Lz4 => Self::Lz4,
+        }
+    }
 }
 
 impl From<ZeroPage> for ZeroPageMode {
@@ -163,6 +198,7 @@ fn send(args: SendArgs) -> Result<()> {
         zero_page: args.zero_page.into(),
         device_chunk_size: args.device_chunk_size,
         device_channels: args.device_channels,
+        compression: CompressionSettings::new(args.compress.into(), args.level)?,
         ..SourceConfig::default()
     };
     let devices = device_files::open_for_sending(&args.devices)?;
@@ -181,9 +217,14 @@ fn send(args: SendArgs) -> Result<()> {
 }
 
 fn recv(args: RecvArgs) -> Result<()> {
+    let compression = args
+        .compress
+        .map(|method| CompressionSettings::new(method.into(), args.level))
+        .transpose()?;
     let listener = Listener::bind(&args.listen)?;
     let destination = Destination::new(DestinationConfig {
         channels: args.channels,
+        compression,
         wait_for_source: args.timeout.map(Duration::from_secs),
         max_queued_device_bytes: args.max_queued_device_bytes,
         ..DestinationConfig::default()

@@ -29,7 +29,12 @@
 //! both sides reporting `completed`; [`QemuRun::total_time_ms`] and
 //! [`QemuRun::transferred_bytes`] are the source's `total-time` and `ram.transferred`
 //! (QEMU 7.2 counts multifd pages there before compression, so with compression it is
-//! not what went over the socket).
+//! not what went over the socket); [`QemuRun::cpu_seconds`] is the CPU time both
+//! processes used from `migrate` to completion. With compression, the source connects
+//! through a byte-counting relay in this process ([`Relay`]) instead of straight to the
+//! destination, and [`QemuRun::wire_bytes`] is what it forwarded from the source: the
+//! compressed size QEMU does not report. (The relay only copies the compressed stream,
+//! a small load beside compressing it.)
 //!
 //! Both processes are killed and the temporary directory (sockets, logs) removed when
 //! [`run`] returns, on success or error. Startup, each QMP reply and the migration have
@@ -38,10 +43,12 @@
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -80,6 +87,12 @@ pub struct QemuRun {
     /// QEMU's `ram.transferred` on the source: bytes sent for guest RAM, zero pages
     /// being a few bytes each. QEMU 7.2 counts multifd pages before compression.
     pub transferred_bytes: u64,
+    /// Bytes the source sent on all its connections, counted by the relay; `None`
+    /// without compression, where no relay is used (`transferred_bytes` is then exact
+    /// up to the main channel's framing).
+    pub wire_bytes: Option<u64>,
+    /// CPU seconds of both QEMU processes from `migrate` until both completed.
+    pub cpu_seconds: f64,
     /// The first line of `qemu-system-x86_64 --version`.
     pub version: String,
 }
@@ -124,11 +137,13 @@ pub fn run(options: &QemuOptions) -> Result<Option<QemuRun>> {
         DestinationRam::Fresh
     };
     let mut pair = Pair::launch(options.image, size, &settings.arguments, destination)?;
-    let measurement = pair.migrate(&settings.parameters)?;
+    let measurement = pair.migrate(&settings.parameters, options.compression.is_some())?;
     Ok(Some(QemuRun {
         seconds: measurement.seconds,
         total_time_ms: measurement.total_time_ms,
         transferred_bytes: measurement.transferred_bytes,
+        wire_bytes: measurement.wire_bytes,
+        cpu_seconds: measurement.cpu_seconds,
         version,
     }))
 }
@@ -484,6 +499,8 @@ struct Measurement {
     seconds: f64,
     total_time_ms: u64,
     transferred_bytes: u64,
+    wire_bytes: Option<u64>,
+    cpu_seconds: f64,
 }
 
 /// Where the destination QEMU's guest RAM lives.
@@ -582,8 +599,17 @@ impl Pair {
         })
     }
 
-    /// Runs one migration with these `migrate-set-parameters` arguments.
-    fn migrate(&mut self, parameters: &Value) -> Result<Measurement> {
+    /// CPU seconds both QEMUs have used so far.
+    fn cpu_seconds(&self) -> Result<f64> {
+        Ok(
+            crate::cpu_time::process_cpu_seconds(self.source.process.child.id())?
+                + crate::cpu_time::process_cpu_seconds(self.destination.process.child.id())?,
+        )
+    }
+
+    /// Runs one migration with these `migrate-set-parameters` arguments; with
+    /// `count_wire_bytes`, through a [`Relay`] that counts the bytes the source sends.
+    fn migrate(&mut self, parameters: &Value, count_wire_bytes: bool) -> Result<Measurement> {
         for side in [&mut self.source, &mut self.destination] {
             side.execute(
                 "migrate-set-capabilities",
@@ -597,19 +623,30 @@ impl Pair {
             Some(json!({ "uri": "tcp:127.0.0.1:0" })),
         )?;
         let (_, incoming) = self.destination.migration_status()?;
-        let uri = format!("tcp:127.0.0.1:{}", listening_port(&incoming)?);
+        let destination_port = listening_port(&incoming)?;
+        let relay = if count_wire_bytes {
+            Some(Relay::start(destination_port)?)
+        } else {
+            None
+        };
+        let port = relay.as_ref().map_or(destination_port, |relay| relay.port);
+        let uri = format!("tcp:127.0.0.1:{port}");
 
+        let cpu_before = self.cpu_seconds()?;
         let start = Instant::now();
         self.source
             .execute("migrate", Some(json!({ "uri": uri })))?;
         let source_done = self.wait_for_completion(Side::Source, start)?;
         self.wait_for_completion(Side::Destination, start)?;
         let seconds = start.elapsed().as_secs_f64();
+        let cpu_seconds = self.cpu_seconds()? - cpu_before;
 
         Ok(Measurement {
             seconds,
             total_time_ms: u64_field(&source_done, "/total-time")?,
             transferred_bytes: u64_field(&source_done, "/ram/transferred")?,
+            wire_bytes: relay.map(Relay::finish),
+            cpu_seconds,
         })
     }
 
@@ -647,6 +684,141 @@ impl Pair {
         let error = self.source.process.explain(error);
         self.destination.process.explain(error)
     }
+}
+
+/// A TCP relay on loopback between the source and the destination QEMU that counts the
+/// bytes the source sends on every connection (the main channel and each multifd one).
+struct Relay {
+    port: u16,
+    counted: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    /// Every relayed socket, so that `finish` can end connections QEMU left open.
+    sockets: Arc<Mutex<Vec<TcpStream>>>,
+    acceptor: Option<thread::JoinHandle<Vec<thread::JoinHandle<()>>>>,
+}
+
+/// How often the relay's acceptor checks whether it should stop.
+const RELAY_POLL: Duration = Duration::from_millis(5);
+/// How long `Relay::finish` lets connections close by themselves: both QEMUs have
+/// completed by then, so everything was relayed and they are only tearing down.
+const RELAY_DRAIN: Duration = Duration::from_secs(5);
+/// Buffer of each relay direction: large enough that a compressed packet takes a few
+/// system calls.
+const RELAY_BUFFER: usize = 256 * 1024;
+
+impl Relay {
+    /// Listens on a fresh loopback port and relays each connection to `destination_port`.
+    fn start(destination_port: u16) -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").context("binding the relay")?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let counted = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let sockets = Arc::new(Mutex::new(Vec::new()));
+        let acceptor = {
+            let (counted, stop) = (Arc::clone(&counted), Arc::clone(&stop));
+            let sockets = Arc::clone(&sockets);
+            thread::spawn(move || {
+                let mut forwarders = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((source, _)) => {
+                            let Ok(destination) =
+                                TcpStream::connect(("127.0.0.1", destination_port))
+                            else {
+                                // The source sees its connection close and reports it.
+                                continue;
+                            };
+                            if let (Ok(mut sockets), Ok(source), Ok(destination)) =
+                                (sockets.lock(), source.try_clone(), destination.try_clone())
+                            {
+                                sockets.extend([source, destination]);
+                            }
+                            forwarders.extend(Self::forward(source, destination, &counted));
+                        }
+                        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                            thread::sleep(RELAY_POLL)
+                        }
+                        Err(_) => thread::sleep(RELAY_POLL),
+                    }
+                }
+                forwarders
+            })
+        };
+        Ok(Self {
+            port,
+            counted,
+            stop,
+            sockets,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    /// Copies both directions of one connection; counts what the source sends.
+    fn forward(
+        source: TcpStream,
+        destination: TcpStream,
+        counted: &Arc<AtomicU64>,
+    ) -> Vec<thread::JoinHandle<()>> {
+        let (Ok(source_reader), Ok(destination_writer)) =
+            (source.try_clone(), destination.try_clone())
+        else {
+            return Vec::new();
+        };
+        let counted = Arc::clone(counted);
+        let forward = thread::spawn(move || {
+            copy_until_eof(source_reader, destination_writer, Some(&counted));
+        });
+        let backward = thread::spawn(move || copy_until_eof(destination, source, None));
+        vec![forward, backward]
+    }
+
+    /// Stops accepting, lets the relayed connections close (ending those still open
+    /// after [`RELAY_DRAIN`]) and returns the count.
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let forwarders = match self.acceptor.take() {
+            Some(acceptor) => acceptor.join().unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let deadline = Instant::now() + RELAY_DRAIN;
+        while Instant::now() < deadline && !forwarders.iter().all(|f| f.is_finished()) {
+            thread::sleep(RELAY_POLL);
+        }
+        if let Ok(sockets) = self.sockets.lock() {
+            for socket in sockets.iter() {
+                // Best effort: most are closed already.
+                let _ = socket.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        for forwarder in forwarders {
+            // A forwarder that panicked only lost its part of the count.
+            let _ = forwarder.join();
+        }
+        self.counted.load(Ordering::Relaxed)
+    }
+}
+
+/// Copies `from` to `to` until EOF or an error, then shuts `to` for writing (and
+/// `from` for reading, so the opposite direction ends too); adds to `counted`.
+fn copy_until_eof(mut from: TcpStream, mut to: TcpStream, counted: Option<&AtomicU64>) {
+    let mut buffer = vec![0u8; RELAY_BUFFER];
+    loop {
+        match from.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(length) => {
+                if to.write_all(&buffer[..length]).is_err() {
+                    break;
+                }
+                if let Some(counted) = counted {
+                    counted.fetch_add(length as u64, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+    // Best effort: either side may be gone already.
+    let _ = to.shutdown(std::net::Shutdown::Write);
+    let _ = from.shutdown(std::net::Shutdown::Read);
 }
 
 /// Which QEMU of a [`Pair`].
@@ -797,7 +969,7 @@ mod tests {
             &settings.arguments,
             DestinationRam::File(destination_ram.clone()),
         )?;
-        let measurement = pair.migrate(&settings.parameters)?;
+        let measurement = pair.migrate(&settings.parameters, options.compression.is_some())?;
         assert!(measurement.transferred_bytes > 0);
         assert!(same_contents(&reference, &destination_ram)?);
         drop(pair);

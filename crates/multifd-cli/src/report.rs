@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use multifd::{MigrationStats, Monitor};
+use multifd::{ChannelStats, MigrationStats, Monitor};
 use serde_json::{json, Value};
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -92,6 +92,10 @@ pub fn to_json(stats: &MigrationStats) -> Value {
         "normal_pages": stats.normal_pages,
         "zero_pages": stats.zero_pages,
         "payload_bytes": stats.payload_bytes,
+        "raw_payload_bytes": stats.raw_payload_bytes,
+        "compression_ratio": stats.compression_ratio(),
+        "codec_seconds": stats.codec_time.as_secs_f64(),
+        "uncompressed_packets": stats.uncompressed_packets,
         "page_size": stats.page_size,
         "rounds": stats.rounds,
         "pages_per_round": stats.pages_per_round,
@@ -103,6 +107,9 @@ pub fn to_json(stats: &MigrationStats) -> Value {
             "normal_pages": channel.normal_pages,
             "zero_pages": channel.zero_pages,
             "payload_bytes": channel.payload_bytes,
+            "raw_payload_bytes": channel.raw_payload_bytes,
+            "codec_seconds": channel.codec_time.as_secs_f64(),
+            "uncompressed_packets": channel.uncompressed_packets,
             "sync_packets": channel.sync_packets,
             "device_chunks": channel.device_chunks,
         })).collect::<Vec<_>>(),
@@ -146,35 +153,47 @@ pub fn table(stats: &MigrationStats) -> String {
         stats.wire_throughput() / GIB,
     );
     out += &format!(
-        "{:>8} {:>14} {:>10} {:>12} {:>12} {:>6} {:>13}\n",
-        "channel", "bytes", "packets", "normal", "zero", "syncs", "device chunks"
+        "page payload {} bytes before compression, {} sent (ratio {:.2}); codec {:.3} s; \
+         {} packets sent raw as incompressible\n",
+        stats.raw_payload_bytes,
+        stats.payload_bytes,
+        stats.compression_ratio(),
+        stats.codec_time.as_secs_f64(),
+        stats.uncompressed_packets,
+    );
+    out += &format!(
+        "{:>8} {:>14} {:>10} {:>12} {:>12} {:>6} {:>13} {:>7} {:>9}\n",
+        "channel",
+        "bytes",
+        "packets",
+        "normal",
+        "zero",
+        "syncs",
+        "device chunks",
+        "ratio",
+        "codec s"
     );
     for channel in &stats.channels {
-        out += &format!(
-            "{:>8} {:>14} {:>10} {:>12} {:>12} {:>6} {:>13}\n",
-            channel.id,
-            channel.bytes,
-            channel.packets,
-            channel.normal_pages,
-            channel.zero_pages,
-            channel.sync_packets,
-            channel.device_chunks
-        );
+        out += &channel_row(&channel.id, channel);
     }
-    out += &format!(
-        "{:>8} {:>14} {:>10} {:>12} {:>12} {:>6} {:>13}\n",
-        "total",
-        stats.bytes,
-        stats.packets,
-        stats.normal_pages,
-        stats.zero_pages,
-        stats
+    let total = ChannelStats {
+        id: 0,
+        bytes: stats.bytes,
+        packets: stats.packets,
+        normal_pages: stats.normal_pages,
+        zero_pages: stats.zero_pages,
+        payload_bytes: stats.payload_bytes,
+        sync_packets: stats
             .channels
             .iter()
             .map(|channel| channel.sync_packets)
-            .sum::<u64>(),
-        stats.device_chunks
-    );
+            .sum(),
+        raw_payload_bytes: stats.raw_payload_bytes,
+        uncompressed_packets: stats.uncompressed_packets,
+        codec_time: stats.codec_time,
+        device_chunks: stats.device_chunks,
+    };
+    out += &channel_row(&"total", &total);
     if let Some(switchover) = stats.switchover_time {
         out += &format!(
             "switchover to completion (downtime proxy): {:.3} s\n",
@@ -210,4 +229,19 @@ pub fn table(stats: &MigrationStats) -> String {
         out += "\n";
     }
     out
+}
+
+/// One line of the per-channel table, labelled `label`.
+fn channel_row(label: &dyn std::fmt::Display, channel: &ChannelStats) -> String {
+    format!(
+        "{label:>8} {:>14} {:>10} {:>12} {:>12} {:>6} {:>13} {:>7.2} {:>9.3}\n",
+        channel.bytes,
+        channel.packets,
+        channel.normal_pages,
+        channel.zero_pages,
+        channel.sync_packets,
+        channel.device_chunks,
+        channel.compression_ratio(),
+        channel.codec_time.as_secs_f64()
+    )
 }

@@ -367,9 +367,9 @@ enum InflateError {
     Long,
 }
 
-/// A receive channel's decompression state: the decompressor and its buffers, sized
-/// once for the largest packet.
-pub(crate) struct ChannelDecompressor {
+/// One stream's decompressor and its buffers (sized once for the largest packet),
+/// reused for every packet of a channel: the counterpart of [`PacketCompressor`].
+pub struct PacketDecompressor {
     method: Compression,
     decoder: Decoder,
     input: Vec<u8>,
@@ -382,10 +382,10 @@ enum Decoder {
     Lz4,
 }
 
-impl ChannelDecompressor {
-    /// A channel's decompressor for packets of at most `packet_bytes` page bytes; `None`
-    /// for [`Compression::None`].
-    pub(crate) fn new(method: Compression, packet_bytes: usize) -> io::Result<Option<Self>> {
+impl PacketDecompressor {
+    /// A decompressor for packets of at most `packet_bytes` page bytes; `None` for
+    /// [`Compression::None`].
+    pub fn new(method: Compression, packet_bytes: usize) -> io::Result<Option<Self>> {
         let decoder = match method {
             Compression::None => return Ok(None),
             Compression::Zlib => Decoder::Zlib(flate2::Decompress::new(true)),
@@ -407,15 +407,20 @@ impl ChannelDecompressor {
         }))
     }
 
-    /// The buffer to read a payload of `size` bytes into; `size` is within the method's
-    /// bound (checked by the wire decoder).
-    pub(crate) fn input(&mut self, size: usize) -> &mut [u8] {
+    /// The buffer to read a payload of `size` bytes into.
+    ///
+    /// # Panics
+    ///
+    /// If `size` is above the method's bound for the packet size
+    /// ([`Compression::max_payload`]), which the wire decoder checks first.
+    pub fn input(&mut self, size: usize) -> &mut [u8] {
         &mut self.input[..size]
     }
 
     /// Inflates the `size` payload bytes read through [`Self::input`] into exactly
-    /// `expected` page bytes, continuing the channel's stream.
-    pub(crate) fn inflate(
+    /// `expected` page bytes (at most the packet size), continuing the stream. Returns
+    /// the pages, or the violation naming `packet_num`.
+    pub fn inflate(
         &mut self,
         packet_num: u64,
         size: usize,
@@ -468,7 +473,7 @@ impl ChannelDecompressor {
     }
 
     /// Starts a new stream, as the sender did after a raw packet.
-    pub(crate) fn restart(&mut self) -> io::Result<()> {
+    pub fn restart(&mut self) -> io::Result<()> {
         match &mut self.decoder {
             Decoder::Zlib(stream) => stream.reset(true),
             Decoder::Zstd(stream) => stream.reinit()?,
@@ -600,7 +605,7 @@ mod tests {
 
     /// What the receiver does with one packet: raw pages restart the stream, compressed
     /// ones are inflated.
-    fn receive(decompressor: &mut ChannelDecompressor, payload: &[u8], raw: bool, pages: &[u8]) {
+    fn receive(decompressor: &mut PacketDecompressor, payload: &[u8], raw: bool, pages: &[u8]) {
         if raw {
             assert_eq!(payload, pages);
             decompressor.restart().expect("restart");
@@ -620,7 +625,7 @@ mod tests {
             let mut compressor = PacketCompressor::new(settings(method), PACKET)
                 .expect("compressor")
                 .expect("a method");
-            let mut decompressor = ChannelDecompressor::new(method, PACKET)
+            let mut decompressor = PacketDecompressor::new(method, PACKET)
                 .expect("decompressor")
                 .expect("a method");
             let mut compressed_packets = 0;

@@ -51,7 +51,9 @@ mod stats;
 pub mod transport;
 mod zero_page;
 
-pub use compress::{CompressionSettings, PacketCompressor, LZ4_BLOCK_LEN, ZSTD_WINDOW_LOG_MAX};
+pub use compress::{
+    CompressionSettings, PacketCompressor, PacketDecompressor, LZ4_BLOCK_LEN, ZSTD_WINDOW_LOG_MAX,
+};
 pub use device::{
     DeviceError, DeviceId, LoadDevice, LoadDevices, SaveDevice, SaveDevices, StateWriter,
 };
@@ -65,3 +67,4 @@ pub use multifd_wire::{BlockAnnouncement, Compression, RejectCode, RejectReason,
 pub use ram::{GuestMemory, RamBlock};
 pub use stats::{ChannelStats, DeviceStats, MigrationStats, Monitor, Progress, ProgressWatcher};
 pub use transport::{Address, Listener};
+pub use zero_page::is_zero_page;

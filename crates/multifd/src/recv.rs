@@ -17,7 +17,7 @@ use multifd_wire::{
     PACKET_HEADER_LEN, RAM_PACKET_FIXED_LEN,
 };
 
-use crate::compress::ChannelDecompressor;
+use crate::compress::PacketDecompressor;
 use crate::device::DeviceLoaders;
 use crate::failure::{lock, Failure};
 use crate::ram::{RamBlock, ReceivedPages};
@@ -187,7 +187,7 @@ impl ChannelReceiver {
         let mut packet = vec![0u8; RamPacket::wire_len(limits.max_pages)];
         let mut iovecs: Vec<libc::iovec> = Vec::with_capacity(limits.max_pages as usize);
         let packet_bytes = (limits.max_pages * limits.page_size) as usize;
-        let mut decompressor = ChannelDecompressor::new(limits.compression, packet_bytes)
+        let mut decompressor = PacketDecompressor::new(limits.compression, packet_bytes)
             .map_err(|error| self.error_io("create the decompressor", error))?;
         loop {
             match (&self.stream).read(&mut packet[..1]) {
@@ -222,7 +222,7 @@ impl ChannelReceiver {
         &self,
         packet: &mut [u8],
         iovecs: &mut Vec<libc::iovec>,
-        decompressor: Option<&mut ChannelDecompressor>,
+        decompressor: Option<&mut PacketDecompressor>,
     ) -> Result<(), Error> {
         let settings = &*self.settings;
         let limits = &settings.ram_limits;
@@ -322,7 +322,7 @@ impl ChannelReceiver {
         &self,
         ram: &RamPacket<'_>,
         block: &RamBlock,
-        decompressor: &mut ChannelDecompressor,
+        decompressor: &mut PacketDecompressor,
     ) -> Result<(), Error> {
         let size = ram.next_packet_size as usize;
         (&self.stream)

@@ -320,6 +320,21 @@ pub struct ChannelStats {
     pub codec_time: Duration,
 }
 
+impl ChannelStats {
+    /// Page bytes before compression per payload byte sent (1 without compression).
+    pub fn compression_ratio(&self) -> f64 {
+        compression_ratio(self.raw_payload_bytes, self.payload_bytes)
+    }
+}
+
+fn compression_ratio(raw: u64, sent: u64) -> f64 {
+    if sent == 0 {
+        1.0
+    } else {
+        raw as f64 / sent as f64
+    }
+}
+
 /// What one device's state amounted to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceStats {
@@ -394,11 +409,7 @@ impl MigrationStats {
 
     /// Page bytes before compression per payload byte sent (1 without compression).
     pub fn compression_ratio(&self) -> f64 {
-        if self.payload_bytes == 0 {
-            1.0
-        } else {
-            self.raw_payload_bytes as f64 / self.payload_bytes as f64
-        }
+        compression_ratio(self.raw_payload_bytes, self.payload_bytes)
     }
 
     /// Wire bytes per second over the whole migration.

@@ -10,7 +10,7 @@
 ///
 /// `page` must be 8-byte aligned and point to `length` readable bytes that stay mapped for
 /// the call; `length` must be a multiple of 64. The bytes may be written concurrently.
-pub(crate) unsafe fn is_zero_page(page: *const u8, length: usize) -> bool {
+pub unsafe fn is_zero_page(page: *const u8, length: usize) -> bool {
     let words = page.cast::<u64>();
     let mut index = 0;
     while index < length / 8 {

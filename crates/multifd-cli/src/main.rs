@@ -190,7 +190,6 @@ fn main() -> ExitCode {
 }
 
 fn send(args: SendArgs) -> Result<()> {
-    let memory = ram_files::map_for_sending(&args.ram)?;
     let config = SourceConfig {
         channels: args.channels,
         page_size: args.settings.page_size,
@@ -201,6 +200,7 @@ fn send(args: SendArgs) -> Result<()> {
         compression: CompressionSettings::new(args.compress.into(), args.level)?,
         ..SourceConfig::default()
     };
+    let memory = ram_files::map_for_sending(&args.ram)?;
     let devices = device_files::open_for_sending(&args.devices)?;
     let mut source = Source::connect_with_devices(&args.to, &config, memory, devices)?;
     let progress = report::ProgressBar::start(source.monitor(), "sending", args.output.json);

@@ -346,3 +346,120 @@ fn bench_devices_reports_the_three_layouts_with_ratios() {
         assert!(run["shared_ratio"].as_f64().expect("ratio") > 0.0, "{run}");
     }
 }
+
+/// Runs `recv` with `recv_extra` and `send` with `send_extra` on a 512-page image;
+/// returns both outputs and whether the copy equals the image.
+fn migrate_with(recv_extra: &[&str], send_extra: &[&str]) -> (Output, Output, bool) {
+    let directory = tempfile::tempdir().expect("temp dir");
+    let (ram, copy) = (
+        directory.path().join("ram.img"),
+        directory.path().join("ram.copy"),
+    );
+    image(&ram, 512, 7);
+    let ram_copy = arg("pc.ram", &copy);
+    let recv = start_recv(
+        directory.path(),
+        &[&["--ram", ram_copy.as_str(), "--json"], recv_extra].concat(),
+    );
+    let send = spawn(
+        multifd()
+            .args(["send", "--to", &socket(directory.path()), "--json"])
+            .args(["--ram", &arg("pc.ram", &ram)])
+            .args(send_extra),
+    );
+    let (sent, received) = (
+        finish(send, Duration::from_secs(30)),
+        finish(recv, Duration::from_secs(30)),
+    );
+    let equal = std::fs::read(&copy).ok() == Some(std::fs::read(&ram).expect("ram"));
+    (sent, received, equal)
+}
+
+#[test]
+fn compressed_send_and_recv_report_the_ratio() {
+    let (sent, received, equal) = migrate_with(
+        &["--compress", "zstd", "--level", "3"],
+        &["--compress", "zstd", "--level", "3", "--channels", "2"],
+    );
+    assert!(
+        sent.status.success() && received.status.success(),
+        "send: {} recv: {}",
+        String::from_utf8_lossy(&sent.stderr),
+        String::from_utf8_lossy(&received.stderr)
+    );
+    assert!(equal, "the copy differs");
+    let sent: Value = serde_json::from_slice(&sent.stdout).expect("send prints JSON");
+    let received: Value = serde_json::from_slice(&received.stdout).expect("recv prints JSON");
+    for report in [&sent, &received] {
+        let normal_pages = report["normal_pages"].as_u64().expect("normal pages");
+        assert_eq!(report["raw_payload_bytes"], normal_pages * 4096);
+        assert!(
+            report["compression_ratio"].as_f64().expect("ratio") > 10.0,
+            "{report}"
+        );
+        assert!(report["codec_seconds"].as_f64().expect("codec seconds") > 0.0);
+        assert_eq!(report["uncompressed_packets"], 0);
+    }
+    assert_eq!(sent["payload_bytes"], received["payload_bytes"]);
+}
+
+#[test]
+fn a_compression_mismatch_is_a_one_line_rejection_on_both_ends() {
+    let (sent, received, _) = migrate_with(&["--compress", "lz4"], &["--compress", "zlib"]);
+    for (output, side) in [(&sent, "source"), (&received, "destination")] {
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(
+            stderr.starts_with(&format!(
+                "multifd: {side}: migration rejected (Compression): source compression \
+                 \"zlib level 1\", destination expects \"lz4\""
+            )),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn compression_levels_are_checked_before_connecting() {
+    for (arguments, message) in [
+        (
+            ["--compress", "lz4", "--level", "1"],
+            "lz4 has no levels, got level 1",
+        ),
+        (
+            ["--compress", "zlib", "--level", "10"],
+            "zlib level 10 outside 0..=9",
+        ),
+        (
+            ["--compress", "zstd", "--level", "-6"],
+            "zstd level -6 outside -5..=19",
+        ),
+    ] {
+        let output = multifd()
+            .args(["send", "--to", "unix:/nonexistent/socket"])
+            .args(["--ram", "pc.ram=/dev/null"])
+            .args(arguments)
+            .output()
+            .expect("run");
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            stderr.trim_end(),
+            format!("multifd: invalid configuration: {message}")
+        );
+    }
+    let output = multifd()
+        .args([
+            "recv",
+            "--listen",
+            "unix:/nonexistent/socket",
+            "--level",
+            "3",
+        ])
+        .args(["--ram", "pc.ram=/dev/null"])
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--compress"));
+}

@@ -418,8 +418,13 @@ impl PacketDecompressor {
     }
 
     /// Inflates the `size` payload bytes read through [`Self::input`] into exactly
-    /// `expected` page bytes (at most the packet size), continuing the stream. Returns
-    /// the pages, or the violation naming `packet_num`.
+    /// `expected` page bytes, continuing the stream. Returns the pages, or the violation
+    /// naming `packet_num`.
+    ///
+    /// # Panics
+    ///
+    /// If `size` is above the bound [`Self::input`] allows or `expected` above the
+    /// packet size this decompressor was made for.
     pub fn inflate(
         &mut self,
         packet_num: u64,

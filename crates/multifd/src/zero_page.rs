@@ -2,7 +2,9 @@
 //!
 //! Pages are read with volatile loads (never through a `&[u8]`, which would let the
 //! compiler assume the bytes cannot change). Eight words are OR-ed per step so the loop
-//! stays load-bound, and a non-zero page usually exits on its first step.
+//! stays load-bound, and a non-zero page usually exits on its first step. `multifd bench
+//! --codec-ceiling` measures it against a plain (vectorised) read of the same memory: on
+//! the 2-core reference host both run at about 13 GB/s, i.e. at memory bandwidth.
 
 /// Whether the `length` bytes at `page` are all zero.
 ///

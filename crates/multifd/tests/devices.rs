@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use multifd::{
-    BlockAnnouncement, DestinationConfig, DeviceError, DeviceId, Error, GuestMemory, Link,
-    LoadDevice, LoadDevices, MigrationStats, SaveDevice, SaveDevices, Side, Source, SourceConfig,
-    StateWriter, Violation,
+    BlockAnnouncement, Compression, CompressionSettings, DestinationConfig, DeviceError, DeviceId,
+    Error, GuestMemory, Link, LoadDevice, LoadDevices, MigrationStats, SaveDevice, SaveDevices,
+    Side, Source, SourceConfig, StateWriter, Violation,
 };
 use multifd_wire::{ControlMessage, DeviceAnnouncement, DeviceStateChunkHeader, Totals, WireError};
 
@@ -246,6 +246,33 @@ fn eight_devices_of_64_mib_with_a_ram_round_over_8_channels() {
     }
     assert!(received.peak_queued_device_bytes > 0);
     assert!(received.peak_queued_device_bytes <= 8 * multifd::DEFAULT_MAX_QUEUED_DEVICE_BYTES);
+}
+
+#[test]
+fn device_state_shares_channels_with_compressed_ram() {
+    let _serial = serial();
+    const LENGTH: u64 = 4 << 20;
+    for method in [Compression::Zstd, Compression::Lz4] {
+        let compression = CompressionSettings::new(method, None).expect("settings");
+        let config = SourceConfig {
+            channels: 3,
+            compression,
+            ..SourceConfig::default()
+        };
+        let destination_config = DestinationConfig {
+            compression: Some(compression),
+            ..DestinationConfig::default()
+        };
+        let (sent, received) = migrate(config, destination_config, devices(2, LENGTH), LENGTH);
+        for stats in [&sent, &received] {
+            assert_eq!(stats.devices.len(), 2, "{method}");
+            assert!(stats.device_chunks > 0, "{method}");
+            // The RAM is random: every RAM packet with pages took the raw fallback.
+            assert!(stats.uncompressed_packets > 0, "{method}");
+            assert_eq!(stats.payload_bytes, stats.raw_payload_bytes, "{method}");
+        }
+        assert_eq!(sent.uncompressed_packets, received.uncompressed_packets);
+    }
 }
 
 /// A loopback TCP proxy in front of `target` that holds back everything channel

@@ -479,3 +479,18 @@ fn a_corrupt_packet_after_valid_ones_names_its_packet() {
         );
     }
 }
+
+/// The negotiated page-payload extensions (lz4, raw fallback) do not apply to device
+/// state: a device-state packet carrying them is refused.
+#[test]
+fn device_state_packets_carry_no_compression_extensions() {
+    for extra in [Flags::UNCOMPRESSED, Flags::LZ4] {
+        let mut packet = device_state_packet("dev", 0, 12);
+        let flags = Flags::DEVICE_STATE | extra;
+        put_u32_at(&mut packet, device_field::FLAGS, flags);
+        assert_wire(
+            session(Compression::Lz4).fails_with(&packet),
+            WireError::UnknownFlags { bits: extra, flags },
+        );
+    }
+}

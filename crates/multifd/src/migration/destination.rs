@@ -244,7 +244,9 @@ impl Destination {
             },
             device_limits: DeviceStateLimits {
                 max_payload: device_settings.max_payload,
-                extensions: hello.extensions,
+                // The negotiated extensions (lz4, raw fallback) concern page payloads;
+                // none applies to device state, so a device-state packet carries none.
+                extensions: 0,
             },
             devices: Arc::clone(&loaders),
             first_device_channel: channel_count

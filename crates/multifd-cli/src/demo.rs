@@ -6,9 +6,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use memmap2::Mmap;
-use multifd::{
-    Destination, DestinationConfig, GuestMemory, Listener, RamBlock, Source, SourceConfig,
-};
+use multifd::{Destination, DestinationConfig, Listener, RamBlock, SourceConfig};
 use serde_json::json;
 
 use crate::device_files::{self, DeviceFile};
@@ -107,7 +105,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         channels: args.channels,
         ..SourceConfig::default()
     };
-    let sent = migrate(&address, &config, memory, savers, args.json);
+    let sent = crate::send_all(&address, &config, memory, savers, "migrating", args.json);
     let received = receiving
         .join()
         .map_err(|_| anyhow::anyhow!("the destination thread panicked"))?;
@@ -129,28 +127,6 @@ pub fn run(args: DemoArgs) -> Result<()> {
         println!("verified: destination memory and device state equal the source's byte for byte");
     }
     Ok(())
-}
-
-fn migrate(
-    address: &multifd::Address,
-    config: &SourceConfig,
-    memory: GuestMemory,
-    devices: multifd::SaveDevices,
-    json: bool,
-) -> Result<multifd::MigrationStats> {
-    let mut source = Source::connect_with_devices(address, config, memory, devices)?;
-    let progress = report::ProgressBar::start(source.monitor(), "migrating", json);
-    let result = (|| {
-        for block in 0..source.memory().blocks().len() {
-            source.queue_block(block)?;
-        }
-        source.end_round()?;
-        // The VM stops: device state goes while the final round (here empty) would.
-        source.switchover()?;
-        source.complete()
-    })();
-    progress.finish();
-    Ok(result?)
 }
 
 /// Compares two image files byte for byte.

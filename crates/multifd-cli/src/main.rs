@@ -16,8 +16,8 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use multifd::{
-    Address, Compression, CompressionSettings, Destination, DestinationConfig, Listener, Source,
-    SourceConfig, ZeroPageMode,
+    Address, Compression, CompressionSettings, Destination, DestinationConfig, GuestMemory,
+    Listener, MigrationStats, SaveDevices, Source, SourceConfig, ZeroPageMode,
 };
 
 use crate::device_files::DeviceFile;
@@ -202,8 +202,29 @@ fn send(args: SendArgs) -> Result<()> {
     };
     let memory = ram_files::map_for_sending(&args.ram)?;
     let devices = device_files::open_for_sending(&args.devices)?;
-    let mut source = Source::connect_with_devices(&args.to, &config, memory, devices)?;
-    let progress = report::ProgressBar::start(source.monitor(), "sending", args.output.json);
+    let result = send_all(
+        &args.to,
+        &config,
+        memory,
+        devices,
+        "sending",
+        args.output.json,
+    );
+    report::print_outcome(result, args.output.json)
+}
+
+/// Migrates memory images and device state in one go, with a progress bar: every block in
+/// one round, then switchover (the devices' state goes), then completion.
+pub(crate) fn send_all(
+    address: &Address,
+    config: &SourceConfig,
+    memory: GuestMemory,
+    devices: SaveDevices,
+    label: &'static str,
+    json: bool,
+) -> Result<MigrationStats> {
+    let mut source = Source::connect_with_devices(address, config, memory, devices)?;
+    let progress = report::ProgressBar::start(source.monitor(), label, json);
     let result = (|| {
         for block in 0..source.memory().blocks().len() {
             source.queue_block(block)?;
@@ -213,7 +234,7 @@ fn send(args: SendArgs) -> Result<()> {
         source.complete()
     })();
     progress.finish();
-    report::print_outcome(result.map_err(Into::into), args.output.json)
+    Ok(result?)
 }
 
 fn recv(args: RecvArgs) -> Result<()> {

@@ -709,13 +709,20 @@ fn totals(chunks: u64, bytes: u64) -> Totals {
     }
 }
 
-fn assert_violation((error, reason): (Error, String), link: Link, expected: Violation) {
+/// The destination failed with `expected` on `link`, and told the source so.
+fn assert_link_violation(error: &Error, reason: &str, link: Link, expected: &Violation) {
     assert!(
-        matches!(&error, Error::Protocol { side: Side::Destination, link: actual, .. } if *actual == link),
+        matches!(error, Error::Protocol { side: Side::Destination, link: actual, .. } if *actual == link),
         "{error:?}"
     );
-    assert_eq!(error.violation(), Some(&expected), "{error}");
+    assert_eq!(error.violation(), Some(expected), "{error}");
     assert!(reason.contains(&expected.to_string()), "{reason}");
+    assert!(reason.contains(&link.to_string()), "{reason}");
+}
+
+/// As [`assert_link_violation`], for a violation that names the test device.
+fn assert_violation((error, reason): (Error, String), link: Link, expected: Violation) {
+    assert_link_violation(&error, &reason, link, &expected);
     assert!(reason.contains(DEVICE), "{reason}");
 }
 
@@ -875,22 +882,8 @@ fn device_state_on_a_ram_channel() {
     let mut session = session_with(1 << 20, ONE_DEDICATED);
     session.send(0, 0, false, b"zero");
     let (error, reason) = session.failure();
-    assert_eq!(
-        error.violation(),
-        Some(&Violation::WrongChannelKind("device state")),
-        "{error}"
-    );
-    assert!(
-        matches!(
-            error,
-            Error::Protocol {
-                link: Link::Channel(0),
-                ..
-            }
-        ),
-        "{error:?}"
-    );
-    assert!(reason.contains("channel 0"), "{reason}");
+    let expected = Violation::WrongChannelKind("device state");
+    assert_link_violation(&error, &reason, Link::Channel(0), &expected);
 }
 
 #[test]
@@ -902,22 +895,8 @@ fn ram_pages_on_a_device_state_channel() {
         .write_channel(1, &ram_packet(0, "pc.ram", &[0], &[]));
     session.raw.write_channel(1, &vec![7u8; RAW_PAGE as usize]);
     let (error, reason) = session.failure();
-    assert_eq!(
-        error.violation(),
-        Some(&Violation::WrongChannelKind("RAM pages")),
-        "{error}"
-    );
-    assert!(
-        matches!(
-            error,
-            Error::Protocol {
-                link: Link::Channel(1),
-                ..
-            }
-        ),
-        "{error:?}"
-    );
-    assert!(reason.contains("channel 1"), "{reason}");
+    let expected = Violation::WrongChannelKind("RAM pages");
+    assert_link_violation(&error, &reason, Link::Channel(1), &expected);
 }
 
 #[test]

@@ -36,6 +36,21 @@ fn finish(mut child: Child, timeout: Duration) -> Output {
     child.wait_with_output().expect("output")
 }
 
+/// Waits for a `send` and a `recv` process, 30 s at most each.
+fn finish_pair(send: Child, recv: Child) -> (Output, Output) {
+    let timeout = Duration::from_secs(30);
+    (finish(send, timeout), finish(recv, timeout))
+}
+
+/// Fails the test, showing the process's stderr, unless it succeeded.
+fn assert_success(output: &Output, what: &str) {
+    assert!(
+        output.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 fn spawn(command: &mut Command) -> Child {
     command
         .stdout(Stdio::piped())
@@ -106,20 +121,9 @@ fn send_and_recv_copy_every_block_and_report_json() {
         &arg("vga.vram", &vram),
         "--json",
     ]));
-    let (sent, received) = (
-        finish(send, Duration::from_secs(30)),
-        finish(recv, Duration::from_secs(30)),
-    );
-    assert!(
-        sent.status.success(),
-        "send: {}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
-    assert!(
-        received.status.success(),
-        "recv: {}",
-        String::from_utf8_lossy(&received.stderr)
-    );
+    let (sent, received) = finish_pair(send, recv);
+    assert_success(&sent, "send");
+    assert_success(&received, "recv");
     assert!(std::fs::read(&ram).expect("ram") == std::fs::read(&ram_copy).expect("copy"));
     assert!(std::fs::read(&vram).expect("vram") == std::fs::read(&vram_copy).expect("copy"));
 
@@ -157,10 +161,7 @@ fn an_unmapped_block_fails_both_ends_with_one_line() {
         "--ram",
         &arg("pc.ram", &ram),
     ]));
-    let (sent, received) = (
-        finish(send, Duration::from_secs(30)),
-        finish(recv, Duration::from_secs(30)),
-    );
+    let (sent, received) = finish_pair(send, recv);
     for (output, side) in [(&sent, "source"), (&received, "destination")] {
         assert!(!output.status.success());
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -270,20 +271,9 @@ fn send_and_recv_copy_device_files_over_dedicated_channels() {
         &arg("virtio-rng/2", &path("rng.state")),
         "--json",
     ]));
-    let (sent, received) = (
-        finish(send, Duration::from_secs(30)),
-        finish(recv, Duration::from_secs(30)),
-    );
-    assert!(
-        sent.status.success(),
-        "send: {}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
-    assert!(
-        received.status.success(),
-        "recv: {}",
-        String::from_utf8_lossy(&received.stderr)
-    );
+    let (sent, received) = finish_pair(send, recv);
+    assert_success(&sent, "send");
+    assert_success(&received, "recv");
     assert!(std::fs::read(path("nic.copy")).expect("copy") == nic);
     assert_eq!(
         std::fs::read(path("rng.copy")).expect("copy"),
@@ -367,10 +357,7 @@ fn migrate_with(recv_extra: &[&str], send_extra: &[&str]) -> (Output, Output, bo
             .args(["--ram", &arg("pc.ram", &ram)])
             .args(send_extra),
     );
-    let (sent, received) = (
-        finish(send, Duration::from_secs(30)),
-        finish(recv, Duration::from_secs(30)),
-    );
+    let (sent, received) = finish_pair(send, recv);
     let equal = std::fs::read(&copy).ok() == Some(std::fs::read(&ram).expect("ram"));
     (sent, received, equal)
 }
@@ -381,12 +368,8 @@ fn compressed_send_and_recv_report_the_ratio() {
         &["--compress", "zstd", "--level", "3"],
         &["--compress", "zstd", "--level", "3", "--channels", "2"],
     );
-    assert!(
-        sent.status.success() && received.status.success(),
-        "send: {} recv: {}",
-        String::from_utf8_lossy(&sent.stderr),
-        String::from_utf8_lossy(&received.stderr)
-    );
+    assert_success(&sent, "send");
+    assert_success(&received, "recv");
     assert!(equal, "the copy differs");
     let sent: Value = serde_json::from_slice(&sent.stdout).expect("send prints JSON");
     let received: Value = serde_json::from_slice(&received.stdout).expect("recv prints JSON");

@@ -149,6 +149,18 @@ impl RamBlock {
     }
 }
 
+/// Why `name` cannot travel in a 256-byte NUL-terminated name field (RAM block names,
+/// device id strings), if it cannot.
+pub(crate) fn name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() || name.len() >= multifd_wire::NAME_FIELD_LEN {
+        Some("name must be 1 to 255 bytes")
+    } else if name.contains('\0') {
+        Some("name contains a NUL byte")
+    } else {
+        None
+    }
+}
+
 /// The RAM blocks of one migration, in announcement order.
 #[derive(Debug, Clone, Default)]
 pub struct GuestMemory {
@@ -159,12 +171,9 @@ impl GuestMemory {
     /// Guest memory made of these blocks; names must be unique and fit a RAM packet.
     pub fn new(blocks: Vec<RamBlock>) -> Result<Self, Error> {
         for (index, block) in blocks.iter().enumerate() {
-            if block.name.is_empty()
-                || block.name.len() >= multifd_wire::NAME_FIELD_LEN
-                || block.name.contains('\0')
-            {
+            if let Some(problem) = name_problem(&block.name) {
                 return Err(Error::Config(format!(
-                    "ramblock name {:?} must be 1 to 255 bytes without NUL",
+                    "ramblock name {:?}: {problem}",
                     block.name
                 )));
             }

@@ -14,7 +14,8 @@ use multifd_wire::{
 
 use super::control::ControlChannel;
 use super::{
-    check_device_settings, check_devices, check_settings, expect, DEFAULT_CONNECT_TIMEOUT,
+    check_blocks, check_device_settings, check_devices, check_settings, expect,
+    DEFAULT_CONNECT_TIMEOUT,
 };
 use crate::device::{DeviceLoaders, CHUNK_OVERHEAD};
 use crate::failure::{lock, CancelHandle, Failure};
@@ -449,7 +450,7 @@ impl Destination {
         let mut devices = None;
         let verdict = self
             .negotiate(&hello)
-            .and_then(|()| check_announced_blocks(&blocks, hello.page_size))
+            .and_then(|()| check_blocks(&blocks, hello.page_size))
             .and_then(|()| self.check_device_settings(&device_settings, hello.channels))
             .and_then(|()| {
                 devices = Some(match_devices(&announced, registered)?);
@@ -751,33 +752,6 @@ fn match_devices(
         ));
     }
     Ok(ordered)
-}
-
-fn check_announced_blocks(
-    blocks: &[BlockAnnouncement],
-    page_size: u32,
-) -> Result<(), RejectReason> {
-    for (index, block) in blocks.iter().enumerate() {
-        let problem = if block.name.is_empty() || block.name.len() >= multifd_wire::NAME_FIELD_LEN {
-            Some("name must be 1 to 255 bytes")
-        } else if blocks[..index].iter().any(|other| other.name == block.name) {
-            Some("announced twice")
-        } else if block.length % u64::from(page_size) != 0 {
-            Some("length is not a multiple of the page size")
-        } else {
-            None
-        };
-        if let Some(problem) = problem {
-            return Err(RejectReason {
-                code: RejectCode::RamBlocks,
-                detail: format!(
-                    "ramblock {:?} ({} bytes): {problem}",
-                    block.name, block.length
-                ),
-            });
-        }
-    }
-    Ok(())
 }
 
 fn check_mapped_blocks(

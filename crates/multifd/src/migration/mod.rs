@@ -14,10 +14,11 @@ mod source;
 use std::time::Duration;
 
 use multifd_wire::{
-    DeviceAnnouncement, DeviceStateSettings, Hello, RejectCode, RejectReason,
-    DEVICE_STATE_CHUNK_HEADER_LEN, NAME_FIELD_LEN, PROTOCOL_VERSION,
+    BlockAnnouncement, DeviceAnnouncement, DeviceStateSettings, Hello, RejectCode, RejectReason,
+    DEVICE_STATE_CHUNK_HEADER_LEN, PROTOCOL_VERSION,
 };
 
+use crate::ram::name_problem;
 use crate::CompressionSettings;
 
 pub use destination::{Destination, DestinationConfig, DEFAULT_MAX_QUEUED_DEVICE_BYTES};
@@ -98,29 +99,65 @@ pub(crate) fn check_settings(hello: &Hello) -> Result<(), RejectReason> {
     Ok(())
 }
 
+/// Checks announced RAM blocks: names that fit a RAM packet, each name once, whole pages.
+pub(crate) fn check_blocks(
+    blocks: &[BlockAnnouncement],
+    page_size: u32,
+) -> Result<(), RejectReason> {
+    let problem = first_problem(
+        blocks,
+        |block| &block.name,
+        |block, other| block.name == other.name,
+        |block| {
+            (!block.length.is_multiple_of(u64::from(page_size)))
+                .then_some("length is not a multiple of the page size")
+        },
+    );
+    match problem {
+        Some((block, problem)) => Err(RejectReason {
+            code: RejectCode::RamBlocks,
+            detail: format!(
+                "ramblock {:?} ({} bytes): {problem}",
+                block.name, block.length
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Checks announced devices: valid id strings, each device once.
 pub(crate) fn check_devices(devices: &[DeviceAnnouncement]) -> Result<(), RejectReason> {
-    for (index, device) in devices.iter().enumerate() {
-        let problem = if device.idstr.is_empty() || device.idstr.len() >= NAME_FIELD_LEN {
-            Some("idstr must be 1 to 255 bytes")
-        } else if device.idstr.contains('\0') {
-            Some("idstr contains a NUL byte")
-        } else if devices[..index].contains(device) {
-            Some("announced twice")
-        } else {
-            None
-        };
-        if let Some(problem) = problem {
-            return Err(RejectReason {
-                code: RejectCode::Devices,
-                detail: format!(
-                    "device {:?} instance {}: {problem}",
-                    device.idstr, device.instance_id
-                ),
-            });
-        }
+    match first_problem(devices, |device| &device.idstr, PartialEq::eq, |_| None) {
+        Some((device, problem)) => Err(RejectReason {
+            code: RejectCode::Devices,
+            detail: format!(
+                "device {:?} instance {}: {problem}",
+                device.idstr, device.instance_id
+            ),
+        }),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// The first announced item that cannot be accepted, and why: a name that does not fit a
+/// name field, an item the `same` as an earlier one, or `other`'s objection.
+fn first_problem<T>(
+    items: &[T],
+    name: impl Fn(&T) -> &String,
+    same: impl Fn(&T, &T) -> bool,
+    other: impl Fn(&T) -> Option<&'static str>,
+) -> Option<(&T, &'static str)> {
+    items.iter().enumerate().find_map(|(index, item)| {
+        name_problem(name(item))
+            .or_else(|| {
+                items[..index]
+                    .iter()
+                    .any(|earlier| same(earlier, item))
+                    .then_some("announced twice")
+            })
+            .or_else(|| other(item))
+            .map(|problem| (item, problem))
+    })
 }
 
 /// Checks the device-state settings against the channel count.

@@ -46,7 +46,8 @@ use flate2::{FlushCompress, FlushDecompress, Status};
 use multifd_wire::{Compression, Flags};
 use zstd::stream::raw::{DParameter, InBuffer, Operation, OutBuffer};
 
-use crate::{Error, RamBlock, Violation};
+use crate::error::{Error, Violation};
+use crate::ram::RamBlock;
 
 /// Bytes of pages per lz4 block: below 64 KiB, so `lz4_flex` uses its stack-allocated
 /// 16-bit hash table (no allocation per block) and a block never needs a match further

@@ -1,53 +1,14 @@
 //! The engine's error type: which side, which connection, what went wrong.
 
-use std::fmt;
 use std::io;
 
 use multifd_wire::{Compression, RejectReason, WireError};
 
-use crate::DeviceId;
-
-/// The end of a migration an error happened on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// The sending host.
-    Source,
-    /// The receiving host.
-    Destination,
-}
-
-impl fmt::Display for Side {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter.write_str(match self {
-            Self::Source => "source",
-            Self::Destination => "destination",
-        })
-    }
-}
-
-/// The connection an error happened on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Link {
-    /// The listening socket, before a connection is identified.
-    Listener,
-    /// The control channel.
-    Control,
-    /// Multifd channel with this id.
-    Channel(u8),
-}
-
-impl fmt::Display for Link {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Listener => formatter.write_str("listener"),
-            Self::Control => formatter.write_str("control channel"),
-            Self::Channel(id) => write!(formatter, "channel {id}"),
-        }
-    }
-}
+use crate::ids::{DeviceId, Link, Side, Uuid};
 
 /// A well-formed message or packet that breaks the protocol's rules.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Violation {
     /// The first four bytes of a connection are neither the control nor the multifd magic.
     #[error("connection magic {0:#010x} is neither control nor multifd")]
@@ -215,24 +176,9 @@ pub enum Violation {
     },
 }
 
-/// A migration's uuid, printed in the usual hyphenated form.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Uuid(pub [u8; 16]);
-
-impl fmt::Display for Uuid {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (index, byte) in self.0.iter().enumerate() {
-            if matches!(index, 4 | 6 | 8 | 10) {
-                formatter.write_str("-")?;
-            }
-            write!(formatter, "{byte:02x}")?;
-        }
-        Ok(())
-    }
-}
-
 /// Everything that can make a migration fail.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The caller's configuration or memory layout is unusable.
     #[error("invalid configuration: {0}")]
@@ -312,7 +258,7 @@ pub enum Error {
         /// What was awaited.
         what: &'static str,
     },
-    /// The migration was cancelled through its [`crate::CancelHandle`].
+    /// The migration was cancelled through its [`CancelHandle`](crate::CancelHandle).
     #[error("{side}: migration cancelled")]
     Cancelled {
         /// Where.
@@ -349,7 +295,16 @@ pub enum Error {
 }
 
 impl Error {
+    /// A failed system call on `link`; an unexpected end of file is the peer closing the
+    /// connection, reported as [`Error::Closed`].
     pub(crate) fn io(side: Side, link: Link, context: &'static str, source: io::Error) -> Self {
+        if source.kind() == io::ErrorKind::UnexpectedEof {
+            return Self::Closed {
+                side,
+                link,
+                context,
+            };
+        }
         Self::Io {
             side,
             link,

@@ -7,9 +7,19 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::{Error, Side};
+use crate::error::Error;
+use crate::ids::Side;
+use crate::sync::lock;
+
+/// How long a side that saw only a broken connection waits for the peer's own report of
+/// the failure (`Abort` or `Failed` on the control channel), which names the real cause,
+/// before blaming the connection. The peer sends its report before it closes anything, so
+/// on a live link the report is at most one round trip behind the break; a second covers
+/// a loaded host without making a real break noticeably slower to report.
+pub(crate) const PEER_REASON_GRACE: Duration = Duration::from_secs(1);
 
 type Hook = Box<dyn Fn(&str) + Send + Sync>;
 
@@ -115,12 +125,22 @@ impl Failure {
     }
 }
 
-/// Locks ignoring poison: a panicking migration thread is reported through `join`, and the
-/// state behind these locks stays consistent across a panic (plain flags and lists).
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+/// Joins every thread in `threads`; a thread that panicked (a bug) fails the migration
+/// with an internal error naming `what` ran on it.
+pub(crate) fn join_threads(
+    threads: impl IntoIterator<Item = JoinHandle<()>>,
+    failure: &Failure,
+    side: Side,
+    what: &str,
+) {
+    for thread in threads {
+        if thread.join().is_err() {
+            failure.fail(Error::Internal {
+                side,
+                what: format!("a {what} thread panicked"),
+            });
+        }
+    }
 }
 
 /// Stops a running migration from another thread.

@@ -1,70 +1,154 @@
-//! `multifd`: live migration of a virtual machine's memory over N parallel channels, in
-//! the design of QEMU's multifd transport.
+//! `multifd`: live migration of a virtual machine's memory and device state over N
+//! parallel channels, in the design of QEMU's multifd transport and its device-state
+//! extension.
 //!
-//! A VMM hands the engine its guest RAM as named [`RamBlock`]s; the engine does the rest.
+//! A VMM keeps its guest RAM and its devices; it lends them to the engine:
+//!
+//! - guest RAM as named [`RamBlock`]s gathered in a [`GuestMemory`] (a pointer and a
+//!   length, or a mapped file; the engine never owns guest memory and never forms a Rust
+//!   reference over it, so the guest may keep writing while pages move);
+//! - devices with state as [`SaveDevice`]s on the source and [`LoadDevice`]s on the
+//!   destination, named by a [`DeviceId`].
+//!
+//! The [`Source`] connects to a [`Destination`] listening on a [`Listener`], negotiates
+//! every setting (a mismatch is an [`Error::Rejected`] on both ends, never a hang), and
+//! opens the channels. The VMM then queues pages round by round, each round ending with a
+//! barrier on every channel so a page re-sent in a later round always lands last. When the
+//! VM is stopped, [`Source::switchover`] saves every device on its own thread through the
+//! same channels, concurrently with the last RAM round; [`Source::complete`] returns only
+//! after the destination confirmed it received and loaded everything. Until then the
+//! source VM is intact: on any error the VMM simply resumes it.
+//!
+//! # A live migration, source side
 //!
 //! ```no_run
-//! use multifd::{Address, Destination, DestinationConfig, GuestMemory, Listener, RamBlock,
-//!     Source, SourceConfig};
-//! # fn source_memory() -> GuestMemory { unimplemented!() }
-//! # fn map(blocks: &[multifd::BlockAnnouncement]) -> Result<GuestMemory, String> { unimplemented!() }
+//! use multifd::{GuestMemory, SaveDevices, Source, SourceConfig};
+//! # fn guest_memory() -> GuestMemory { unimplemented!() }
+//! # fn devices() -> SaveDevices { unimplemented!() }
+//! # fn harvest_dirty_log(block: usize) -> Vec<u64> { unimplemented!() }
+//! # fn dirty_pages_left() -> u64 { unimplemented!() }
+//! # fn stop_vcpus() {}
 //! # fn main() -> Result<(), multifd::Error> {
-//! // Destination host:
-//! let listener = Listener::bind(&"tcp:0.0.0.0:4444".parse()?)?;
-//! let destination = Destination::new(DestinationConfig::default());
-//! let stats = destination.run(&listener, map)?;
+//! let mut config = SourceConfig::default();
+//! config.channels = 4;
+//! let address = "tcp:dest-host:4444".parse()?;
+//! let mut source = Source::connect_with_devices(&address, &config, guest_memory(), devices())?;
 //!
-//! // Source host:
-//! let config = SourceConfig { channels: 4, ..SourceConfig::default() };
-//! let mut source = Source::connect(&"tcp:dest:4444".parse()?, &config, source_memory())?;
-//! for block in 0..source.memory().blocks().len() {
+//! // Round 0: every page, while the guest runs and dirties memory.
+//! let blocks = source.memory().blocks().len();
+//! for block in 0..blocks {
 //!     source.queue_block(block)?;
 //! }
 //! source.end_round()?;
-//! let stats = source.complete()?;
+//! // Later rounds: what the guest dirtied meanwhile (bit i of the bitmap = page i).
+//! while dirty_pages_left() > 1024 {
+//!     for block in 0..blocks {
+//!         source.queue_dirty_bitmap(block, &harvest_dirty_log(block))?;
+//!     }
+//!     source.end_round()?;
+//! }
+//! // Switchover: the VM is stopped; devices save on their own threads while the last
+//! // dirty pages go out.
+//! stop_vcpus();
+//! source.switchover()?;
+//! for block in 0..blocks {
+//!     source.queue_dirty_bitmap(block, &harvest_dirty_log(block))?;
+//! }
+//! let stats = source.complete()?; // Ok only once the destination loaded everything
+//! println!("{} bytes in {:?}", stats.bytes, stats.total_time);
 //! # Ok(()) }
 //! ```
 //!
-//! Devices with state implement [`SaveDevice`] on the source and [`LoadDevice`] on the
-//! destination, registered with [`Source::connect_with_devices`] and
-//! [`Destination::run_with_devices`]; after [`Source::switchover`] their state moves over
-//! the same channels, concurrently with the final RAM round.
+//! # The destination side
 //!
-//! Layout, one module per concept: [`transport`] (sockets, raw vectored I/O), `send`
-//! (channel threads and the buffer swap), `recv` (receive threads, packet validation
-//! against the announced blocks, the SYNC barrier), `ram` (guest memory), `device` (device traits, chunking,
-//! reassembly, load threads), `zero_page`, `compress` (per-channel compressors and the
-//! payload formats),
-//! `migration` (handshake, rounds, completion), `stats`, and `failure`
-//! (first-error-wins shutdown). Wire formats live in the `multifd-wire` crate.
+//! ```no_run
+//! use multifd::{BlockAnnouncement, Destination, DestinationConfig, GuestMemory, Listener,
+//!     LoadDevices};
+//! # fn map_guest_memory(blocks: &[BlockAnnouncement]) -> Result<GuestMemory, String> { unimplemented!() }
+//! # fn devices() -> LoadDevices { unimplemented!() }
+//! # fn main() -> Result<(), multifd::Error> {
+//! let listener = Listener::bind(&"tcp:0.0.0.0:4444".parse()?)?;
+//! let destination = Destination::new(DestinationConfig::default());
+//! // The source announces its blocks; the VMM maps memory of the same names and lengths.
+//! let stats = destination.run_with_devices(&listener, map_guest_memory, devices())?;
+//! // Every page and every device is loaded: the VMM resumes the VM here.
+//! # Ok(()) }
+//! ```
+//!
+//! # A device
+//!
+//! A device writes its state as a byte stream of any length into a [`StateWriter`] (an
+//! [`std::io::Write`] the engine cuts into chunks spread over the channels), then returns
+//! a small config blob sent last. The destination gets the chunks strictly in order, then
+//! the config:
+//!
+//! ```
+//! use std::io::Write;
+//! use multifd::{DeviceError, LoadDevice, SaveDevice, StateWriter};
+//!
+//! struct FrameBuffer {
+//!     pixels: Vec<u8>,
+//!     mode: u32,
+//! }
+//!
+//! impl SaveDevice for FrameBuffer {
+//!     fn save_state(&mut self, state: &mut StateWriter<'_>) -> Result<(), DeviceError> {
+//!         state.write_all(&self.pixels)?;
+//!         Ok(())
+//!     }
+//!
+//!     fn save_config(&mut self) -> Result<Vec<u8>, DeviceError> {
+//!         Ok(self.mode.to_be_bytes().to_vec())
+//!     }
+//! }
+//!
+//! impl LoadDevice for FrameBuffer {
+//!     fn load_state(&mut self, chunk: &[u8]) -> Result<(), DeviceError> {
+//!         self.pixels.extend_from_slice(chunk);
+//!         Ok(())
+//!     }
+//!
+//!     fn load_config(&mut self, config: &[u8]) -> Result<(), DeviceError> {
+//!         let mode: [u8; 4] = config.try_into().map_err(|_| "config is not 4 bytes")?;
+//!         self.mode = u32::from_be_bytes(mode);
+//!         Ok(())
+//!     }
+//! }
+//! ```
+//!
+//! Progress comes from a [`Monitor`] (a snapshot, or a periodic callback); a
+//! [`CancelHandle`] stops either end from another thread; the result is a
+//! [`MigrationStats`]. Every failure is one [`Error`] naming the side, the connection and
+//! the cause. Packet layouts and their validation live in the `multifd-wire` crate.
 #![deny(missing_docs)]
 
+pub mod bench_internals;
 mod compress;
 mod device;
 mod error;
 mod failure;
+mod ids;
 mod migration;
 mod ram;
 mod recv;
 mod send;
 mod stats;
-pub mod transport;
+mod sync;
+mod transport;
 mod zero_page;
 
-pub use compress::{
-    CompressionSettings, PacketCompressor, PacketDecompressor, LZ4_BLOCK_LEN, ZSTD_WINDOW_LOG_MAX,
-};
-pub use device::{
-    DeviceError, DeviceId, LoadDevice, LoadDevices, SaveDevice, SaveDevices, StateWriter,
-};
-pub use error::{Error, Link, Side, Uuid, Violation};
+pub use compress::CompressionSettings;
+pub use device::{DeviceError, LoadDevice, LoadDevices, SaveDevice, SaveDevices, StateWriter};
+pub use error::{Error, Violation};
 pub use failure::CancelHandle;
+pub use ids::{DeviceId, Link, Side, Uuid};
 pub use migration::{
     Destination, DestinationConfig, Source, SourceConfig, DEFAULT_DEVICE_CHUNK_SIZE,
     DEFAULT_MAX_QUEUED_DEVICE_BYTES,
 };
-pub use multifd_wire::{BlockAnnouncement, Compression, RejectCode, RejectReason, ZeroPageMode};
+pub use multifd_wire::{
+    BlockAnnouncement, Compression, RejectCode, RejectReason, WireError, ZeroPageMode,
+};
 pub use ram::{GuestMemory, RamBlock};
 pub use stats::{ChannelStats, DeviceStats, MigrationStats, Monitor, Progress, ProgressWatcher};
 pub use transport::{Address, Listener};
-pub use zero_page::is_zero_page;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use memmap2::{MmapOptions, MmapRaw};
 
-use crate::Error;
+use crate::error::Error;
 
 /// A named, contiguous range of guest memory.
 ///
@@ -130,8 +130,8 @@ impl RamBlock {
         // SAFETY: the destination range is inside the block per the caller's contract and
         // mapped writable; `page` is a channel buffer, which cannot overlap guest memory.
         unsafe {
-            std::ptr::copy_nonoverlapping(page.as_ptr(), self.host_address(offset), page.len())
-        };
+            std::ptr::copy_nonoverlapping(page.as_ptr(), self.host_address(offset), page.len());
+        }
     }
 
     /// Zeroes one page with volatile stores.

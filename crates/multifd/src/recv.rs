@@ -18,16 +18,14 @@ use multifd_wire::{
 };
 
 use crate::compress::PacketDecompressor;
-use crate::device::DeviceLoaders;
-use crate::failure::{lock, Failure};
-use crate::ram::{RamBlock, ReceivedPages};
+use crate::device::load::DeviceLoaders;
+use crate::error::{Error, Violation};
+use crate::failure::{Failure, PEER_REASON_GRACE};
+use crate::ids::{Link, Side};
+use crate::ram::{GuestMemory, RamBlock, ReceivedPages};
 use crate::stats::{ChannelCounters, Counters};
+use crate::sync::{lock, wait, wait_timeout};
 use crate::transport::{push_page, Stream};
-use crate::{Error, GuestMemory, Link, Side, Violation};
-
-/// How long a channel that saw its connection break waits for the source's `Abort`, which
-/// says why, before reporting the break itself.
-const PEER_REASON_GRACE: Duration = Duration::from_millis(500);
 
 /// Channels wait here at each SYNC until the control side releases the round.
 pub(crate) struct SyncBarrier {
@@ -74,12 +72,6 @@ impl SyncBarrier {
         lock(&self.state)
     }
 
-    fn wait<'a>(&self, guard: MutexGuard<'a, BarrierState>) -> MutexGuard<'a, BarrierState> {
-        self.changed
-            .wait(guard)
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// Channel `channel` reached a SYNC: blocks until its round is released. `false` if
     /// the migration failed meanwhile.
     fn arrive(&self, channel: u8) -> bool {
@@ -88,7 +80,7 @@ impl SyncBarrier {
         let round = state.synced[usize::from(channel)];
         self.changed.notify_all();
         while !state.failed && state.released < round {
-            state = self.wait(state);
+            state = wait(&self.changed, state);
         }
         !state.failed
     }
@@ -102,11 +94,7 @@ impl SyncBarrier {
             if left.is_zero() {
                 return Err(ReleaseError::TimedOut);
             }
-            state = self
-                .changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .0;
+            state = wait_timeout(&self.changed, state, left);
         }
         if state.failed {
             return Err(ReleaseError::Stopped);
@@ -149,15 +137,7 @@ pub(crate) struct ChannelReceiver {
 
 impl ChannelReceiver {
     fn error_io(&self, context: &'static str, error: io::Error) -> Error {
-        if error.kind() == io::ErrorKind::UnexpectedEof {
-            Error::Closed {
-                side: Side::Destination,
-                link: Link::Channel(self.id),
-                context,
-            }
-        } else {
-            Error::io(Side::Destination, Link::Channel(self.id), context, error)
-        }
+        Error::io(Side::Destination, Link::Channel(self.id), context, error)
     }
 
     fn error_wire(&self, error: multifd_wire::WireError) -> Error {
@@ -211,7 +191,7 @@ impl ChannelReceiver {
                 .map_err(|e| self.error_wire(e))?;
             match header.kind() {
                 PacketKind::Ram => {
-                    self.receive_ram(&mut packet, &mut iovecs, decompressor.as_mut())?
+                    self.receive_ram(&mut packet, &mut iovecs, decompressor.as_mut())?;
                 }
                 PacketKind::DeviceState => self.receive_device_state(&mut packet)?,
             }

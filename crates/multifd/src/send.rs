@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -25,11 +25,14 @@ use multifd_wire::{
 };
 
 use crate::compress::{ChannelCompressor, CompressionSettings};
-use crate::failure::{lock, Failure};
+use crate::error::Error;
+use crate::failure::{join_threads, Failure};
+use crate::ids::{DeviceId, Link, Side};
+use crate::ram::GuestMemory;
 use crate::stats::{ChannelCounters, Counters};
+use crate::sync::{lock, wait};
 use crate::transport::{iovec, push_page, Stream};
 use crate::zero_page::is_zero_page;
-use crate::{DeviceId, Error, GuestMemory, Link, Side};
 
 /// A packet's worth of work: pages of one block, or one device-state chunk.
 ///
@@ -303,14 +306,7 @@ impl SendChannels {
         self.shared.lock().stopping = true;
         self.shared.wake_all();
         let threads = std::mem::take(&mut *lock(&self.threads));
-        for thread in threads {
-            if thread.join().is_err() {
-                failure.fail(Error::Internal {
-                    side: Side::Source,
-                    what: "a channel thread panicked".into(),
-                });
-            }
-        }
+        join_threads(threads, failure, Side::Source, "channel");
     }
 }
 
@@ -319,7 +315,7 @@ impl Drop for SendChannels {
         let threads = self
             .threads
             .get_mut()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+            .unwrap_or_else(PoisonError::into_inner);
         if !threads.is_empty() {
             {
                 let mut state = self.shared.lock();
@@ -333,12 +329,6 @@ impl Drop for SendChannels {
             }
         }
     }
-}
-
-fn wait<'a>(condvar: &Condvar, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-    condvar
-        .wait(guard)
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 enum Work {
@@ -578,7 +568,7 @@ mod tests {
     use multifd_wire::{Compression, PacketHeader, RamLimits, RamPacket, RAM_PACKET_FIXED_LEN};
 
     use super::*;
-    use crate::RamBlock;
+    use crate::ram::RamBlock;
 
     const PAGE: u32 = 4096;
     const PAGES_PER_PACKET: u32 = 4;

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use multifd_wire::Totals;
 
-use crate::device::DeviceCounters;
-use crate::{DeviceId, Side};
+use crate::ids::{DeviceId, Side};
+use crate::sync::{lock, wait_timeout};
 
 #[derive(Debug, Default)]
 pub(crate) struct ChannelCounters {
@@ -47,6 +47,39 @@ impl ChannelCounters {
             uncompressed_packets: read(&self.uncompressed_packets),
             codec_time: Duration::from_nanos(read(&self.codec_nanos)),
         }
+    }
+}
+
+/// Per-device figures, updated by the device's save or load thread.
+#[derive(Debug)]
+pub(crate) struct DeviceCounters {
+    pub(crate) id: DeviceId,
+    /// State and config bytes, chunk headers excluded.
+    pub(crate) bytes: AtomicU64,
+    pub(crate) chunks: AtomicU64,
+    /// Nanoseconds: the save thread's run on the source, time inside load callbacks on the
+    /// destination.
+    pub(crate) busy_nanos: AtomicU64,
+}
+
+impl DeviceCounters {
+    pub(crate) fn new(id: DeviceId) -> Self {
+        Self {
+            id,
+            bytes: AtomicU64::new(0),
+            chunks: AtomicU64::new(0),
+            busy_nanos: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn count_chunk(&self, bytes: usize) {
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.chunks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_busy(&self, busy: Duration) {
+        let nanos = u64::try_from(busy.as_nanos()).unwrap_or(u64::MAX);
+        self.busy_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 }
 
@@ -245,13 +278,10 @@ impl Monitor {
             .name("multifd-progress".into())
             .spawn(move || {
                 let (stopped, wakeup) = &*stopping;
-                let mut stopped = crate::failure::lock(stopped);
+                let mut stopped = lock(stopped);
                 while !*stopped {
                     report(&monitor.progress());
-                    stopped = wakeup
-                        .wait_timeout(stopped, interval)
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .0;
+                    stopped = wait_timeout(wakeup, stopped, interval);
                 }
             })
             .ok();
@@ -268,7 +298,7 @@ pub struct ProgressWatcher {
 
 impl Drop for ProgressWatcher {
     fn drop(&mut self) {
-        *crate::failure::lock(&self.stop.0) = true;
+        *lock(&self.stop.0) = true;
         self.stop.1.notify_all();
         if let Some(thread) = self.thread.take() {
             // A panic in the caller's report function ends only the reporting.
@@ -279,6 +309,7 @@ impl Drop for ProgressWatcher {
 
 /// A snapshot of a running migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct Progress {
     /// Bytes written or read on all channels so far (packets and payload).
     pub bytes: u64,
@@ -294,6 +325,7 @@ pub struct Progress {
 
 /// What one channel carried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ChannelStats {
     /// The channel's id.
     pub id: u8,
@@ -337,6 +369,7 @@ fn compression_ratio(raw: u64, sent: u64) -> f64 {
 
 /// What one device's state amounted to.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DeviceStats {
     /// The device.
     pub id: DeviceId,
@@ -351,6 +384,7 @@ pub struct DeviceStats {
 
 /// What a whole migration did, on one side.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MigrationStats {
     /// The side these figures were measured on.
     pub side: Side,

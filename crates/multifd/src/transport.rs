@@ -14,10 +14,12 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use crate::Error;
+use crate::error::Error;
+use crate::ids::{Link, Side};
 
 /// Where a destination listens and a source connects.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Address {
     /// `tcp:HOST:PORT`.
     Tcp(String),
@@ -275,8 +277,8 @@ impl Listener {
     /// Binds `address`. For TCP, port 0 picks a free port; [`Listener::address`] tells it.
     pub fn bind(address: &Address) -> Result<Self, Error> {
         let bind_error = |source| Error::Io {
-            side: crate::Side::Destination,
-            link: crate::Link::Listener,
+            side: Side::Destination,
+            link: Link::Listener,
             context: "bind",
             source,
         };

@@ -207,11 +207,12 @@ fn destination(
     JoinHandle<Result<MigrationStats, Error>>,
 ) {
     let (listener, address) = listener(false);
-    let destination = Destination::new(DestinationConfig {
-        wait_for_source: Some(DEADLINE),
-        connect_timeout: DEADLINE,
-        round_timeout: DEADLINE,
-        ..DestinationConfig::default()
+    let destination = Destination::new({
+        let mut config = DestinationConfig::default();
+        config.wait_for_source = Some(DEADLINE);
+        config.connect_timeout = DEADLINE;
+        config.round_timeout = DEADLINE;
+        config
     });
     let cancel = destination.cancel_handle();
     let thread = std::thread::Builder::new()
@@ -267,10 +268,11 @@ fn cut_channel_mid_migration() -> (Error, Error) {
     let source_memory = random_memory(32 << 20, 0x5eed);
     let (address, _cancel, destination) = destination(empty_like(&source_memory));
     let proxy = Proxy::start(&address, CUT, 200 << 10);
-    let config = SourceConfig {
-        channels: 4,
-        connect_timeout: DEADLINE,
-        ..SourceConfig::default()
+    let config = {
+        let mut config = SourceConfig::default();
+        config.channels = 4;
+        config.connect_timeout = DEADLINE;
+        config
     };
     let started = Instant::now();
     let source = Source::connect(&proxy.address, &config, source_memory).expect("connect");
@@ -394,10 +396,11 @@ fn channel_cut_is_reported_as_that_channel() {
 fn cancel_source_mid_migration() -> (Result<MigrationStats, Error>, Result<MigrationStats, Error>) {
     let source_memory = random_memory(8 << 20, 0xca11);
     let (address, _cancel, destination) = destination(empty_like(&source_memory));
-    let config = SourceConfig {
-        channels: 4,
-        connect_timeout: DEADLINE,
-        ..SourceConfig::default()
+    let config = {
+        let mut config = SourceConfig::default();
+        config.channels = 4;
+        config.connect_timeout = DEADLINE;
+        config
     };
     let source = Source::connect(&address, &config, source_memory).expect("connect");
     let cancel = source.cancel_handle();
@@ -472,10 +475,11 @@ fn destination_cancel_mid_migration() {
     let _serial = serial();
     let source_memory = random_memory(8 << 20, 0xdead);
     let (address, cancel, destination) = destination(empty_like(&source_memory));
-    let config = SourceConfig {
-        channels: 4,
-        connect_timeout: DEADLINE,
-        ..SourceConfig::default()
+    let config = {
+        let mut config = SourceConfig::default();
+        config.channels = 4;
+        config.connect_timeout = DEADLINE;
+        config
     };
     let source = Source::connect(&address, &config, source_memory).expect("connect");
     let monitor = source.monitor();

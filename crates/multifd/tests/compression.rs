@@ -3,15 +3,19 @@
 //! incompressible pages cost no more than raw ones, and a hand-driven source's corrupt,
 //! short, over-inflating, oversized and truncated payloads end the destination with the
 //! exact error for each method.
+// Assertion helpers take the (error, reason) pair or the config a test case has just
+// built inline, and tests read better passing it by value.
+#![allow(clippy::needless_pass_by_value)]
 
 mod common;
 
 use std::thread::JoinHandle;
 
 use common::*;
+use multifd::bench_internals::PacketCompressor;
 use multifd::{
-    BlockAnnouncement, Compression, CompressionSettings, DestinationConfig, Error, GuestMemory,
-    Link, MigrationStats, PacketCompressor, Side, Source, SourceConfig, Violation,
+    BlockAnnouncement, Compression, CompressionSettings, Error, GuestMemory, Link, MigrationStats,
+    Side, Source, SourceConfig, Violation,
 };
 use multifd_wire::{Flags, WireError};
 
@@ -47,16 +51,18 @@ fn migrate(
     let (listener, address) = listener(false);
     let destination = spawn_destination(
         listener,
-        DestinationConfig {
-            compression: Some(compression),
-            ..quick_destination_config()
+        {
+            let mut config = quick_destination_config();
+            config.compression = Some(compression);
+            config
         },
         destination_memory.clone(),
     );
-    let config = SourceConfig {
-        channels,
-        compression,
-        ..SourceConfig::default()
+    let config = {
+        let mut config = SourceConfig::default();
+        config.channels = channels;
+        config.compression = compression;
+        config
     };
     let mut source = Source::connect(&address, &config, source_memory.clone()).expect("connect");
     for round in 0..rounds {
@@ -137,11 +143,12 @@ fn streams_stay_in_step_over_many_packets_and_rounds() {
             quick_destination_config(),
             destination_memory.clone(),
         );
-        let config = SourceConfig {
-            channels: 2,
-            packet_size: 4 * PAGE as u32,
-            compression,
-            ..SourceConfig::default()
+        let config = {
+            let mut config = SourceConfig::default();
+            config.channels = 2;
+            config.packet_size = 4 * PAGE as u32;
+            config.compression = compression;
+            config
         };
         let mut source = Source::connect(&address, &config, memory.clone()).expect("connect");
         for round in 0..4u64 {

@@ -2,6 +2,9 @@
 //! order on the destination; dedicated channels; the sequential baseline; chunks arriving
 //! out of order; every device rule of SPEC §5 broken by a hand-driven source; the queue
 //! cap; and a device whose save or load fails, named on both sides.
+// Assertion helpers take the (error, reason) pair or the config a test case has just
+// built inline, and tests read better passing it by value.
+#![allow(clippy::needless_pass_by_value)]
 
 mod common;
 
@@ -215,9 +218,10 @@ fn migrate(
 fn eight_devices_of_64_mib_with_a_ram_round_over_8_channels() {
     let _serial = serial();
     const LENGTH: u64 = 64 << 20;
-    let config = SourceConfig {
-        channels: 8,
-        ..SourceConfig::default()
+    let config = {
+        let mut config = SourceConfig::default();
+        config.channels = 8;
+        config
     };
     let (sent, received) = migrate(
         config,
@@ -254,14 +258,16 @@ fn device_state_shares_channels_with_compressed_ram() {
     const LENGTH: u64 = 4 << 20;
     for method in [Compression::Zstd, Compression::Lz4] {
         let compression = CompressionSettings::new(method, None).expect("settings");
-        let config = SourceConfig {
-            channels: 3,
-            compression,
-            ..SourceConfig::default()
+        let config = {
+            let mut config = SourceConfig::default();
+            config.channels = 3;
+            config.compression = compression;
+            config
         };
-        let destination_config = DestinationConfig {
-            compression: Some(compression),
-            ..DestinationConfig::default()
+        let destination_config = {
+            let mut config = DestinationConfig::default();
+            config.compression = Some(compression);
+            config
         };
         let (sent, received) = migrate(config, destination_config, devices(2, LENGTH), LENGTH);
         for stats in [&sent, &received] {
@@ -345,10 +351,11 @@ fn a_delayed_channel_reorders_chunks_which_still_load_in_order() {
         empty_like(&memory),
         devices.load,
     );
-    let config = SourceConfig {
-        channels: 2,
-        device_chunk_size: 64 << 10,
-        ..SourceConfig::default()
+    let config = {
+        let mut config = SourceConfig::default();
+        config.channels = 2;
+        config.device_chunk_size = 64 << 10;
+        config
     };
     let proxy = delaying_proxy(address, 1, std::time::Duration::from_millis(300));
     let mut source =
@@ -381,11 +388,12 @@ fn a_delayed_channel_reorders_chunks_which_still_load_in_order() {
 fn dedicated_channels_carry_only_device_state() {
     let _serial = serial();
     const LENGTH: u64 = 3 << 20;
-    let config = SourceConfig {
-        channels: 4,
-        device_channels: 2,
-        device_chunk_size: 64 << 10,
-        ..SourceConfig::default()
+    let config = {
+        let mut config = SourceConfig::default();
+        config.channels = 4;
+        config.device_channels = 2;
+        config.device_chunk_size = 64 << 10;
+        config
     };
     let (sent, received) = migrate(
         config,
@@ -411,12 +419,13 @@ fn dedicated_channels_carry_only_device_state() {
 fn sequential_save_on_one_dedicated_channel() {
     let _serial = serial();
     const LENGTH: u64 = 1 << 20;
-    let config = SourceConfig {
-        channels: 2,
-        device_channels: 1,
-        device_chunk_size: 100_000,
-        sequential_device_save: true,
-        ..SourceConfig::default()
+    let config = {
+        let mut config = SourceConfig::default();
+        config.channels = 2;
+        config.device_channels = 1;
+        config.device_chunk_size = 100_000;
+        config.sequential_device_save = true;
+        config
     };
     let (sent, _) = migrate(
         config,
@@ -538,9 +547,10 @@ fn the_destination_rejects_chunks_larger_than_its_queue_cap() {
     let memory = GuestMemory::new(vec![block("pc.ram", 1 << 20)]).expect("memory");
     let devices = devices(1, 1);
     let (listener, address) = listener(false);
-    let destination_config = DestinationConfig {
-        max_queued_device_bytes: 1 << 20,
-        ..quick_destination_config()
+    let destination_config = {
+        let mut config = quick_destination_config();
+        config.max_queued_device_bytes = 1 << 20;
+        config
     };
     let destination = spawn_destination_with_devices(
         listener,
@@ -548,9 +558,10 @@ fn the_destination_rejects_chunks_larger_than_its_queue_cap() {
         empty_like(&memory),
         devices.load,
     );
-    let config = SourceConfig {
-        device_chunk_size: 4 << 20,
-        ..SourceConfig::default()
+    let config = {
+        let mut config = SourceConfig::default();
+        config.device_chunk_size = 4 << 20;
+        config
     };
     let error = Source::connect_with_devices(&address, &config, memory, devices.save)
         .err()
@@ -567,10 +578,11 @@ fn the_destination_rejects_chunks_larger_than_its_queue_cap() {
 fn dedicated_channels_must_leave_one_for_ram() {
     let _serial = serial();
     let memory = GuestMemory::new(vec![block("pc.ram", 1 << 20)]).expect("memory");
-    let config = SourceConfig {
-        channels: 2,
-        device_channels: 2,
-        ..SourceConfig::default()
+    let config = {
+        let mut config = SourceConfig::default();
+        config.channels = 2;
+        config.device_channels = 2;
+        config
     };
     let (_listener, address) = listener(false);
     let error = Source::connect(&address, &config, memory)
@@ -622,9 +634,10 @@ fn session_with(cap: u64, device_settings: multifd_wire::DeviceStateSettings) ->
     let (listener, address) = listener(false);
     let memory = GuestMemory::new(vec![block("pc.ram", 16 * RAW_PAGE as usize)]).expect("memory");
     let log = Arc::new(Mutex::new(Vec::new()));
-    let config = DestinationConfig {
-        max_queued_device_bytes: cap,
-        ..quick_destination_config()
+    let config = {
+        let mut config = quick_destination_config();
+        config.max_queued_device_bytes = cap;
+        config
     };
     let destination = spawn_destination_with_devices(
         listener,

@@ -27,10 +27,11 @@ fn migrate_all(channels: u8, unix: bool, zero_page: ZeroPageMode) {
         DestinationConfig::default(),
         destination_memory.clone(),
     );
-    let config = SourceConfig {
-        channels,
-        zero_page,
-        ..SourceConfig::default()
+    let config = {
+        let mut config = SourceConfig::default();
+        config.channels = channels;
+        config.zero_page = zero_page;
+        config
     };
     let mut source = Source::connect(&address, &config, source_memory.clone()).expect("connect");
     for index in 0..source_memory.blocks().len() {
@@ -137,7 +138,7 @@ fn progress_is_reported_while_migrating() {
     let watcher = {
         let seen = Arc::clone(&seen);
         monitor.watch(Duration::from_millis(1), move |progress| {
-            seen.lock().expect("lock").push(*progress)
+            seen.lock().expect("lock").push(*progress);
         })
     };
     for block in 0..3 {

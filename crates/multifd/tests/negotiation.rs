@@ -1,6 +1,9 @@
 //! The control handshake: a destination that requires settings the source does not
 //! propose rejects the migration with a clear reason on both ends (never a hang), and a
 //! source refuses an unusable configuration before it connects.
+// Assertion helpers take the (error, reason) pair or the config a test case has just
+// built inline, and tests read better passing it by value.
+#![allow(clippy::needless_pass_by_value)]
 
 mod common;
 
@@ -31,11 +34,12 @@ fn announced() -> Vec<BlockAnnouncement> {
 /// A destination with `config` (its timeouts shortened) on a fresh TCP address.
 fn destination(config: DestinationConfig) -> (Address, JoinHandle<Result<MigrationStats, Error>>) {
     let (listener, address) = listener(false);
-    let config = DestinationConfig {
-        wait_for_source: Some(DEADLINE),
-        connect_timeout: DEADLINE,
-        round_timeout: DEADLINE,
-        ..config
+    let config = {
+        let mut config = config;
+        config.wait_for_source = Some(DEADLINE);
+        config.connect_timeout = DEADLINE;
+        config.round_timeout = DEADLINE;
+        config
     };
     (address, spawn_destination(listener, config, memory()))
 }
@@ -78,13 +82,15 @@ fn rejected(destination_config: DestinationConfig, source_config: SourceConfig, 
 #[test]
 fn channel_count_mismatch() {
     rejected(
-        DestinationConfig {
-            channels: Some(4),
-            ..DestinationConfig::default()
+        {
+            let mut config = DestinationConfig::default();
+            config.channels = Some(4);
+            config
         },
-        SourceConfig {
-            channels: 2,
-            ..SourceConfig::default()
+        {
+            let mut config = SourceConfig::default();
+            config.channels = 2;
+            config
         },
         RejectCode::ChannelCount,
     );
@@ -93,13 +99,15 @@ fn channel_count_mismatch() {
 #[test]
 fn page_size_mismatch() {
     rejected(
-        DestinationConfig {
-            page_size: Some(4096),
-            ..DestinationConfig::default()
+        {
+            let mut config = DestinationConfig::default();
+            config.page_size = Some(4096);
+            config
         },
-        SourceConfig {
-            page_size: 1024,
-            ..SourceConfig::default()
+        {
+            let mut config = SourceConfig::default();
+            config.page_size = 1024;
+            config
         },
         RejectCode::PageSize,
     );
@@ -108,13 +116,15 @@ fn page_size_mismatch() {
 #[test]
 fn packet_size_mismatch() {
     rejected(
-        DestinationConfig {
-            packet_size: Some(512 * 1024),
-            ..DestinationConfig::default()
+        {
+            let mut config = DestinationConfig::default();
+            config.packet_size = Some(512 * 1024);
+            config
         },
-        SourceConfig {
-            packet_size: 256 * 1024,
-            ..SourceConfig::default()
+        {
+            let mut config = SourceConfig::default();
+            config.packet_size = 256 * 1024;
+            config
         },
         RejectCode::PacketSize,
     );
@@ -123,13 +133,15 @@ fn packet_size_mismatch() {
 #[test]
 fn zero_page_mode_mismatch() {
     rejected(
-        DestinationConfig {
-            zero_page: Some(ZeroPageMode::None),
-            ..DestinationConfig::default()
+        {
+            let mut config = DestinationConfig::default();
+            config.zero_page = Some(ZeroPageMode::None);
+            config
         },
-        SourceConfig {
-            zero_page: ZeroPageMode::Multifd,
-            ..SourceConfig::default()
+        {
+            let mut config = SourceConfig::default();
+            config.zero_page = ZeroPageMode::Multifd;
+            config
         },
         RejectCode::ZeroPage,
     );
@@ -138,13 +150,15 @@ fn zero_page_mode_mismatch() {
 #[test]
 fn uuid_mismatch() {
     rejected(
-        DestinationConfig {
-            uuid: Some(*b"expected-uuid-!!"),
-            ..DestinationConfig::default()
+        {
+            let mut config = DestinationConfig::default();
+            config.uuid = Some(*b"expected-uuid-!!");
+            config
         },
-        SourceConfig {
-            uuid: Some(*b"different-uuid!!"),
-            ..SourceConfig::default()
+        {
+            let mut config = SourceConfig::default();
+            config.uuid = Some(*b"different-uuid!!");
+            config
         },
         RejectCode::Uuid,
     );
@@ -153,26 +167,28 @@ fn uuid_mismatch() {
 #[test]
 fn matching_requirements_are_accepted() {
     let uuid = *b"the-right-uuid!!";
-    let (address, destination) = destination(DestinationConfig {
-        channels: Some(3),
-        page_size: Some(4096),
-        packet_size: Some(64 * 1024),
-        zero_page: Some(ZeroPageMode::None),
-        compression: Some(zstd(3)),
-        uuid: Some(uuid),
-        ..DestinationConfig::default()
+    let (address, destination) = destination({
+        let mut config = DestinationConfig::default();
+        config.channels = Some(3);
+        config.page_size = Some(4096);
+        config.packet_size = Some(64 * 1024);
+        config.zero_page = Some(ZeroPageMode::None);
+        config.compression = Some(zstd(3));
+        config.uuid = Some(uuid);
+        config
     });
     let source_memory = memory();
     fill_mixed(&source_memory.blocks()[0], 5);
-    let config = SourceConfig {
-        channels: 3,
-        page_size: 4096,
-        packet_size: 64 * 1024,
-        zero_page: ZeroPageMode::None,
-        compression: zstd(3),
-        uuid: Some(uuid),
-        connect_timeout: DEADLINE,
-        ..SourceConfig::default()
+    let config = {
+        let mut config = SourceConfig::default();
+        config.channels = 3;
+        config.page_size = 4096;
+        config.packet_size = 64 * 1024;
+        config.zero_page = ZeroPageMode::None;
+        config.compression = zstd(3);
+        config.uuid = Some(uuid);
+        config.connect_timeout = DEADLINE;
+        config
     };
     let mut source = Source::connect(&address, &config, source_memory).expect("connect");
     source.queue_block(0).expect("queue");
@@ -231,13 +247,15 @@ fn compression_method_mismatch() {
         ),
     ] {
         rejected(
-            DestinationConfig {
-                compression: Some(required),
-                ..DestinationConfig::default()
+            {
+                let mut config = DestinationConfig::default();
+                config.compression = Some(required);
+                config
             },
-            SourceConfig {
-                compression: proposed,
-                ..SourceConfig::default()
+            {
+                let mut config = SourceConfig::default();
+                config.compression = proposed;
+                config
             },
             RejectCode::Compression,
         );
@@ -247,13 +265,15 @@ fn compression_method_mismatch() {
 #[test]
 fn compression_level_mismatch() {
     rejected(
-        DestinationConfig {
-            compression: Some(zstd(3)),
-            ..DestinationConfig::default()
+        {
+            let mut config = DestinationConfig::default();
+            config.compression = Some(zstd(3));
+            config
         },
-        SourceConfig {
-            compression: zstd(1),
-            ..SourceConfig::default()
+        {
+            let mut config = SourceConfig::default();
+            config.compression = zstd(1);
+            config
         },
         RejectCode::Compression,
     );
@@ -320,12 +340,13 @@ fn compression_level_is_a_config_error() {
         Err(Error::Config(detail)) if detail == "zstd level 20 outside -5..=19"
     ));
     invalid_config(
-        SourceConfig {
-            compression: CompressionSettings {
+        {
+            let mut config = SourceConfig::default();
+            config.compression = CompressionSettings {
                 method: Compression::Zlib,
                 level: 12,
-            },
-            ..SourceConfig::default()
+            };
+            config
         },
         "zlib level 12",
     );
@@ -458,9 +479,10 @@ fn invalid_config(config: SourceConfig, names: &str) {
 #[test]
 fn zero_channels_is_a_config_error() {
     invalid_config(
-        SourceConfig {
-            channels: 0,
-            ..SourceConfig::default()
+        {
+            let mut config = SourceConfig::default();
+            config.channels = 0;
+            config
         },
         "0 channels",
     );
@@ -469,9 +491,10 @@ fn zero_channels_is_a_config_error() {
 #[test]
 fn page_size_not_a_power_of_two_is_a_config_error() {
     invalid_config(
-        SourceConfig {
-            page_size: 1000,
-            ..SourceConfig::default()
+        {
+            let mut config = SourceConfig::default();
+            config.page_size = 1000;
+            config
         },
         "page size 1000",
     );
@@ -480,9 +503,10 @@ fn page_size_not_a_power_of_two_is_a_config_error() {
 #[test]
 fn packet_size_not_a_multiple_of_the_page_size_is_a_config_error() {
     invalid_config(
-        SourceConfig {
-            packet_size: 512 * 1024 + 100,
-            ..SourceConfig::default()
+        {
+            let mut config = SourceConfig::default();
+            config.packet_size = 512 * 1024 + 100;
+            config
         },
         "packet size 524388",
     );
@@ -496,9 +520,10 @@ fn block_not_a_multiple_of_the_page_size_is_a_config_error() {
         .parse()
         .expect("address");
     let memory = GuestMemory::new(vec![block(BLOCK, 3 * PAGE)]).expect("memory");
-    let config = SourceConfig {
-        page_size: 8192,
-        ..SourceConfig::default()
+    let config = {
+        let mut config = SourceConfig::default();
+        config.page_size = 8192;
+        config
     };
     match Source::connect(&address, &config, memory) {
         Err(Error::Config(detail)) => assert!(detail.contains(BLOCK), "{detail}"),
@@ -518,9 +543,10 @@ fn dead_tcp_address() -> Address {
 
 fn connect_fails_in_time(address: &Address, kind: std::io::ErrorKind) {
     let timeout = Duration::from_millis(300);
-    let config = SourceConfig {
-        connect_timeout: timeout,
-        ..SourceConfig::default()
+    let config = {
+        let mut config = SourceConfig::default();
+        config.connect_timeout = timeout;
+        config
     };
     let started = Instant::now();
     let error = match Source::connect(address, &config, memory()) {
@@ -560,9 +586,10 @@ fn connect_to_a_missing_unix_socket_fails_within_the_timeout() {
 #[test]
 fn destination_gives_up_waiting_for_a_source() {
     let (listener, _address) = listener(false);
-    let config = DestinationConfig {
-        wait_for_source: Some(Duration::from_millis(200)),
-        ..DestinationConfig::default()
+    let config = {
+        let mut config = DestinationConfig::default();
+        config.wait_for_source = Some(Duration::from_millis(200));
+        config
     };
     let started = Instant::now();
     let destination = spawn_destination(listener, config, memory());
@@ -584,9 +611,10 @@ fn source_times_out_when_the_destination_never_answers() {
     let address: Address = format!("tcp:{}", silent.local_addr().expect("address"))
         .parse()
         .expect("address");
-    let config = SourceConfig {
-        connect_timeout: Duration::from_millis(300),
-        ..SourceConfig::default()
+    let config = {
+        let mut config = SourceConfig::default();
+        config.connect_timeout = Duration::from_millis(300);
+        config
     };
     let started = Instant::now();
     let result = Source::connect(&address, &config, memory());

@@ -19,9 +19,10 @@ fn later_rounds_overwrite_earlier_copies() {
         DestinationConfig::default(),
         destination_memory.clone(),
     );
-    let config = SourceConfig {
-        channels: 4,
-        ..SourceConfig::default()
+    let config = {
+        let mut config = SourceConfig::default();
+        config.channels = 4;
+        config
     };
     let mut source = Source::connect(&address, &config, source_memory).expect("connect");
     source.queue_block(0).expect("queue");

@@ -3,6 +3,9 @@
 //! on its own over a real loopback connection. Every case must end the destination with
 //! the exact error (side, connection, field and value), tell the source why on the
 //! control channel, and leave no thread running.
+// Assertion helpers take the (error, reason) pair or the config a test case has just
+// built inline, and tests read better passing it by value.
+#![allow(clippy::needless_pass_by_value)]
 
 mod common;
 

@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use multifd_wire::{ControlMessage, CONTROL_FRAME_HEADER_LEN, CONTROL_MAGIC};
 
+use crate::error::Error;
+use crate::ids::{Link, Side};
 use crate::transport::Stream;
-use crate::{Error, Link, Side};
 
 /// A control connection: frames out, frames in, each side's errors named.
 pub(crate) struct ControlChannel {
@@ -49,15 +50,7 @@ impl ControlChannel {
     }
 
     fn io(&self, context: &'static str, error: io::Error) -> Error {
-        if error.kind() == io::ErrorKind::UnexpectedEof {
-            Error::Closed {
-                side: self.side,
-                link: Link::Control,
-                context,
-            }
-        } else {
-            Error::io(self.side, Link::Control, context, error)
-        }
+        Error::io(self.side, Link::Control, context, error)
     }
 
     pub(crate) fn send_magic(&self) -> Result<(), Error> {

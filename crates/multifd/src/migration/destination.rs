@@ -3,7 +3,6 @@
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use multifd_wire::{
@@ -17,19 +16,22 @@ use super::{
     check_blocks, check_device_settings, check_devices, check_settings, expect,
     DEFAULT_CONNECT_TIMEOUT,
 };
-use crate::device::{DeviceLoaders, CHUNK_OVERHEAD};
-use crate::failure::{lock, CancelHandle, Failure};
-use crate::ram::ReceivedPages;
+use crate::compress::CompressionSettings;
+use crate::device::load::DeviceLoaders;
+use crate::device::reassembler::CHUNK_OVERHEAD;
+use crate::device::LoadDevices;
+use crate::error::{Error, Violation};
+use crate::failure::{join_threads, CancelHandle, Failure};
+use crate::ids::{DeviceId, Link, Side, Uuid};
+use crate::ram::{GuestMemory, ReceivedPages};
 use crate::recv::{ChannelReceiver, ReceiveSettings, ReleaseError, SyncBarrier};
-use crate::stats::{ChannelCounters, Counters, Monitor};
+use crate::stats::{ChannelCounters, Counters, MigrationStats, Monitor};
+use crate::sync::lock;
 use crate::transport::{Accepted, Listener, Stream};
-use crate::{
-    CompressionSettings, DeviceId, Error, GuestMemory, Link, LoadDevices, MigrationStats, Side,
-    Uuid, Violation,
-};
 
 /// What a destination accepts. Settings left `None` are taken from the source.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DestinationConfig {
     /// Required channel count.
     pub channels: Option<u8>,
@@ -300,7 +302,7 @@ impl Destination {
         };
         // On error, failing first stops the channel and load threads so they can be joined.
         let result = result.map_err(|error| self.failure.first_error(error));
-        join(threads, &self.failure);
+        join_threads(threads, &self.failure, Side::Destination, "channel");
         loaders.join(&self.failure);
         match result {
             Ok(_) if self.failure.is_failed() => Err(self.failure.first_error(Error::Internal {
@@ -372,7 +374,7 @@ impl Destination {
                 Accepted::WatchReadable => {
                     if let Some((control, early)) = control.as_mut() {
                         match lock(control).receive()? {
-                            ControlMessage::Abort(reason) => return Err(source_aborted(reason)),
+                            ControlMessage::Abort(reason) => return Err(source_aborted(&reason)),
                             message if early.len() < MAX_EARLY_MESSAGES => early.push(message),
                             message => {
                                 return Err(Error::protocol(
@@ -516,31 +518,31 @@ impl Destination {
             RejectCode::ChannelCount,
             "channel count",
             config.channels.map(u32::from),
-            hello.channels,
+            &hello.channels,
         )?;
         expect(
             RejectCode::PageSize,
             "page size",
             config.page_size,
-            hello.page_size,
+            &hello.page_size,
         )?;
         expect(
             RejectCode::PacketSize,
             "packet size",
             config.packet_size,
-            hello.packet_size,
+            &hello.packet_size,
         )?;
         expect(
             RejectCode::ZeroPage,
             "zero-page mode",
             config.zero_page,
-            hello.zero_page,
+            &hello.zero_page,
         )?;
         expect(
             RejectCode::Compression,
             "compression",
             config.compression.map(|settings| settings.to_string()),
-            CompressionSettings {
+            &CompressionSettings {
                 method: hello.compression,
                 level: hello.compression_level,
             }
@@ -550,7 +552,7 @@ impl Destination {
             RejectCode::Uuid,
             "uuid",
             config.uuid.map(|uuid| Uuid(uuid).to_string()),
-            Uuid(hello.uuid).to_string(),
+            &Uuid(hello.uuid).to_string(),
         )
     }
 
@@ -698,7 +700,7 @@ impl Destination {
                     );
                     return Ok(stats);
                 }
-                ControlMessage::Abort(reason) => return Err(source_aborted(reason)),
+                ControlMessage::Abort(reason) => return Err(source_aborted(&reason)),
                 other => return Err(violation(Violation::UnexpectedMessage(other.name()))),
             }
         }
@@ -706,7 +708,7 @@ impl Destination {
 }
 
 /// The error a source's `Abort` becomes.
-fn source_aborted(reason: String) -> Error {
+fn source_aborted(reason: &str) -> Error {
     Error::PeerFailed {
         side: Side::Destination,
         reason: format!("source aborted: {reason}"),
@@ -784,15 +786,4 @@ fn check_mapped_blocks(
     memory
         .check_layout(page_size)
         .map_err(|error| mismatch(error.to_string()))
-}
-
-fn join(threads: Vec<JoinHandle<()>>, failure: &Failure) {
-    for thread in threads {
-        if thread.join().is_err() {
-            failure.fail(Error::Internal {
-                side: Side::Destination,
-                what: "a channel thread panicked".into(),
-            });
-        }
-    }
 }

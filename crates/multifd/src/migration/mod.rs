@@ -18,8 +18,8 @@ use multifd_wire::{
     DEVICE_STATE_CHUNK_HEADER_LEN, PROTOCOL_VERSION,
 };
 
+use crate::compress::CompressionSettings;
 use crate::ram::name_problem;
-use crate::CompressionSettings;
 
 pub use destination::{Destination, DestinationConfig, DEFAULT_MAX_QUEUED_DEVICE_BYTES};
 pub use source::{Source, SourceConfig, DEFAULT_DEVICE_CHUNK_SIZE};
@@ -192,10 +192,10 @@ fn expect<T: PartialEq + std::fmt::Debug>(
     code: RejectCode,
     name: &str,
     expected: Option<T>,
-    proposed: T,
+    proposed: &T,
 ) -> Result<(), RejectReason> {
     match expected {
-        Some(expected) if expected != proposed => Err(RejectReason {
+        Some(expected) if expected != *proposed => Err(RejectReason {
             code,
             detail: format!("source {name} {proposed:?}, destination expects {expected:?}"),
         }),

@@ -14,16 +14,21 @@ use multifd_wire::{
 
 use super::control::ControlChannel;
 use super::{check_device_settings, check_devices, check_settings, DEFAULT_CONNECT_TIMEOUT};
-use crate::device::{save_devices, SaveJob};
-use crate::failure::{lock, CancelHandle, Failure};
+use crate::compress::CompressionSettings;
+use crate::device::save::{save_devices, SaveJob};
+use crate::device::SaveDevices;
+use crate::error::{Error, Violation};
+use crate::failure::{join_threads, CancelHandle, Failure, PEER_REASON_GRACE};
+use crate::ids::{DeviceId, Link, Side, Uuid};
+use crate::ram::GuestMemory;
 use crate::send::{Batch, ChannelSettings, SendChannels};
-use crate::stats::{Counters, Monitor};
+use crate::stats::{ChannelCounters, Counters, MigrationStats, Monitor};
+use crate::sync::lock;
 use crate::transport::{Address, Stream};
-use crate::{CompressionSettings, DeviceId, SaveDevices};
-use crate::{Error, GuestMemory, Link, MigrationStats, Side, Uuid, Violation};
 
 /// How a source migrates.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SourceConfig {
     /// Multifd channels to open (1 to 255).
     pub channels: u8,
@@ -77,10 +82,6 @@ enum ControlEvent {
     Completed(Totals),
     PeerFailed(String),
 }
-
-/// How long a failing source waits for the destination's own account of the failure,
-/// which names the real cause when the source only saw a connection break.
-const PEER_REASON_GRACE: Duration = Duration::from_secs(1);
 
 /// A running migration on the source host.
 ///
@@ -263,7 +264,7 @@ impl Source {
         // Registered after the `Abort` notifier: the destination should read why the
         // source failed before it sees the channels close.
         for (id, stream) in streams.iter().enumerate() {
-            crate::stats::ChannelCounters::add(
+            ChannelCounters::add(
                 &counters.channels[id].bytes,
                 multifd_wire::CHANNEL_HELLO_LEN as u64,
             );
@@ -507,14 +508,12 @@ impl Source {
     }
 
     fn join_save_threads(&mut self) {
-        for thread in self.save_threads.drain(..) {
-            if thread.join().is_err() {
-                self.failure.fail(Error::Internal {
-                    side: Side::Source,
-                    what: "a device save thread panicked".into(),
-                });
-            }
-        }
+        join_threads(
+            self.save_threads.drain(..),
+            &self.failure,
+            Side::Source,
+            "device save",
+        );
     }
 
     fn channels(&self) -> Result<&Arc<SendChannels>, Error> {

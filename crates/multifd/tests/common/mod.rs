@@ -179,11 +179,12 @@ where
 
 /// A destination configuration whose timeouts end any test that goes wrong quickly.
 pub fn quick_destination_config() -> DestinationConfig {
-    DestinationConfig {
-        wait_for_source: Some(DEADLINE),
-        connect_timeout: DEADLINE,
-        round_timeout: DEADLINE,
-        ..DestinationConfig::default()
+    {
+        let mut config = DestinationConfig::default();
+        config.wait_for_source = Some(DEADLINE);
+        config.connect_timeout = DEADLINE;
+        config.round_timeout = DEADLINE;
+        config
     }
 }
 

@@ -123,6 +123,7 @@
 #![deny(missing_docs)]
 
 pub mod bench_internals;
+mod channel_roles;
 mod compress;
 mod device;
 mod error;

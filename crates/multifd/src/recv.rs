@@ -17,6 +17,7 @@ use multifd_wire::{
     PACKET_HEADER_LEN, RAM_PACKET_FIXED_LEN,
 };
 
+use crate::channel_roles::ChannelRoles;
 use crate::compress::PacketDecompressor;
 use crate::device::load::DeviceLoaders;
 use crate::error::{Error, Violation};
@@ -121,9 +122,8 @@ pub(crate) struct ReceiveSettings {
     pub(crate) ram_limits: RamLimits,
     pub(crate) device_limits: DeviceStateLimits,
     pub(crate) devices: Arc<DeviceLoaders>,
-    /// Channels from this id up carry only device state, the others only RAM; equal to
-    /// the channel count when every channel carries both.
-    pub(crate) first_device_channel: u8,
+    /// Which channels may carry RAM pages and which device state.
+    pub(crate) roles: ChannelRoles,
 }
 
 /// One channel's receive thread.
@@ -231,7 +231,7 @@ impl ChannelReceiver {
         if ram.normal_pages() == 0 && ram.zero_pages() == 0 {
             return Ok(());
         }
-        if self.id >= settings.first_device_channel {
+        if !settings.roles.carries_ram(self.id) {
             return Err(self.violation(Violation::WrongChannelKind("RAM pages")));
         }
         let block_index = settings
@@ -343,8 +343,7 @@ impl ChannelReceiver {
                     instance_id: device.instance_id,
                 })
             })?;
-        let dedicated = usize::from(settings.first_device_channel) < self.counters.channels.len();
-        if dedicated && self.id < settings.first_device_channel {
+        if !settings.roles.carries_device_state(self.id) {
             return Err(self.violation(Violation::WrongChannelKind("device state")));
         }
         let mut header = [0u8; DEVICE_STATE_CHUNK_HEADER_LEN];

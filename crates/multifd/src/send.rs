@@ -24,6 +24,7 @@ use multifd_wire::{
     DeviceStatePacket, Flags, RamPacketFields, ZeroPageMode, DEVICE_STATE_CHUNK_HEADER_LEN,
 };
 
+use crate::channel_roles::ChannelRoles;
 use crate::compress::{ChannelCompressor, CompressionSettings};
 use crate::error::Error;
 use crate::failure::{join_threads, Failure};
@@ -111,31 +112,28 @@ const DEVICE_POOL: usize = 1;
 struct State {
     slots: Vec<Slot>,
     pools: [Pool; 2],
-    /// Channels from this id up are dedicated to device state.
-    first_device_channel: u8,
+    roles: ChannelRoles,
     stopping: bool,
     failed: bool,
 }
 
-/// The pool channel `channel` serves when channels from `first_device_channel` up are
-/// dedicated to device state.
-fn pool_of_channel(channel: u8, first_device_channel: u8) -> usize {
-    if channel >= first_device_channel {
-        DEVICE_POOL
-    } else {
+/// The pool channel `channel` serves.
+fn pool_of_channel(channel: u8, roles: ChannelRoles) -> usize {
+    if roles.carries_ram(channel) {
         SHARED_POOL
+    } else {
+        DEVICE_POOL
     }
 }
 
 impl State {
     fn pool_of_channel(&self, channel: u8) -> usize {
-        pool_of_channel(channel, self.first_device_channel)
+        pool_of_channel(channel, self.roles)
     }
 
     fn pool_of_batch(&self, kind: BatchKind) -> usize {
-        let dedicated = usize::from(self.first_device_channel) < self.slots.len();
         match kind {
-            BatchKind::DeviceState { .. } if dedicated => DEVICE_POOL,
+            BatchKind::DeviceState { .. } if self.roles.has_dedicated() => DEVICE_POOL,
             _ => SHARED_POOL,
         }
     }
@@ -175,10 +173,10 @@ impl SendChannels {
         failure: &Arc<Failure>,
     ) -> Self {
         let channels = streams.len();
-        let first_device_channel = (channels as u8).saturating_sub(settings.dedicated_channels);
+        let roles = ChannelRoles::new(channels as u8, settings.dedicated_channels);
         let mut pools: [Pool; 2] = Default::default();
         for channel in 0..channels as u8 {
-            pools[pool_of_channel(channel, first_device_channel)]
+            pools[pool_of_channel(channel, roles)]
                 .idle
                 .push_back(channel);
         }
@@ -195,7 +193,7 @@ impl SendChannels {
                     })
                     .collect(),
                 pools,
-                first_device_channel,
+                roles,
                 stopping: false,
                 failed: false,
             }),

@@ -1,5 +1,5 @@
 //! Locking and waiting that ignore poison. A panicking migration thread is reported
-//! through `join` (see [`crate::failure::join_threads`]), and the state behind these locks
+//! through `join`, and the state behind these locks
 //! stays consistent across a panic (plain flags, counters and lists), so a poisoned lock is
 //! taken as it is rather than turned into a second panic. A leaf: it imports nothing from
 //! the crate.

@@ -16,6 +16,7 @@ use super::{
     check_blocks, check_device_settings, check_devices, check_settings, expect,
     DEFAULT_CONNECT_TIMEOUT,
 };
+use crate::channel_roles::ChannelRoles;
 use crate::compress::CompressionSettings;
 use crate::device::load::DeviceLoaders;
 use crate::device::reassembler::CHUNK_OVERHEAD;
@@ -220,6 +221,58 @@ impl Destination {
         // control lock free to send `Failed`.
         let reader = lock(&control).try_clone()?;
         let barrier = SyncBarrier::new(channel_count, &self.failure);
+        let receiving = self.start_channels(
+            streams,
+            &hello,
+            (memory, &device_settings, devices),
+            &counters,
+            &barrier,
+        )?;
+        counters.setup_done();
+        tracing::info!(uuid = %Uuid(hello.uuid), channels = channel_count, "migration accepted");
+
+        let result = if self.failure.is_failed() {
+            Err(Error::Cancelled {
+                side: Side::Destination,
+            })
+        } else {
+            self.run_rounds(
+                &control,
+                (reader, early),
+                &barrier,
+                &counters,
+                &receiving.loaders,
+                &receiving.shutdowns,
+            )
+        };
+        // On error, failing first stops the channel and load threads so they can be joined.
+        let result = result.map_err(|error| self.failure.first_error(error));
+        join_threads(
+            receiving.threads,
+            &self.failure,
+            Side::Destination,
+            "channel",
+        );
+        receiving.loaders.join(&self.failure);
+        match result {
+            Ok(_) if self.failure.is_failed() => Err(self.failure.first_error(Error::Internal {
+                side: Side::Destination,
+                what: "a channel failed after completion".into(),
+            })),
+            result => result,
+        }
+    }
+
+    /// Starts the device load threads and one receive thread per channel.
+    fn start_channels(
+        &self,
+        streams: Vec<Stream>,
+        hello: &Hello,
+        (memory, device_settings, devices): (GuestMemory, &DeviceStateSettings, LoadDevices),
+        counters: &Arc<Counters>,
+        barrier: &Arc<SyncBarrier>,
+    ) -> Result<Receiving, Error> {
+        let channel_count = hello.channels as u8;
         let loaders = DeviceLoaders::start(
             counters
                 .devices
@@ -252,8 +305,7 @@ impl Destination {
                 extensions: 0,
             },
             devices: Arc::clone(&loaders),
-            first_device_channel: channel_count
-                .saturating_sub(device_settings.dedicated_channels as u8),
+            roles: ChannelRoles::new(channel_count, device_settings.dedicated_channels as u8),
         });
         let mut shutdowns = Vec::with_capacity(streams.len());
         let mut threads = Vec::with_capacity(streams.len());
@@ -265,8 +317,8 @@ impl Destination {
                 id: id as u8,
                 stream,
                 settings: Arc::clone(&settings),
-                counters: Arc::clone(&counters),
-                barrier: Arc::clone(&barrier),
+                counters: Arc::clone(counters),
+                barrier: Arc::clone(barrier),
             };
             let failure = Arc::clone(&self.failure);
             let spawned = std::thread::Builder::new()
@@ -283,34 +335,11 @@ impl Destination {
                 }
             }
         }
-        counters.setup_done();
-        tracing::info!(uuid = %Uuid(hello.uuid), channels = channel_count, "migration accepted");
-
-        let result = if self.failure.is_failed() {
-            Err(Error::Cancelled {
-                side: Side::Destination,
-            })
-        } else {
-            self.run_rounds(
-                &control,
-                (reader, early),
-                &barrier,
-                &counters,
-                &loaders,
-                &shutdowns,
-            )
-        };
-        // On error, failing first stops the channel and load threads so they can be joined.
-        let result = result.map_err(|error| self.failure.first_error(error));
-        join_threads(threads, &self.failure, Side::Destination, "channel");
-        loaders.join(&self.failure);
-        match result {
-            Ok(_) if self.failure.is_failed() => Err(self.failure.first_error(Error::Internal {
-                side: Side::Destination,
-                what: "a channel failed after completion".into(),
-            })),
-            result => result,
-        }
+        Ok(Receiving {
+            threads,
+            shutdowns,
+            loaders,
+        })
     }
 
     /// Waits for the control connection; multifd channels that arrive first are kept.
@@ -705,6 +734,15 @@ impl Destination {
             }
         }
     }
+}
+
+/// The threads receiving a migration, and how to stop them.
+struct Receiving {
+    /// One per channel.
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// A clone of each channel's connection, to shut it down.
+    shutdowns: Vec<Stream>,
+    loaders: Arc<DeviceLoaders>,
 }
 
 /// The error a source's `Abort` becomes.

@@ -50,7 +50,9 @@ pub struct SourceConfig {
     /// (the seeds' RFC design); 0 shares every channel between RAM and devices.
     pub device_channels: u8,
     /// Saves the devices one after another on a single thread instead of one thread
-    /// each: how a VMM without multifd device state serializes them, for comparison.
+    /// each: how a VMM without multifd device state serializes them. A benchmark's
+    /// baseline, not part of the stable API.
+    #[doc(hidden)]
     pub sequential_device_save: bool,
 }
 
@@ -129,111 +131,39 @@ impl Source {
         devices: SaveDevices,
     ) -> Result<Self, Error> {
         let started = Instant::now();
-        let uuid = match config.uuid {
-            Some(uuid) => uuid,
-            None => {
-                random_uuid().map_err(|error| Error::Config(format!("no random uuid: {error}")))?
-            }
-        };
-        let hello = Hello {
-            protocol_version: PROTOCOL_VERSION,
-            uuid,
-            channels: u32::from(config.channels),
-            page_size: config.page_size,
-            packet_size: config.packet_size,
-            compression: config.compression.method,
-            compression_level: config.compression.level,
-            zero_page: config.zero_page,
-            extensions: config.compression.extensions(),
-        };
-        check_settings(&hello).map_err(|reason| Error::Config(reason.detail))?;
-        memory.check_layout(config.page_size)?;
-        let device_ids: Vec<DeviceId> = devices.iter().map(|(id, _)| id.clone()).collect();
-        let announced: Vec<DeviceAnnouncement> = device_ids
-            .iter()
-            .map(|id| DeviceAnnouncement {
-                idstr: id.idstr.clone(),
-                instance_id: id.instance_id,
-            })
-            .collect();
-        check_devices(&announced).map_err(|reason| Error::Config(reason.detail))?;
-        let device_settings = DeviceStateSettings {
-            max_payload: config
-                .device_chunk_size
-                .saturating_add(DEVICE_STATE_CHUNK_HEADER_LEN as u32),
-            dedicated_channels: u32::from(config.device_channels),
-        };
-        check_device_settings(&device_settings, hello.channels)
-            .map_err(|reason| Error::Config(reason.detail))?;
-
+        let offer = Offer::new(config, &memory, &devices)?;
         let connect = |link| {
             Stream::connect(address, config.connect_timeout)
                 .map_err(|error| Error::io(Side::Source, link, "connect", error))
         };
         let mut control = ControlChannel::new(Side::Source, connect(Link::Control)?)?;
-        control.send_magic()?;
-        control.send(&ControlMessage::Hello(hello))?;
-        control.send(&ControlMessage::RamBlocks(
-            memory
-                .blocks()
-                .iter()
-                .map(|block| BlockAnnouncement {
-                    name: block.name().into(),
-                    length: block.len(),
-                })
-                .collect(),
-        ))?;
-        control.send(&ControlMessage::Devices(announced))?;
-        control.send(&ControlMessage::DeviceSettings(device_settings))?;
-        control
-            .stream()
-            .set_read_timeout(Some(config.connect_timeout))
-            .map_err(|error| Error::io(Side::Source, Link::Control, "set read timeout", error))?;
-        match control.receive() {
-            Ok(ControlMessage::Welcome) => {}
-            Ok(ControlMessage::Reject(reason)) => {
-                return Err(Error::Rejected {
-                    side: Side::Source,
-                    reason,
-                })
-            }
-            Ok(other) => {
-                return Err(Error::protocol(
-                    Side::Source,
-                    Link::Control,
-                    Violation::UnexpectedMessage(other.name()),
-                ))
-            }
-            Err(Error::Io { source, .. }) if is_timeout(&source) => {
-                return Err(Error::Timeout {
-                    side: Side::Source,
-                    what: "waiting for the destination's welcome",
-                })
-            }
-            Err(error) => return Err(error),
-        }
-        control
-            .stream()
-            .set_read_timeout(None)
-            .map_err(|error| Error::io(Side::Source, Link::Control, "set read timeout", error))?;
-
+        let uuid = offer.negotiate(&mut control, &memory, config.connect_timeout)?;
         let mut streams = Vec::with_capacity(usize::from(config.channels));
         for id in 0..config.channels {
-            let stream = match connect(Link::Channel(id)) {
-                Ok(stream) => stream,
+            match open_channel(connect(Link::Channel(id)), uuid, id) {
+                Ok(stream) => streams.push(stream),
                 Err(error) => {
                     // Tell the destination now rather than leave it waiting for the channel.
                     let _ = control.send(&ControlMessage::Abort(error.to_string()));
                     return Err(error);
                 }
-            };
-            let hello = ChannelHello { uuid, channel: id }.encode();
-            (&stream).write_all(&hello).map_err(|error| {
-                Error::io(Side::Source, Link::Channel(id), "write hello", error)
-            })?;
-            streams.push(stream);
+            }
         }
+        Self::start(config, memory, devices, (control, streams), started).inspect(
+            |_| tracing::info!(uuid = %Uuid(uuid), channels = config.channels, "migration set up"),
+        )
+    }
 
+    /// Starts the migration over negotiated connections: the failure hooks, the control
+    /// reader and the channel threads.
+    fn start(
+        config: &SourceConfig,
+        memory: GuestMemory,
+        devices: SaveDevices,
+        (control, streams): (ControlChannel, Vec<Stream>),
+        started: Instant,
+    ) -> Result<Self, Error> {
+        let device_ids: Vec<DeviceId> = devices.iter().map(|(id, _)| id.clone()).collect();
         let failure = Failure::new();
         let counters = Counters::new(
             Side::Source,
@@ -248,32 +178,10 @@ impl Source {
         );
         let reader = control.try_clone()?;
         let control = Arc::new(Mutex::new(control));
-        let notifier = Arc::clone(&control);
-        failure.on_failure(move |reason| {
-            // A driver blocked mid-write holds the lock; then the peer learns from the
-            // closed connections instead.
-            if let Ok(mut control) = notifier.try_lock() {
-                // Best effort: the peer may already be gone.
-                let _ = control.send(&ControlMessage::Abort(reason.into()));
-                let stream = control.stream();
-                // Bounds the reader's wait for the destination's own failure report.
-                let _ = stream.set_read_timeout(Some(PEER_REASON_GRACE));
-            }
-        });
-
-        // Registered after the `Abort` notifier: the destination should read why the
-        // source failed before it sees the channels close.
-        for (id, stream) in streams.iter().enumerate() {
-            ChannelCounters::add(
-                &counters.channels[id].bytes,
-                multifd_wire::CHANNEL_HELLO_LEN as u64,
-            );
-            let clone = stream.try_clone().map_err(|error| {
-                Error::io(Side::Source, Link::Channel(id as u8), "clone", error)
-            })?;
-            failure.on_failure(move |_| clone.shutdown());
+        notify_on_failure(&failure, &control, &streams)?;
+        for channel in &counters.channels {
+            ChannelCounters::add(&channel.bytes, multifd_wire::CHANNEL_HELLO_LEN as u64);
         }
-
         let (events_sender, events) = mpsc::channel();
         let reader_failure = Arc::clone(&failure);
         let control_reader = std::thread::Builder::new()
@@ -309,7 +217,6 @@ impl Source {
             })
             .collect();
         counters.setup_done();
-        tracing::info!(uuid = %Uuid(uuid), channels = config.channels, "migration set up");
         Ok(Self {
             memory,
             page_size: config.page_size,
@@ -580,6 +487,162 @@ impl Drop for Source {
             let _ = reader.join();
         }
     }
+}
+
+/// Registers what a failure does: tell the destination why (`Abort`), then shut every
+/// channel down so each blocked thread wakes.
+fn notify_on_failure(
+    failure: &Failure,
+    control: &Arc<Mutex<ControlChannel>>,
+    streams: &[Stream],
+) -> Result<(), Error> {
+    let notifier = Arc::clone(control);
+    failure.on_failure(move |reason| {
+        // A driver blocked mid-write holds the lock; then the peer learns from the
+        // closed connections instead.
+        if let Ok(mut control) = notifier.try_lock() {
+            // Best effort: the peer may already be gone.
+            let _ = control.send(&ControlMessage::Abort(reason.into()));
+            let stream = control.stream();
+            // Bounds the reader's wait for the destination's own failure report.
+            let _ = stream.set_read_timeout(Some(PEER_REASON_GRACE));
+        }
+    });
+
+    // Registered after the `Abort` notifier: the destination should read why the
+    // source failed before it sees the channels close.
+    for (id, stream) in streams.iter().enumerate() {
+        let clone = stream
+            .try_clone()
+            .map_err(|error| Error::io(Side::Source, Link::Channel(id as u8), "clone", error))?;
+        failure.on_failure(move |_| clone.shutdown());
+    }
+    Ok(())
+}
+
+/// What the source proposes in the handshake, checked before anything is sent.
+struct Offer {
+    hello: Hello,
+    devices: Vec<DeviceAnnouncement>,
+    device_settings: DeviceStateSettings,
+}
+
+impl Offer {
+    /// The handshake for `config`, `memory` and `devices`; an unusable setting is an
+    /// [`Error::Config`] before any connection is made.
+    fn new(
+        config: &SourceConfig,
+        memory: &GuestMemory,
+        devices: &SaveDevices,
+    ) -> Result<Self, Error> {
+        let uuid = match config.uuid {
+            Some(uuid) => uuid,
+            None => {
+                random_uuid().map_err(|error| Error::Config(format!("no random uuid: {error}")))?
+            }
+        };
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            uuid,
+            channels: u32::from(config.channels),
+            page_size: config.page_size,
+            packet_size: config.packet_size,
+            compression: config.compression.method,
+            compression_level: config.compression.level,
+            zero_page: config.zero_page,
+            extensions: config.compression.extensions(),
+        };
+        check_settings(&hello).map_err(|reason| Error::Config(reason.detail))?;
+        memory.check_layout(config.page_size)?;
+        let devices: Vec<DeviceAnnouncement> = devices
+            .iter()
+            .map(|(id, _)| DeviceAnnouncement {
+                idstr: id.idstr.clone(),
+                instance_id: id.instance_id,
+            })
+            .collect();
+        check_devices(&devices).map_err(|reason| Error::Config(reason.detail))?;
+        let device_settings = DeviceStateSettings {
+            max_payload: config
+                .device_chunk_size
+                .saturating_add(DEVICE_STATE_CHUNK_HEADER_LEN as u32),
+            dedicated_channels: u32::from(config.device_channels),
+        };
+        check_device_settings(&device_settings, hello.channels)
+            .map_err(|reason| Error::Config(reason.detail))?;
+        Ok(Self {
+            hello,
+            devices,
+            device_settings,
+        })
+    }
+
+    /// Sends the offer on the control channel and waits, at most `timeout`, for the
+    /// destination's `Welcome`; returns the migration's uuid.
+    fn negotiate(
+        self,
+        control: &mut ControlChannel,
+        memory: &GuestMemory,
+        timeout: Duration,
+    ) -> Result<[u8; 16], Error> {
+        let uuid = self.hello.uuid;
+        control.send_magic()?;
+        control.send(&ControlMessage::Hello(self.hello))?;
+        control.send(&ControlMessage::RamBlocks(
+            memory
+                .blocks()
+                .iter()
+                .map(|block| BlockAnnouncement {
+                    name: block.name().into(),
+                    length: block.len(),
+                })
+                .collect(),
+        ))?;
+        control.send(&ControlMessage::Devices(self.devices))?;
+        control.send(&ControlMessage::DeviceSettings(self.device_settings))?;
+        let set_timeout = |control: &ControlChannel, timeout| {
+            control
+                .stream()
+                .set_read_timeout(timeout)
+                .map_err(|error| Error::io(Side::Source, Link::Control, "set read timeout", error))
+        };
+        set_timeout(control, Some(timeout))?;
+        match control.receive() {
+            Ok(ControlMessage::Welcome) => {}
+            Ok(ControlMessage::Reject(reason)) => {
+                return Err(Error::Rejected {
+                    side: Side::Source,
+                    reason,
+                })
+            }
+            Ok(other) => {
+                return Err(Error::protocol(
+                    Side::Source,
+                    Link::Control,
+                    Violation::UnexpectedMessage(other.name()),
+                ))
+            }
+            Err(Error::Io { source, .. }) if is_timeout(&source) => {
+                return Err(Error::Timeout {
+                    side: Side::Source,
+                    what: "waiting for the destination's welcome",
+                })
+            }
+            Err(error) => return Err(error),
+        }
+        set_timeout(control, None)?;
+        Ok(uuid)
+    }
+}
+
+/// Opens multifd channel `id` of migration `uuid`: its connection, then its hello.
+fn open_channel(connected: Result<Stream, Error>, uuid: [u8; 16], id: u8) -> Result<Stream, Error> {
+    let stream = connected?;
+    let hello = ChannelHello { uuid, channel: id }.encode();
+    (&stream)
+        .write_all(&hello)
+        .map_err(|error| Error::io(Side::Source, Link::Channel(id), "write hello", error))?;
+    Ok(stream)
 }
 
 fn read_control(

@@ -274,6 +274,21 @@ pub enum Error {
         /// What failed and the device's error.
         message: String,
     },
+    /// The VMM's dirty log failed (starting, harvesting or stopping it).
+    #[error("{side}: dirty log: {source}")]
+    DirtyLog {
+        /// Where.
+        side: Side,
+        /// The log's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The VMM's VM control failed (stopping the vCPUs); the VM runs on the source.
+    #[error("source: VM control: {message}")]
+    Vm {
+        /// What failed and the VMM's error.
+        message: String,
+    },
     /// A page queued by the caller that is not a whole page inside a block.
     #[error(
         "source: page at offset {offset:#x} of ramblock {block} is not a whole page inside it"

@@ -122,6 +122,8 @@
 //! the cause. Packet layouts and their validation live in the `multifd-wire` crate.
 #![deny(missing_docs)]
 
+mod bandwidth;
+mod dirty;
 pub mod bench_internals;
 mod channel_roles;
 mod compress;
@@ -130,6 +132,7 @@ mod error;
 mod failure;
 mod ids;
 mod migration;
+mod precopy;
 mod ram;
 mod recv;
 mod send;
@@ -139,6 +142,7 @@ mod transport;
 mod zero_page;
 
 pub use compress::CompressionSettings;
+pub use dirty::{AtomicDirtyBitmap, DirtyLog, DirtyLogUnion};
 pub use device::{DeviceError, LoadDevice, LoadDevices, SaveDevice, SaveDevices, StateWriter};
 pub use error::{Error, Violation};
 pub use failure::CancelHandle;
@@ -149,6 +153,10 @@ pub use migration::{
 };
 pub use multifd_wire::{
     BlockAnnouncement, Compression, RejectCode, RejectReason, WireError, ZeroPageMode,
+};
+pub use precopy::{
+    Phase, Precopy, PrecopyConfig, PrecopyProgress, PrecopyStats, RoundStats, Throttle,
+    TimeoutStrategy, VmControl, DEFAULT_DOWNTIME_LIMIT,
 };
 pub use ram::{GuestMemory, RamBlock};
 pub use stats::{ChannelStats, DeviceStats, MigrationStats, Monitor, Progress, ProgressWatcher};

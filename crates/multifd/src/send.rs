@@ -24,6 +24,7 @@ use multifd_wire::{
     DeviceStatePacket, Flags, RamPacketFields, ZeroPageMode, DEVICE_STATE_CHUNK_HEADER_LEN,
 };
 
+use crate::bandwidth::BandwidthLimit;
 use crate::channel_roles::ChannelRoles;
 use crate::compress::{ChannelCompressor, CompressionSettings};
 use crate::error::Error;
@@ -87,6 +88,8 @@ pub(crate) struct ChannelSettings {
     pub(crate) devices: Vec<DeviceId>,
     /// How many of the last channels carry only device state (0: all carry both).
     pub(crate) dedicated_channels: u8,
+    /// The wire-bytes budget of all channels together, if capped.
+    pub(crate) bandwidth: Option<BandwidthLimit>,
 }
 
 #[derive(Default)]
@@ -221,6 +224,7 @@ impl SendChannels {
                     normal: Vec::with_capacity(settings.pages_per_packet as usize),
                     zero: Vec::with_capacity(settings.pages_per_packet as usize),
                     compressor: None,
+                    charged: 0,
                 };
                 let shared = Arc::clone(&shared);
                 let failure = Arc::clone(failure);
@@ -346,6 +350,8 @@ struct ChannelSender {
     zero: Vec<u64>,
     /// The channel's compression stream, made on its thread; `None` without compression.
     compressor: Option<ChannelCompressor>,
+    /// The channel's bytes already charged to the bandwidth budget.
+    charged: u64,
 }
 
 impl ChannelSender {
@@ -400,6 +406,14 @@ impl ChannelSender {
                     error,
                 ));
                 return;
+            }
+            if let Some(limit) = &self.settings.bandwidth {
+                let written = self.counters().bytes.load(Ordering::Relaxed);
+                let pause = limit.charge(written - std::mem::replace(&mut self.charged, written));
+                // Woken early by a failure, which the next turn of the loop sees.
+                if !pause.is_zero() && failure.wait_for_failure(pause) {
+                    return;
+                }
             }
             let mut state = shared.lock();
             let slot = &mut state.slots[id];
@@ -624,6 +638,7 @@ mod tests {
                 compression: CompressionSettings::NONE,
                 devices: Vec::new(),
                 dedicated_channels: 0,
+                bandwidth: None,
             },
             &counters,
             failure,

@@ -100,6 +100,10 @@ pub(crate) struct Counters {
     pub(crate) peak_queued_device_bytes: Arc<AtomicU64>,
     /// When `SwitchoverStart` was sent (source) or received (destination).
     switchover: OnceLock<Instant>,
+    /// Source: when the last device finished saving after the switchover.
+    devices_saved: OnceLock<Instant>,
+    /// Source: when every channel had written its last packet.
+    drained: OnceLock<Instant>,
 }
 
 impl Counters {
@@ -127,7 +131,19 @@ impl Counters {
                 .collect(),
             peak_queued_device_bytes: Arc::new(AtomicU64::new(0)),
             switchover: OnceLock::new(),
+            devices_saved: OnceLock::new(),
+            drained: OnceLock::new(),
         })
+    }
+
+    /// Records that every device finished saving.
+    pub(crate) fn devices_saved(&self) {
+        let _ = self.devices_saved.set(Instant::now());
+    }
+
+    /// Records that every channel wrote its last packet.
+    pub(crate) fn drained(&self) {
+        let _ = self.drained.set(Instant::now());
     }
 
     /// Records the switchover (the source VM stopped); `false` if it was recorded before.
@@ -192,11 +208,21 @@ impl Counters {
                 .iter()
                 .map(|channel| channel.bytes.load(Ordering::Relaxed))
                 .sum(),
-            guest_bytes_done: (totals.normal_pages + totals.zero_pages) * u64::from(self.page_size),
+            guest_bytes_done: ((totals.normal_pages + totals.zero_pages)
+                * u64::from(self.page_size))
+            .min(self.guest_bytes.load(Ordering::Relaxed)),
             guest_bytes: self.guest_bytes.load(Ordering::Relaxed),
             rounds: totals.rounds,
             elapsed: self.started.elapsed(),
         }
+    }
+
+    /// From the switchover to `mark`, if both happened.
+    fn since_switchover(&self, mark: &OnceLock<Instant>) -> Option<Duration> {
+        Some(
+            mark.get()?
+                .saturating_duration_since(*self.switchover.get()?),
+        )
     }
 
     pub(crate) fn finish(&self) -> MigrationStats {
@@ -228,6 +254,8 @@ impl Counters {
                 .unwrap_or_default(),
             total_time: self.started.elapsed(),
             switchover_time: self.switchover.get().map(Instant::elapsed),
+            device_save_time: self.since_switchover(&self.devices_saved),
+            drain_time: self.since_switchover(&self.drained),
             device_chunks: devices.iter().map(|device| device.chunks).sum(),
             device_bytes: devices.iter().map(|device| device.bytes).sum(),
             peak_queued_device_bytes: self.peak_queued_device_bytes.load(Ordering::Relaxed),
@@ -313,7 +341,9 @@ impl Drop for ProgressWatcher {
 pub struct Progress {
     /// Bytes written or read on all channels so far (packets and payload).
     pub bytes: u64,
-    /// Guest bytes transferred so far (normal and zero pages, times the page size).
+    /// Guest bytes transferred so far (normal and zero pages, times the page size), at
+    /// most `guest_bytes`: a live migration re-sends the pages the guest dirtied, so all
+    /// rounds together may move more than the guest's size (`bytes` counts everything).
     pub guest_bytes_done: u64,
     /// Guest bytes announced (the sum of the RAM block lengths), for a progress bar.
     pub guest_bytes: u64,
@@ -417,6 +447,13 @@ pub struct MigrationStats {
     /// From `SwitchoverStart` (source VM stopped) to completion confirmed: the downtime
     /// the migration itself causes. `None` if the source never switched over.
     pub switchover_time: Option<Duration>,
+    /// Source: from `SwitchoverStart` to every device's state and config handed to the
+    /// channels (the device part of the downtime).
+    pub device_save_time: Option<Duration>,
+    /// Source: from `SwitchoverStart` to every channel having written its last packet (the
+    /// final RAM round and the device state); the rest of `switchover_time` is the
+    /// destination finishing its loads and confirming.
+    pub drain_time: Option<Duration>,
     /// Device-state chunks over all devices.
     pub device_chunks: u64,
     /// Device-state bytes over all devices, chunk headers excluded.

@@ -27,7 +27,8 @@ pub type SaveDevices = Vec<(DeviceId, Box<dyn SaveDevice>)>;
 /// The devices a destination loads, each with its id.
 pub type LoadDevices = Vec<(DeviceId, Box<dyn LoadDevice>)>;
 
-/// The source side of a device: writes its state after the VM stopped.
+/// The source side of a device: writes its state after the VM stopped (and, in a live
+/// migration, optionally some of it during the precopy rounds).
 pub trait SaveDevice: Send {
     /// Writes the device's state, of any length, into `state`; the engine chunks it.
     /// Runs on the device's own thread, concurrently with other devices and RAM.
@@ -36,6 +37,23 @@ pub trait SaveDevice: Send {
     /// The device's config blob, sent as its last chunk after the state; it must fit in
     /// one chunk (the configured chunk size).
     fn save_config(&mut self) -> Result<Vec<u8>, DeviceError>;
+
+    /// Live migration only: bytes of state the device would still have to send if the VM
+    /// stopped now. The precopy driver adds them to the RAM still dirty when it estimates
+    /// the downtime. Devices without a pre-copy phase keep the default, 0.
+    fn pending_bytes(&mut self) -> u64 {
+        0
+    }
+
+    /// Live migration only: called once per precopy round while the VM still runs, so a
+    /// device with a large state (a VFIO device's pre-copy phase) sends what it can early.
+    /// What it writes here is already on its way: at switchover [`SaveDevice::save_state`]
+    /// writes only what is left or changed, and nothing is sent twice unless the device
+    /// writes it again. The default sends nothing.
+    fn save_precopy(&mut self, state: &mut StateWriter<'_>) -> Result<(), DeviceError> {
+        let _ = state;
+        Ok(())
+    }
 }
 
 /// The destination side of a device: loads its state as it arrives.

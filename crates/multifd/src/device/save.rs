@@ -42,11 +42,12 @@ impl<'a> StateWriter<'a> {
         batch: Batch,
         chunk_size: u32,
         counters: &'a DeviceCounters,
+        next_idx: u32,
     ) -> Self {
         let mut writer = Self {
             channels,
             batch,
-            next_idx: 0,
+            next_idx,
             chunk_len: DEVICE_STATE_CHUNK_HEADER_LEN + chunk_size as usize,
             counters,
         };
@@ -130,6 +131,38 @@ pub(crate) struct SaveJob {
     pub(crate) device: Box<dyn SaveDevice>,
     pub(crate) index: usize,
     pub(crate) counters: Arc<DeviceCounters>,
+    /// The idx of the device's next chunk: chunks sent during precopy come first.
+    pub(crate) next_idx: u32,
+}
+
+impl SaveJob {
+    /// Lets the device send what it can while the VM runs (one precopy round's share),
+    /// as chunks continuing its stream; the chunks leave before this returns.
+    pub(crate) fn save_precopy(
+        &mut self,
+        channels: &SendChannels,
+        chunk_size: u32,
+    ) -> Result<(), Error> {
+        let batch = Batch::device_state(self.index, chunk_size);
+        let mut writer =
+            StateWriter::new(channels, batch, chunk_size, &self.counters, self.next_idx);
+        let started = Instant::now();
+        let result = self
+            .device
+            .save_precopy(&mut writer)
+            .map_err(|error| format!("precopy save failed: {error}"))
+            .and_then(|()| {
+                io::Write::flush(&mut writer)
+                    .map_err(|error| format!("precopy save failed: {error}"))
+            });
+        self.next_idx = writer.next_idx;
+        self.counters.add_busy(started.elapsed());
+        result.map_err(|message| Error::Device {
+            side: Side::Source,
+            device: self.counters.id.clone(),
+            message,
+        })
+    }
 }
 
 /// Saves each device in `jobs` in turn on the calling thread: its state, then its config,
@@ -163,7 +196,7 @@ fn save_one(
     batch: Batch,
     chunk_size: u32,
 ) -> Result<(), String> {
-    let mut writer = StateWriter::new(channels, batch, chunk_size, &job.counters);
+    let mut writer = StateWriter::new(channels, batch, chunk_size, &job.counters, job.next_idx);
     job.device
         .save_state(&mut writer)
         .map_err(|error| format!("save failed: {error}"))?;

@@ -14,13 +14,14 @@ use multifd_wire::{
 
 use super::control::ControlChannel;
 use super::{check_device_settings, check_devices, check_settings, DEFAULT_CONNECT_TIMEOUT};
+use crate::bandwidth::BandwidthLimit;
 use crate::compress::CompressionSettings;
 use crate::device::save::{save_devices, SaveJob};
 use crate::device::SaveDevices;
 use crate::error::{Error, Violation};
 use crate::failure::{join_threads, CancelHandle, Failure, PEER_REASON_GRACE};
 use crate::ids::{DeviceId, Link, Side, Uuid};
-use crate::ram::GuestMemory;
+use crate::ram::{GuestMemory, RamBlock};
 use crate::send::{Batch, ChannelSettings, SendChannels};
 use crate::stats::{ChannelCounters, Counters, MigrationStats, Monitor};
 use crate::sync::lock;
@@ -54,6 +55,10 @@ pub struct SourceConfig {
     /// baseline, not part of the stable API.
     #[doc(hidden)]
     pub sequential_device_save: bool,
+    /// Wire bytes per second of all channels together (`None`: as fast as the link and
+    /// the CPUs go). The channels pause whenever the migration runs ahead of the budget,
+    /// so a live migration leaves the rest of the link to the guest's own traffic.
+    pub max_bandwidth: Option<u64>,
 }
 
 /// Default [`SourceConfig::device_chunk_size`]: 1 MiB makes the 288 bytes of packet and
@@ -75,6 +80,7 @@ impl Default for SourceConfig {
             device_chunk_size: DEFAULT_DEVICE_CHUNK_SIZE,
             device_channels: 0,
             sequential_device_save: false,
+            max_bandwidth: None,
         }
     }
 }
@@ -203,6 +209,7 @@ impl Source {
                 compression: config.compression,
                 devices: device_ids,
                 dedicated_channels: config.device_channels,
+                bandwidth: config.max_bandwidth.map(BandwidthLimit::new),
             },
             &counters,
             &failure,
@@ -214,6 +221,7 @@ impl Source {
                 device,
                 index,
                 counters: Arc::clone(&counters.devices[index]),
+                next_idx: 0,
             })
             .collect();
         counters.setup_done();
@@ -239,6 +247,11 @@ impl Source {
             device_chunk_size: config.device_chunk_size,
             sequential_device_save: config.sequential_device_save,
         })
+    }
+
+    /// The guest page size in bytes.
+    pub fn page_size(&self) -> u32 {
+        self.page_size
     }
 
     /// The blocks being migrated.
@@ -299,8 +312,25 @@ impl Source {
 
     /// Queues the pages whose bits are set in `bitmap` (bit `i` of word `i / 64` is page
     /// `i` of the block), as a dirty log gives them.
+    ///
+    /// The bitmap may be shorter than the block (missing words are clean pages) but not
+    /// longer, and no bit past the block's last page may be set: such a bitmap is refused
+    /// before any of its pages is queued.
     pub fn queue_dirty_bitmap(&mut self, block: usize, bitmap: &[u64]) -> Result<(), Error> {
         let page_size = u64::from(self.page_size);
+        let length = self
+            .memory
+            .blocks()
+            .get(block)
+            .map(RamBlock::len)
+            .ok_or(Error::PageOutOfRange { block, offset: 0 })?;
+        let pages = length / page_size;
+        if let Some(page) = first_page_past(bitmap, pages) {
+            return Err(Error::PageOutOfRange {
+                block,
+                offset: page * page_size,
+            });
+        }
         for (word_index, &word) in bitmap.iter().enumerate() {
             let mut bits = word;
             while bits != 0 {
@@ -323,6 +353,40 @@ impl Source {
         self.pages_this_round = 0;
         let round = self.rounds;
         self.send_control(&ControlMessage::RoundEnd { round })
+    }
+
+    /// Live migration: lets every device with a pre-copy phase send what it can now
+    /// ([`SaveDevice::save_precopy`](crate::SaveDevice::save_precopy)), on the calling
+    /// thread, one device after the other; the chunks are on their way when it returns.
+    /// Call it between rounds, before [`Source::switchover`].
+    pub fn save_devices_precopy(&mut self) -> Result<(), Error> {
+        let channels = Arc::clone(self.channels()?);
+        for job in &mut self.unsaved_devices {
+            if let Err(error) = job.save_precopy(&channels, self.device_chunk_size) {
+                self.failure.fail(error);
+                return Err(self.stopped());
+            }
+        }
+        Ok(())
+    }
+
+    /// Live migration: the device-state bytes the devices would still send if the VM
+    /// stopped now ([`SaveDevice::pending_bytes`](crate::SaveDevice::pending_bytes)).
+    pub fn pending_device_bytes(&mut self) -> u64 {
+        self.unsaved_devices
+            .iter_mut()
+            .map(|job| job.device.pending_bytes())
+            .sum()
+    }
+
+    /// Fails the migration with `error` (the destination is told why) and returns the
+    /// error to report. If it failed already, `error` is what a method of this source
+    /// returned for that failure, and is returned as it is.
+    pub(crate) fn abort(&self, error: Error) -> Error {
+        if self.failure.is_failed() {
+            return error;
+        }
+        self.fail(error)
     }
 
     /// The VM is stopped: tells the destination (the downtime clock starts) and starts
@@ -375,10 +439,12 @@ impl Source {
         if self.failure.is_failed() {
             return Err(self.stopped());
         }
+        self.counters.devices_saved();
         let devices_sent = !self.counters.devices.is_empty();
         if self.pages_this_round > 0 || self.rounds == 0 || devices_sent {
             self.end_round()?;
         }
+        self.counters.drained();
         let totals = self.counters.totals();
         self.send_control(&ControlMessage::Complete(totals))?;
         match self.events.recv() {
@@ -673,6 +739,25 @@ fn read_control(
         Err(error) => error,
     };
     failure.fail(error);
+}
+
+/// The first page at or past `pages` whose bit is set in `bitmap`, if any.
+fn first_page_past(bitmap: &[u64], pages: u64) -> Option<u64> {
+    let full_words = usize::try_from(pages / 64).unwrap_or(usize::MAX);
+    let tail_bits = pages % 64;
+    bitmap
+        .iter()
+        .enumerate()
+        .skip(full_words)
+        .find_map(|(index, &word)| {
+            // Bits of the last partial word below `tail_bits` are pages of the block.
+            let past = if index == full_words {
+                word >> tail_bits << tail_bits
+            } else {
+                word
+            };
+            (past != 0).then(|| index as u64 * 64 + u64::from(past.trailing_zeros()))
+        })
 }
 
 fn is_timeout(error: &std::io::Error) -> bool {

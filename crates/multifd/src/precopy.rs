@@ -1,0 +1,560 @@
+//! The live loop: moves a running VM with the pre-copy method until the rest fits in the
+//! downtime limit, then switches over.
+//!
+//! Round 0 queues every page while the guest runs. Each later round harvests the dirty
+//! log ([`DirtyLog`]) and measures what the last round did: how fast the guest dirtied
+//! memory and how fast the channels moved it. The expected downtime is what would still
+//! have to move after a stop — the dirty pages plus the device state the devices report
+//! as pending — divided by the switchover bandwidth (measured, or configured). When it is
+//! within [`PrecopyConfig::downtime_limit`], the driver stops the VM ([`VmControl::stop`]),
+//! harvests the last dirty pages, sends them while every device saves concurrently, and
+//! completes; otherwise it sends the dirty pages as the next round.
+//!
+//! **Auto-converge.** A guest that dirties memory faster than the link moves it never
+//! converges. When two rounds in a row dirty more than half of what they sent (QEMU's
+//! trigger), the driver throttles the vCPUs through [`VmControl::throttle`]. QEMU starts
+//! at 20% and adds 10% per trigger, so a guest dirtying 4× the bandwidth needs seven
+//! triggers (fourteen rounds) before it converges. Here the first step is sized from the
+//! measurement instead: to make the dirty rate at most half the bandwidth, the vCPUs may
+//! run at most `bandwidth / (2 · dirty rate)` of the time, so the throttle starts at
+//! `1 − bandwidth / (2 · dirty rate)` (at least [`Throttle::initial`]) and then grows by
+//! [`Throttle::step`] up to [`Throttle::max`].
+//!
+//! **Timeout.** Past [`PrecopyConfig::timeout`], the [`TimeoutStrategy`] decides: `Cancel`
+//! fails the migration (the destination is told, the VM keeps running on the source at full
+//! speed, nothing lost) or `Force` switches over at once whatever the downtime.
+//!
+//! **Failure.** Whatever fails, the source VM stays intact: before the stop nothing
+//! changed but the throttle, which is lifted; after it, [`VmControl::resume`] runs the vCPUs
+//! again. The destination's VMM resumes the guest only once everything is loaded.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use crate::dirty::DirtyLog;
+use crate::error::Error;
+use crate::ids::Side;
+use crate::migration::Source;
+use crate::stats::MigrationStats;
+
+/// The part of a VMM the precopy driver drives: its vCPUs.
+pub trait VmControl {
+    /// Stops every vCPU; returns once none runs (guest memory no longer changes but
+    /// through the VMM's own writes, which its dirty log still records).
+    fn stop(&mut self) -> Result<(), crate::DeviceError>;
+
+    /// Lets the vCPUs run at most `100 − percent` percent of the time (0: full speed).
+    fn throttle(&mut self, percent: u8);
+
+    /// The migration failed: the vCPUs run again, unthrottled, on the source (whether or
+    /// not they were stopped).
+    fn resume(&mut self);
+}
+
+/// What happens when precopy has not converged by [`PrecopyConfig::timeout`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TimeoutStrategy {
+    /// Fail the migration; the VM keeps running on the source.
+    #[default]
+    Cancel,
+    /// Switch over now, whatever the downtime.
+    Force,
+}
+
+/// Auto-converge's throttle steps, in percent of vCPU time taken away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Throttle {
+    /// The least first step (QEMU's default, 20).
+    pub initial: u8,
+    /// Added at every later trigger (QEMU's default, 10).
+    pub step: u8,
+    /// Never more (QEMU's default, 99).
+    pub max: u8,
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Self {
+            initial: 20,
+            step: 10,
+            max: 99,
+        }
+    }
+}
+
+/// How a live migration converges.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct PrecopyConfig {
+    /// The longest the VM may stay stopped (default 300 ms, as QEMU and Cloud Hypervisor).
+    pub downtime_limit: Duration,
+    /// Throttle the vCPUs when the guest dirties memory faster than it moves (off by
+    /// default: a VMM opts in to slowing its guest).
+    pub auto_converge: bool,
+    /// Auto-converge's steps.
+    pub throttle: Throttle,
+    /// Bytes per second the switchover may count on; `None` uses the bandwidth measured
+    /// in the last round that moved enough to measure it.
+    pub switchover_bandwidth: Option<u64>,
+    /// How long precopy may run before [`PrecopyConfig::timeout_strategy`] decides;
+    /// `None` runs until it converges or is cancelled.
+    pub timeout: Option<Duration>,
+    /// What the timeout does.
+    pub timeout_strategy: TimeoutStrategy,
+}
+
+/// Default [`PrecopyConfig::downtime_limit`].
+pub const DEFAULT_DOWNTIME_LIMIT: Duration = Duration::from_millis(300);
+
+impl Default for PrecopyConfig {
+    fn default() -> Self {
+        Self {
+            downtime_limit: DEFAULT_DOWNTIME_LIMIT,
+            auto_converge: false,
+            throttle: Throttle::default(),
+            switchover_bandwidth: None,
+            timeout: None,
+            timeout_strategy: TimeoutStrategy::default(),
+        }
+    }
+}
+
+/// A round's bandwidth counts only if it moved at least this much: a round of a few pages
+/// measures latency, not the link, and would make the estimate swing. 8 MiB is 16 packets
+/// of 512 KiB, enough to keep every channel busy for a while at any channel count we allow
+/// to matter.
+const MIN_MEASURED_BYTES: u64 = 8 << 20;
+
+/// Where a live migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Phase {
+    /// Dirty logging started; round 0 not sent yet.
+    Setup,
+    /// Precopy round `n` is being sent (0 is the whole guest).
+    Round(u64),
+    /// The VM is stopped: the last dirty pages and the device state are moving.
+    Switchover,
+    /// Waiting for the destination to confirm it loaded everything.
+    Completing,
+    /// The destination confirmed: the VM runs there now.
+    Done,
+    /// The migration failed; the VM runs on the source.
+    Failed,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Setup => formatter.write_str("setup"),
+            Self::Round(round) => write!(formatter, "round {round}"),
+            Self::Switchover => formatter.write_str("switchover"),
+            Self::Completing => formatter.write_str("completing"),
+            Self::Done => formatter.write_str("done"),
+            Self::Failed => formatter.write_str("failed"),
+        }
+    }
+}
+
+/// A snapshot of a live migration, handed to the progress callback at every round and
+/// phase change.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct PrecopyProgress {
+    /// Where the migration is.
+    pub phase: Phase,
+    /// Rounds sent so far.
+    pub rounds: u64,
+    /// Dirty bytes found by the last harvest, still to send.
+    pub remaining_dirty_bytes: u64,
+    /// Device-state bytes the devices report as pending.
+    pub pending_device_bytes: u64,
+    /// Bytes per second the guest dirtied in the last round.
+    pub dirty_rate: f64,
+    /// Wire bytes per second the channels moved in the last round.
+    pub bandwidth: f64,
+    /// The downtime a switchover now would cause, at the switchover bandwidth.
+    pub expected_downtime: Duration,
+    /// The vCPU throttle in percent.
+    pub throttle_percent: u8,
+    /// Since the driver started.
+    pub elapsed: Duration,
+}
+
+/// One precopy round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RoundStats {
+    /// The round's number (0: the whole guest).
+    pub round: u64,
+    /// Pages queued in the round.
+    pub pages_sent: u64,
+    /// Pages the guest dirtied while the round was sent (found by the next harvest).
+    pub pages_dirtied: u64,
+    /// Wire bytes the round moved, device state included.
+    pub bytes: u64,
+    /// From the round's first page queued to its SYNC on every channel.
+    pub duration: Duration,
+    /// The throttle while the round was sent, in percent.
+    pub throttle_percent: u8,
+}
+
+/// What a live migration did.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct PrecopyStats {
+    /// The transfer's own figures (bytes, pages, channels, devices).
+    pub migration: MigrationStats,
+    /// Every precopy round, in order; the final round after the stop is not among them.
+    pub rounds: Vec<RoundStats>,
+    /// Pages sent after the stop.
+    pub final_pages: u64,
+    /// From [`VmControl::stop`] returning to the destination's `Completed`: the downtime
+    /// as the source sees it (Cloud Hypervisor's measure; at least the destination's).
+    pub downtime: Duration,
+    /// What the driver expected the downtime to be when it decided to switch over.
+    pub expected_downtime: Duration,
+    /// The highest throttle applied, in percent.
+    pub max_throttle_percent: u8,
+    /// Whether the switchover was forced by the timeout rather than reached.
+    pub forced: bool,
+    /// From the driver's start to `Completed`.
+    pub total_time: Duration,
+}
+
+/// The precopy driver; see the module documentation.
+#[derive(Debug, Clone, Default)]
+pub struct Precopy {
+    config: PrecopyConfig,
+}
+
+/// What a harvest found, per block.
+struct Harvest {
+    bitmaps: Vec<Vec<u64>>,
+    pages: u64,
+}
+
+impl Precopy {
+    /// A driver with this configuration.
+    pub fn new(config: PrecopyConfig) -> Self {
+        Self { config }
+    }
+
+    /// Migrates the running VM behind `source`, `dirty` and `vm` to completion, calling
+    /// `progress` at every round and phase change (on this thread: keep it short).
+    ///
+    /// `dirty` must cover every block of the source's memory, in the same order. On any
+    /// error the VM runs on at the source, unthrottled; the destination is told why.
+    pub fn run(
+        &self,
+        mut source: Source,
+        dirty: &mut dyn DirtyLog,
+        vm: &mut dyn VmControl,
+        progress: &mut dyn FnMut(&PrecopyProgress),
+    ) -> Result<PrecopyStats, Error> {
+        let mut run = Run::new(&self.config, &source, progress);
+        let result = run.precopy(&mut source, dirty, vm);
+        let stopped = match result {
+            Ok(Converged { harvest, forced }) => {
+                run.forced = forced;
+                run.switch_over(source, dirty, vm, harvest)
+            }
+            Err(error) => {
+                // The destination is told why; the VM never stopped.
+                let error = source.abort(error);
+                vm.resume();
+                let _ = dirty.stop();
+                Err(error)
+            }
+        };
+        if stopped.is_err() {
+            run.report(Phase::Failed);
+        }
+        stopped
+    }
+}
+
+/// Precopy ended: the last harvest, still to send after the stop.
+struct Converged {
+    harvest: Harvest,
+    forced: bool,
+}
+
+/// One run of the driver: its measurements so far.
+struct Run<'a> {
+    config: &'a PrecopyConfig,
+    progress: &'a mut dyn FnMut(&PrecopyProgress),
+    started: Instant,
+    page_size: u64,
+    block_pages: Vec<u64>,
+    rounds: Vec<RoundStats>,
+    /// The last bandwidth measured on a round that moved enough.
+    bandwidth: Option<f64>,
+    dirty_rate: f64,
+    last_bandwidth: f64,
+    throttle: u8,
+    max_throttle: u8,
+    /// Consecutive rounds that dirtied more than half of what they sent.
+    busy_rounds: u32,
+    remaining_dirty: u64,
+    pending_device: u64,
+    expected: Duration,
+    forced: bool,
+}
+
+impl<'a> Run<'a> {
+    fn new(
+        config: &'a PrecopyConfig,
+        source: &Source,
+        progress: &'a mut dyn FnMut(&PrecopyProgress),
+    ) -> Self {
+        let page_size = u64::from(source.page_size());
+        Self {
+            config,
+            progress,
+            started: Instant::now(),
+            page_size,
+            block_pages: source
+                .memory()
+                .blocks()
+                .iter()
+                .map(|block| block.len() / page_size)
+                .collect(),
+            rounds: Vec::new(),
+            bandwidth: config.switchover_bandwidth.map(|bytes| bytes as f64),
+            dirty_rate: 0.0,
+            last_bandwidth: 0.0,
+            throttle: 0,
+            max_throttle: 0,
+            busy_rounds: 0,
+            remaining_dirty: 0,
+            pending_device: 0,
+            expected: Duration::ZERO,
+            forced: false,
+        }
+    }
+
+    fn report(&mut self, phase: Phase) {
+        let snapshot = PrecopyProgress {
+            phase,
+            rounds: self.rounds.len() as u64,
+            remaining_dirty_bytes: self.remaining_dirty,
+            pending_device_bytes: self.pending_device,
+            dirty_rate: self.dirty_rate,
+            bandwidth: self.last_bandwidth,
+            expected_downtime: self.expected,
+            throttle_percent: self.throttle,
+            elapsed: self.started.elapsed(),
+        };
+        (self.progress)(&snapshot);
+    }
+
+    /// Rounds until the rest fits in the downtime limit (or the timeout forces it).
+    fn precopy(
+        &mut self,
+        source: &mut Source,
+        dirty: &mut dyn DirtyLog,
+        vm: &mut dyn VmControl,
+    ) -> Result<Converged, Error> {
+        self.report(Phase::Setup);
+        dirty.start().map_err(dirty_log_error)?;
+        self.report(Phase::Round(0));
+        let mut round_started = Instant::now();
+        let mut bytes_before = source.monitor().progress().bytes;
+        for block in 0..self.block_pages.len() {
+            source.queue_block(block)?;
+        }
+        let mut pages_sent = self.block_pages.iter().sum::<u64>();
+        self.end_round(source, (round_started, bytes_before), pages_sent)?;
+        loop {
+            let harvest = self.harvest(dirty)?;
+            let round_time = round_started.elapsed();
+            self.measure(&harvest, round_time, pages_sent);
+            self.pending_device = source.pending_device_bytes();
+            self.expected = self.expected_downtime();
+            if self.expected <= self.config.downtime_limit {
+                return Ok(Converged {
+                    harvest,
+                    forced: false,
+                });
+            }
+            if let Some(timeout) = self.config.timeout {
+                if self.started.elapsed() >= timeout {
+                    return match self.config.timeout_strategy {
+                        TimeoutStrategy::Force => Ok(Converged {
+                            harvest,
+                            forced: true,
+                        }),
+                        TimeoutStrategy::Cancel => Err(Error::Timeout {
+                            side: Side::Source,
+                            what: "precopy: not converged within the timeout (cancelled)",
+                        }),
+                    };
+                }
+            }
+            if self.config.auto_converge {
+                self.auto_converge(vm);
+            }
+            self.report(Phase::Round(self.rounds.len() as u64));
+            round_started = Instant::now();
+            bytes_before = source.monitor().progress().bytes;
+            for (block, bitmap) in harvest.bitmaps.iter().enumerate() {
+                source.queue_dirty_bitmap(block, bitmap)?;
+            }
+            pages_sent = harvest.pages;
+            self.end_round(source, (round_started, bytes_before), pages_sent)?;
+        }
+    }
+
+    /// Devices send their precopy share, then the round ends on every channel.
+    fn end_round(
+        &mut self,
+        source: &mut Source,
+        (started, bytes_before): (Instant, u64),
+        pages_sent: u64,
+    ) -> Result<(), Error> {
+        source.save_devices_precopy()?;
+        source.end_round()?;
+        let duration = started.elapsed();
+        let bytes = source.monitor().progress().bytes - bytes_before;
+        self.rounds.push(RoundStats {
+            round: self.rounds.len() as u64,
+            pages_sent,
+            pages_dirtied: 0,
+            bytes,
+            duration,
+            throttle_percent: self.throttle,
+        });
+        Ok(())
+    }
+
+    fn harvest(&self, dirty: &mut dyn DirtyLog) -> Result<Harvest, Error> {
+        let mut bitmaps = Vec::with_capacity(self.block_pages.len());
+        let mut pages = 0;
+        for (block, &block_pages) in self.block_pages.iter().enumerate() {
+            let mut bitmap = vec![0u64; block_pages.div_ceil(64) as usize];
+            dirty
+                .harvest(block, &mut bitmap)
+                .map_err(dirty_log_error)?;
+            pages += bitmap.iter().map(|word| u64::from(word.count_ones())).sum::<u64>();
+            bitmaps.push(bitmap);
+        }
+        Ok(Harvest { bitmaps, pages })
+    }
+
+    /// Updates the rates from the round just ended and what the guest dirtied during it.
+    fn measure(&mut self, harvest: &Harvest, round_time: Duration, pages_sent: u64) {
+        let seconds = round_time.as_secs_f64().max(1e-6);
+        self.remaining_dirty = harvest.pages * self.page_size;
+        self.dirty_rate = self.remaining_dirty as f64 / seconds;
+        if let Some(round) = self.rounds.last_mut() {
+            round.pages_dirtied = harvest.pages;
+            self.last_bandwidth = round.bytes as f64 / round.duration.as_secs_f64().max(1e-6);
+            if self.config.switchover_bandwidth.is_none() && round.bytes >= MIN_MEASURED_BYTES {
+                self.bandwidth = Some(self.last_bandwidth);
+            }
+        }
+        if harvest.pages * 2 > pages_sent {
+            self.busy_rounds += 1;
+        } else {
+            self.busy_rounds = 0;
+        }
+    }
+
+    fn expected_downtime(&self) -> Duration {
+        let bytes = (self.remaining_dirty + self.pending_device) as f64;
+        match self.bandwidth.or((self.last_bandwidth > 0.0).then_some(self.last_bandwidth)) {
+            Some(bandwidth) => Duration::from_secs_f64(bytes / bandwidth),
+            None => Duration::MAX,
+        }
+    }
+
+    /// Raises the throttle after two busy rounds in a row (see the module docs).
+    fn auto_converge(&mut self, vm: &mut dyn VmControl) {
+        if self.busy_rounds < 2 {
+            return;
+        }
+        self.busy_rounds = 0;
+        let steps = self.config.throttle;
+        let next = if self.throttle == 0 {
+            let bandwidth = self.bandwidth.unwrap_or(self.last_bandwidth);
+            let needed = 1.0 - bandwidth / (2.0 * self.dirty_rate.max(1.0));
+            let sized = (needed * 100.0).ceil().clamp(0.0, 100.0) as u8;
+            sized.max(steps.initial)
+        } else {
+            self.throttle.saturating_add(steps.step)
+        }
+        .min(steps.max);
+        if next != self.throttle {
+            self.throttle = next;
+            self.max_throttle = self.max_throttle.max(next);
+            tracing::info!(percent = next, "auto-converge: throttling the vCPUs");
+            vm.throttle(next);
+        }
+    }
+
+    /// Stops the VM, sends the last dirty pages while the devices save, completes.
+    fn switch_over(
+        &mut self,
+        mut source: Source,
+        dirty: &mut dyn DirtyLog,
+        vm: &mut dyn VmControl,
+        mut pending: Harvest,
+    ) -> Result<PrecopyStats, Error> {
+        self.report(Phase::Switchover);
+        if let Err(error) = vm.stop() {
+            vm.resume();
+            return Err(source.abort(Error::Vm {
+                message: format!("stopping the vCPUs failed: {error}"),
+            }));
+        }
+        let stopped = Instant::now();
+        let result = (|| {
+            source.switchover()?;
+            // The pages harvested before the stop are still to send; OR the last ones in.
+            for (block, bitmap) in pending.bitmaps.iter_mut().enumerate() {
+                dirty.harvest(block, bitmap).map_err(dirty_log_error)?;
+            }
+            let final_pages: u64 = pending
+                .bitmaps
+                .iter()
+                .flatten()
+                .map(|word| u64::from(word.count_ones()))
+                .sum();
+            for (block, bitmap) in pending.bitmaps.iter().enumerate() {
+                source.queue_dirty_bitmap(block, bitmap)?;
+            }
+            self.report(Phase::Completing);
+            Ok((source.complete()?, final_pages))
+        })();
+        let _ = dirty.stop();
+        match result {
+            Ok((migration, final_pages)) => {
+                let downtime = stopped.elapsed();
+                self.report(Phase::Done);
+                Ok(PrecopyStats {
+                    migration,
+                    rounds: std::mem::take(&mut self.rounds),
+                    final_pages,
+                    downtime,
+                    expected_downtime: self.expected,
+                    max_throttle_percent: self.max_throttle,
+                    forced: self.forced,
+                    total_time: self.started.elapsed(),
+                })
+            }
+            Err(error) => {
+                vm.resume();
+                Err(error)
+            }
+        }
+    }
+}
+
+fn dirty_log_error(source: std::io::Error) -> Error {
+    Error::DirtyLog {
+        side: Side::Source,
+        source,
+    }
+}

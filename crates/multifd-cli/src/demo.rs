@@ -6,12 +6,13 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use memmap2::Mmap;
-use multifd::{Destination, DestinationConfig, Listener, RamBlock, SourceConfig};
+use multifd::{Destination, DestinationConfig, Listener, SourceConfig};
+use multifd_cli::image::{self, parse_size};
+use multifd_cli::ram_files::{self, RamFile};
+use multifd_cli::GIB;
 use serde_json::json;
 
 use crate::device_files::{self, DeviceFile};
-use crate::image::{self, parse_size};
-use crate::ram_files::{self, RamFile};
 use crate::report;
 
 #[derive(clap::Args)]
@@ -53,7 +54,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     if !args.json {
         eprintln!(
             "generated {:.2} GiB of mixed pages (25% zero, 25% random, 50% text) in {:.2} s",
-            (args.size + VRAM_SIZE) as f64 / (1u64 << 30) as f64,
+            (args.size + VRAM_SIZE) as f64 / GIB,
             generating.elapsed().as_secs_f64()
         );
     }
@@ -101,10 +102,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
     };
     let savers = device_files::open_for_sending(&device_sources)?;
     let memory = ram_files::map_for_sending(&sources)?;
-    let config = SourceConfig {
-        channels: args.channels,
-        ..SourceConfig::default()
-    };
+    let mut config = SourceConfig::default();
+    config.channels = args.channels;
     let sent = crate::send_all(&address, &config, memory, savers, "migrating", args.json);
     let received = receiving
         .join()
@@ -153,22 +152,4 @@ pub fn verify(source: &Path, destination: &Path) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// A block over anonymous memory, as a VMM's guest RAM would be: backed by transparent
-/// huge pages where the kernel allows, as QEMU and most VMMs advise. With `prealloc`
-/// every page is faulted in now, as a VMM that preallocates guest RAM does.
-pub fn anonymous_block(name: &str, size: u64, prealloc: bool) -> Result<RamBlock> {
-    let mut mapping = memmap2::MmapMut::map_anon(size as usize).context("anonymous memory")?;
-    // Only a hint: without huge pages the memory works the same, with more page faults.
-    let _ = mapping.advise(memmap2::Advice::HugePage);
-    if prealloc {
-        for page in mapping.chunks_mut(image::PAGE) {
-            page[0] = 0;
-        }
-    }
-    Ok(RamBlock::from_mapping(
-        name,
-        memmap2::MmapRaw::from(mapping),
-    )?)
 }

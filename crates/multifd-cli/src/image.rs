@@ -62,11 +62,15 @@ impl Random {
 /// The kind of page `index` holds in an image with this seed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageKind {
+    /// All zero: sent as an offset only.
     Zero,
+    /// Random bytes: incompressible.
     Random,
+    /// Text-like bytes: compressible.
     Text,
 }
 
+/// The kind of page `index` of an image generated from `seed`.
 pub fn page_kind(seed: u64, index: u64) -> PageKind {
     match Random(seed ^ index.wrapping_mul(0x2545_f491_4f6c_dd1d)).next() % 4 {
         0 => PageKind::Zero,

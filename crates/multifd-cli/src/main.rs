@@ -1,13 +1,8 @@
 //! `multifd`: migrate guest memory images between hosts over parallel channels.
 
-mod bench;
-mod cpu_time;
+
 mod demo;
-mod device_bench;
 mod device_files;
-mod image;
-mod qemu_baseline;
-mod ram_files;
 mod report;
 
 use std::process::ExitCode;
@@ -16,12 +11,14 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use multifd::{
-    Address, Compression, CompressionSettings, Destination, DestinationConfig, GuestMemory,
-    Listener, MigrationStats, SaveDevices, Source, SourceConfig, ZeroPageMode,
+    Address, CompressionSettings, Destination, DestinationConfig, GuestMemory, Listener,
+    MigrationStats, SaveDevices, Source, SourceConfig, ZeroPageMode,
 };
+use multifd_cli::bench;
+use multifd_cli::ram_files::{self, RamFile};
+use multifd_cli::Method;
 
 use crate::device_files::DeviceFile;
-use crate::ram_files::RamFile;
 
 #[derive(Parser)]
 #[command(
@@ -42,8 +39,8 @@ enum Command {
     Recv(RecvArgs),
     /// Generate a mixed 1 GiB image, migrate it over loopback, verify it, print statistics.
     Demo(demo::DemoArgs),
-    /// Measure throughput on loopback for several channel counts, beside QEMU if installed;
-    /// with --devices, measure the switchover time of device state instead.
+    /// Measure migration throughput for several compression methods and channel counts,
+    /// over loopback or, with --to, to a `multifd recv` on another host.
     Bench(bench::BenchArgs),
 }
 
@@ -143,26 +140,6 @@ enum ZeroPage {
     Multifd,
 }
 
-/// A page compression method, as the command line names it.
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Method {
-    None,
-    Zlib,
-    Zstd,
-    Lz4,
-}
-
-impl From<Method> for Compression {
-    fn from(method: Method) -> Self {
-        match method {
-            Method::None => Self::None,
-            Method::Zlib => Self::Zlib,
-            Method::Zstd => Self::Zstd,
-            Method::Lz4 => Self::Lz4,
-        }
-    }
-}
-
 impl From<ZeroPage> for ZeroPageMode {
     fn from(mode: ZeroPage) -> Self {
         match mode {
@@ -190,16 +167,14 @@ fn main() -> ExitCode {
 }
 
 fn send(args: SendArgs) -> Result<()> {
-    let config = SourceConfig {
-        channels: args.channels,
-        page_size: args.settings.page_size,
-        packet_size: args.settings.packet_size,
-        zero_page: args.zero_page.into(),
-        device_chunk_size: args.device_chunk_size,
-        device_channels: args.device_channels,
-        compression: CompressionSettings::new(args.compress.into(), args.level)?,
-        ..SourceConfig::default()
-    };
+    let mut config = SourceConfig::default();
+    config.channels = args.channels;
+    config.page_size = args.settings.page_size;
+    config.packet_size = args.settings.packet_size;
+    config.zero_page = args.zero_page.into();
+    config.device_chunk_size = args.device_chunk_size;
+    config.device_channels = args.device_channels;
+    config.compression = CompressionSettings::new(args.compress.into(), args.level)?;
     let memory = ram_files::map_for_sending(&args.ram)?;
     let devices = device_files::open_for_sending(&args.devices)?;
     let result = send_all(
@@ -243,13 +218,12 @@ fn recv(args: RecvArgs) -> Result<()> {
         .map(|method| CompressionSettings::new(method.into(), args.level))
         .transpose()?;
     let listener = Listener::bind(&args.listen)?;
-    let destination = Destination::new(DestinationConfig {
-        channels: args.channels,
-        compression,
-        wait_for_source: args.timeout.map(Duration::from_secs),
-        max_queued_device_bytes: args.max_queued_device_bytes,
-        ..DestinationConfig::default()
-    });
+    let mut config = DestinationConfig::default();
+    config.channels = args.channels;
+    config.compression = compression;
+    config.wait_for_source = args.timeout.map(Duration::from_secs);
+    config.max_queued_device_bytes = args.max_queued_device_bytes;
+    let destination = Destination::new(config);
     let devices = device_files::create_for_receiving(&args.devices)?;
     let progress = report::ProgressBar::start(destination.monitor(), "receiving", args.output.json);
     let result = destination.run_with_devices(

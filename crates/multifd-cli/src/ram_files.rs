@@ -10,7 +10,9 @@ use multifd::{BlockAnnouncement, GuestMemory, RamBlock};
 /// One `--ram NAME=PATH` argument.
 #[derive(Debug, Clone)]
 pub struct RamFile {
+    /// The RAM block's name.
     pub name: String,
+    /// The image file.
     pub path: PathBuf,
 }
 

@@ -4,9 +4,8 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use multifd::{ChannelStats, MigrationStats, Monitor};
+use multifd_cli::GIB;
 use serde_json::{json, Value};
-
-const GIB: f64 = (1u64 << 30) as f64;
 
 /// An error and its causes on one line.
 pub fn one_line(error: &anyhow::Error) -> String {

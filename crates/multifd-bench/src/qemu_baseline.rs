@@ -40,23 +40,25 @@
 //! [`run`] returns, on success or error. Startup, each QMP reply and the migration have
 //! time limits (the last one grows with the guest's size), so it never hangs.
 
-use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use multifd::Side;
+use multifd_cli::cpu_time::process_cpu_seconds;
 use serde_json::{json, Value};
+use tempfile::TempDir;
 
 /// The QEMU binary that is run.
-const QEMU: &str = "qemu-system-x86_64";
+pub const QEMU: &str = "qemu-system-x86_64";
 /// Guest RAM sizes must be a multiple of this (2 MiB).
 const SIZE_ALIGNMENT: u64 = 2 << 20;
 /// Bandwidth limit set on both sides, in bytes per second: 1 TiB/s, i.e. none.
@@ -270,28 +272,12 @@ fn u64_field(value: &Value, pointer: &str) -> Result<u64> {
         .ok_or_else(|| anyhow!("query-migrate has no {pointer}: {value}"))
 }
 
-/// A temporary directory, removed with its contents on drop.
-struct WorkDir(PathBuf);
-
-impl WorkDir {
-    fn create() -> Result<Self> {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "qemu-baseline-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let path = std::env::temp_dir().join(name);
-        fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        // Best effort: there is nothing useful to do if removal fails.
-        let _ = fs::remove_dir_all(&self.0);
-    }
+/// A fresh directory for the sockets and logs, removed with its contents on drop.
+fn work_directory() -> Result<TempDir> {
+    tempfile::Builder::new()
+        .prefix("qemu-baseline-")
+        .tempdir()
+        .context("creating the QEMU work directory")
 }
 
 /// A running QEMU with its stderr going to a file; killed on drop.
@@ -522,7 +508,7 @@ struct Pair {
     /// The time limit of the migration.
     timeout: Duration,
     /// Held only to be removed on drop, after both QEMUs are gone.
-    _workdir: WorkDir,
+    _workdir: TempDir,
 }
 
 impl Pair {
@@ -535,7 +521,7 @@ impl Pair {
         arguments: &[String],
         destination_ram: DestinationRam,
     ) -> Result<Self> {
-        let workdir = WorkDir::create()?;
+        let workdir = work_directory()?;
         let mib = size >> 20;
         let common = |backend: String| -> Vec<String> {
             let mut common: Vec<String> = [
@@ -565,7 +551,7 @@ impl Pair {
             "memory-backend-file,id=mem,size={mib}M,mem-path={},share=off,readonly=on",
             option_path(image)?
         );
-        let source = Qemu::launch("source", &common(source_backend), &workdir.0)?;
+        let source = Qemu::launch("source", &common(source_backend), workdir.path())?;
 
         let destination_backend = match destination_ram {
             #[cfg(test)]
@@ -587,7 +573,7 @@ impl Pair {
         };
         let mut destination_args = common(destination_backend);
         destination_args.extend(["-incoming".to_owned(), "defer".to_owned()]);
-        let destination = Qemu::launch("destination", &destination_args, &workdir.0)?;
+        let destination = Qemu::launch("destination", &destination_args, workdir.path())?;
 
         let gib = u32::try_from(size.div_ceil(1 << 30)).unwrap_or(u32::MAX);
         Ok(Self {
@@ -601,10 +587,8 @@ impl Pair {
 
     /// CPU seconds both QEMUs have used so far.
     fn cpu_seconds(&self) -> Result<f64> {
-        Ok(
-            crate::cpu_time::process_cpu_seconds(self.source.process.child.id())?
-                + crate::cpu_time::process_cpu_seconds(self.destination.process.child.id())?,
-        )
+        Ok(process_cpu_seconds(self.source.process.child.id())?
+            + process_cpu_seconds(self.destination.process.child.id())?)
     }
 
     /// Runs one migration with these `migrate-set-parameters` arguments; with
@@ -776,17 +760,28 @@ impl Relay {
     /// Stops accepting, lets the relayed connections close (ending those still open
     /// after [`RELAY_DRAIN`]) and returns the count.
     fn finish(mut self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        let forwarders = match self.acceptor.take() {
-            Some(acceptor) => acceptor.join().unwrap_or_default(),
-            None => Vec::new(),
-        };
+        let forwarders = self.stop_accepting();
         let deadline = Instant::now() + RELAY_DRAIN;
         while Instant::now() < deadline && !forwarders.iter().all(|f| f.is_finished()) {
             thread::sleep(RELAY_POLL);
         }
-        if let Ok(sockets) = self.sockets.lock() {
-            for socket in sockets.iter() {
+        self.close(forwarders);
+        self.counted.load(Ordering::Relaxed)
+    }
+
+    /// Stops the acceptor thread and returns the forwarders it started.
+    fn stop_accepting(&mut self) -> Vec<thread::JoinHandle<()>> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.acceptor.take() {
+            Some(acceptor) => acceptor.join().unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Ends every relayed connection and waits for `forwarders`.
+    fn close(&self, forwarders: Vec<thread::JoinHandle<()>>) {
+        if let Ok(mut sockets) = self.sockets.lock() {
+            for socket in sockets.drain(..) {
                 // Best effort: most are closed already.
                 let _ = socket.shutdown(std::net::Shutdown::Both);
             }
@@ -795,7 +790,14 @@ impl Relay {
             // A forwarder that panicked only lost its part of the count.
             let _ = forwarder.join();
         }
-        self.counted.load(Ordering::Relaxed)
+    }
+}
+
+/// A relay dropped without [`Relay::finish`] (the migration failed) stops its threads too.
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let forwarders = self.stop_accepting();
+        self.close(forwarders);
     }
 }
 
@@ -819,22 +821,6 @@ fn copy_until_eof(mut from: TcpStream, mut to: TcpStream, counted: Option<&Atomi
     // Best effort: either side may be gone already.
     let _ = to.shutdown(std::net::Shutdown::Write);
     let _ = from.shutdown(std::net::Shutdown::Read);
-}
-
-/// Which QEMU of a [`Pair`].
-#[derive(Debug, Clone, Copy)]
-enum Side {
-    Source,
-    Destination,
-}
-
-impl fmt::Display for Side {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Source => "source",
-            Self::Destination => "destination",
-        })
-    }
 }
 
 #[cfg(test)]
@@ -890,6 +876,24 @@ mod tests {
         let reply = json!({ "socket-address": [{ "port": 4444 }] });
         assert_eq!(listening_port(&reply)?, 4444);
         assert!(listening_port(&json!({})).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn a_dropped_relay_ends_its_connections() -> Result<()> {
+        let destination = TcpListener::bind("127.0.0.1:0")?;
+        let relay = Relay::start(destination.local_addr()?.port())?;
+        let mut source = TcpStream::connect(("127.0.0.1", relay.port))?;
+        source.write_all(b"page")?;
+        let (mut received, _) = destination.accept()?;
+        let mut buffer = [0u8; 4];
+        received.read_exact(&mut buffer)?;
+        assert_eq!(&buffer, b"page");
+        drop(relay);
+        for end in [&mut source, &mut received] {
+            end.set_read_timeout(Some(Duration::from_secs(5)))?;
+            assert_eq!(end.read(&mut buffer)?, 0, "the connection is still open");
+        }
         Ok(())
     }
 
@@ -955,10 +959,10 @@ mod tests {
     /// but that image, and checks that the destination's RAM equals the image and that
     /// the image is unchanged.
     fn check_destination_ram(options: QemuOptions) -> Result<()> {
-        let workdir = WorkDir::create()?;
-        let image = workdir.0.join("image");
-        let reference = workdir.0.join("reference");
-        let destination_ram = workdir.0.join("destination.ram");
+        let workdir = work_directory()?;
+        let image = workdir.path().join("image");
+        let reference = workdir.path().join("reference");
+        let destination_ram = workdir.path().join("destination.ram");
         write_mixed_image(&image, 256 << 8)?;
         fs::copy(&image, &reference)?;
         let settings = settings(&options)?;

@@ -1,4 +1,4 @@
-//! `multifd bench --devices N`: the switchover time (from `SwitchoverStart` to the
+//! `multifd-bench devices`: the switchover time (from `SwitchoverStart` to the
 //! destination's `Completed`, the downtime proxy) of device state moved three ways, with
 //! and without a concurrent final RAM round:
 //!
@@ -23,24 +23,47 @@ use multifd::{
     DestinationConfig, DeviceError, DeviceId, GuestMemory, Listener, LoadDevice, LoadDevices,
     RamBlock, SaveDevice, Source, SourceConfig, StateWriter,
 };
+use multifd_cli::bench::{anonymous_block, median};
+use multifd_cli::image::{self, parse_size};
+use multifd_cli::GIB;
 use serde_json::json;
 
-use crate::demo::anonymous_block;
-use crate::image;
-
-const GIB: f64 = (1u64 << 30) as f64;
 const MIB: f64 = (1u64 << 20) as f64;
 
-/// What to measure.
-pub struct DeviceBenchArgs {
-    pub devices: u32,
-    pub device_size: u64,
-    pub final_ram: u64,
-    pub channels: Vec<u8>,
-    pub repeat: usize,
-    /// Bytes per second each device saves and loads at most; 0 for no limit.
-    pub device_rate: u64,
-    pub json: bool,
+#[derive(clap::Args)]
+pub struct DevicesArgs {
+    /// Devices to move.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    devices: u32,
+    /// State per device.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    device_size: u64,
+    /// The concurrent final RAM round (0: only without RAM).
+    #[arg(long, default_value = "1G", value_parser = parse_size_or_zero)]
+    final_ram: u64,
+    /// Bytes per second each device saves and loads at most (0: no limit), as a device's
+    /// firmware paces its state; 512M is 512 MiB/s.
+    #[arg(long, default_value = "0", value_parser = parse_size_or_zero)]
+    device_rate: u64,
+    /// Channel counts to measure, comma-separated; at least 2 each (one dedicated to device
+    /// state).
+    #[arg(long, value_delimiter = ',', default_values_t = [2u8, 4, 8])]
+    channels: Vec<u8>,
+    /// Runs per configuration; the median is reported.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
+    /// Print one JSON object on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A size as [`parse_size`] reads it, or 0 for "none".
+fn parse_size_or_zero(text: &str) -> Result<u64, String> {
+    if text == "0" {
+        Ok(0)
+    } else {
+        parse_size(text)
+    }
 }
 
 /// Holds a device to `rate` bytes per second by sleeping (a device's own pace costs the
@@ -88,22 +111,17 @@ impl Mode {
     const ALL: [Self; 3] = [Self::Sequential, Self::Shared, Self::Dedicated];
 
     fn config(self, channels: u8) -> SourceConfig {
-        let base = SourceConfig {
-            channels,
-            ..SourceConfig::default()
-        };
+        let mut config = SourceConfig::default();
+        config.channels = channels;
         match self {
-            Self::Sequential => SourceConfig {
-                device_channels: 1,
-                sequential_device_save: true,
-                ..base
-            },
-            Self::Shared => base,
-            Self::Dedicated => SourceConfig {
-                device_channels: channels / 2,
-                ..base
-            },
+            Self::Sequential => {
+                config.device_channels = 1;
+                config.sequential_device_save = true;
+            }
+            Self::Shared => {}
+            Self::Dedicated => config.device_channels = channels / 2,
         }
+        config
     }
 }
 
@@ -169,7 +187,7 @@ fn device_id(index: usize) -> DeviceId {
 }
 
 impl Setup {
-    fn new(args: &DeviceBenchArgs) -> Result<Self> {
+    fn new(args: &DevicesArgs) -> Result<Self> {
         let size = usize::try_from(args.device_size)?;
         let states = (0..args.devices)
             .map(|index| {
@@ -261,8 +279,7 @@ struct Row {
     seconds: [f64; 3],
 }
 
-pub fn run(args: DeviceBenchArgs) -> Result<()> {
-    ensure!(args.devices > 0, "--devices must be at least 1");
+pub fn run(args: &DevicesArgs) -> Result<()> {
     ensure!(
         args.channels.iter().all(|&channels| channels >= 2),
         "device benchmarks need at least 2 channels (one dedicated to device state)"
@@ -282,14 +299,14 @@ pub fn run(args: DeviceBenchArgs) -> Result<()> {
             for repeat in 0..args.repeat {
                 // Rotate the order so no mode always runs first or last.
                 for offset in 0..Mode::ALL.len() {
-                    let index = (offset + repeat) % Mode::ALL.len();
+                    let index = (offset + repeat as usize) % Mode::ALL.len();
                     runs[index].push(setup.run(Mode::ALL[index], channels, final_ram > 0)?);
                 }
             }
             rows.push(Row {
                 final_ram,
                 channels,
-                seconds: runs.map(|mut values| median(&mut values)),
+                seconds: runs.map(|mut values| median(&mut values, |&seconds| seconds)),
             });
         }
     }
@@ -297,12 +314,7 @@ pub fn run(args: DeviceBenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
-fn print(args: &DeviceBenchArgs, rows: &[Row]) {
+fn print(args: &DevicesArgs, rows: &[Row]) {
     if args.json {
         println!(
             "{}",
@@ -311,7 +323,7 @@ fn print(args: &DeviceBenchArgs, rows: &[Row]) {
                 "device_bytes": args.device_size,
                 "device_rate": args.device_rate,
                 "repeat": args.repeat,
-                "cpus": std::thread::available_parallelism().map(usize::from).unwrap_or(1),
+                "cpus": std::thread::available_parallelism().map_or(1, usize::from),
                 "runs": rows.iter().map(|row| json!({
                     "final_ram_bytes": row.final_ram,
                     "channels": row.channels,

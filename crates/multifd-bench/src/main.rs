@@ -1,0 +1,54 @@
+//! `multifd-bench`: what is measured for comparison, kept out of the `multifd` binary:
+//! QEMU's own multifd migration beside ours, one core's codec ceilings, and the layouts of
+//! device state.
+
+
+mod codec_ceiling;
+mod devices;
+mod qemu;
+mod qemu_baseline;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "multifd-bench",
+    about = "Benchmarks of multifd against QEMU and against the hardware's limits"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Measure throughput on loopback for several compression methods and channel counts,
+    /// beside QEMU's own multifd migration of the same image when QEMU is installed (for
+    /// none, zlib and zstd at levels it accepts).
+    Qemu(qemu::QemuArgs),
+    /// Measure single-core ceilings instead of migrating: zero-page detection against
+    /// plain memory reads, and each `--compress` method compressing and decompressing the
+    /// image's non-zero pages packet by packet.
+    CodecCeiling(codec_ceiling::CodecCeilingArgs),
+    /// Measure the switchover time of device state moved sequentially over one channel,
+    /// over the shared channels, and over dedicated channels (the last half), with and
+    /// without a concurrent final RAM round.
+    Devices(devices::DevicesArgs),
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Qemu(args) => qemu::run(&args),
+        Command::CodecCeiling(args) => codec_ceiling::run(&args),
+        Command::Devices(args) => devices::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("multifd-bench: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -33,7 +33,8 @@
 //! Layout, one module per concept: [`transport`] (sockets, raw vectored I/O), `send`
 //! (channel threads and the buffer swap), `recv` (receive threads, packet validation
 //! against the announced blocks, the SYNC barrier), `ram` (guest memory), `device` (device traits, chunking,
-//! reassembly, load threads), `zero_page`, `compress` (per-channel compressors and the
+//! reassembly, load threads), [`dirty`] (dirty-page tracking for live migration),
+//! `zero_page`, `compress` (per-channel compressors and the
 //! payload formats),
 //! `migration` (handshake, rounds, completion), `stats`, and `failure`
 //! (first-error-wins shutdown). Wire formats live in the `multifd-wire` crate.
@@ -41,6 +42,7 @@
 
 mod compress;
 mod device;
+pub mod dirty;
 mod error;
 mod failure;
 mod migration;
@@ -57,6 +59,11 @@ pub use compress::{
 pub use device::{
     DeviceError, DeviceId, LoadDevice, LoadDevices, SaveDevice, SaveDevices, StateWriter,
 };
+#[cfg(feature = "vm-memory")]
+pub use dirty::{guest_memory_from_mmap, guest_memory_from_mmap_named, VmMemoryDirtyLog};
+pub use dirty::{AtomicDirtyBitmap, DirtyLog, DirtyLogUnion};
+#[cfg(feature = "kvm")]
+pub use dirty::{KvmDirtyLog, KvmDirtyLogMode, KvmSlot};
 pub use error::{Error, Link, Side, Uuid, Violation};
 pub use failure::CancelHandle;
 pub use migration::{

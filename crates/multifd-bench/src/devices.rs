@@ -284,7 +284,7 @@ pub fn run(args: &DevicesArgs) -> Result<()> {
         args.channels.iter().all(|&channels| channels >= 2),
         "device benchmarks need at least 2 channels (one dedicated to device state)"
     );
-    let setup = Setup::new(&args)?;
+    let setup = Setup::new(args)?;
     let rams: Vec<u64> = if args.final_ram > 0 {
         vec![0, args.final_ram]
     } else {
@@ -310,7 +310,7 @@ pub fn run(args: &DevicesArgs) -> Result<()> {
             });
         }
     }
-    print(&args, &rows);
+    print(args, &rows);
     Ok(())
 }
 

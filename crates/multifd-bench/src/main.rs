@@ -2,7 +2,6 @@
 //! QEMU's own multifd migration beside ours, one core's codec ceilings, and the layouts of
 //! device state.
 
-
 mod codec_ceiling;
 mod devices;
 mod qemu;

@@ -138,7 +138,7 @@ pub fn run(options: &QemuOptions) -> Result<Option<QemuRun>> {
     } else {
         DestinationRam::Fresh
     };
-    let mut pair = Pair::launch(options.image, size, &settings.arguments, destination)?;
+    let mut pair = Pair::launch(options.image, size, &settings.arguments, &destination)?;
     let measurement = pair.migrate(&settings.parameters, options.compression.is_some())?;
     Ok(Some(QemuRun {
         seconds: measurement.seconds,
@@ -320,7 +320,7 @@ impl Process {
     }
 
     /// `error` (flattened) followed by this QEMU's state and stderr.
-    fn explain(&mut self, error: anyhow::Error) -> anyhow::Error {
+    fn explain(&mut self, error: &anyhow::Error) -> anyhow::Error {
         let state = match self.child.try_wait() {
             Ok(Some(status)) => format!("exited ({status})"),
             Ok(None) => "still running".to_owned(),
@@ -442,7 +442,7 @@ impl Qemu {
         let mut process = Process::spawn(role, &all_args, workdir)?;
         match Qmp::connect(&socket, &mut process) {
             Ok(qmp) => Ok(Self { process, qmp }),
-            Err(error) => Err(process.explain(error)),
+            Err(error) => Err(process.explain(&error)),
         }
     }
 
@@ -450,7 +450,7 @@ impl Qemu {
     fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
         self.qmp
             .execute(command, arguments)
-            .map_err(|error| self.process.explain(error))
+            .map_err(|error| self.process.explain(&error))
     }
 
     /// Checks with `query-migrate-parameters` that QEMU took every one of `wanted`.
@@ -466,7 +466,7 @@ impl Qemu {
                     self.process.role,
                     actual.get(name).unwrap_or(&Value::Null)
                 );
-                return Err(self.process.explain(error));
+                return Err(self.process.explain(&error));
             }
         }
         Ok(())
@@ -519,7 +519,7 @@ impl Pair {
         image: &Path,
         size: u64,
         arguments: &[String],
-        destination_ram: DestinationRam,
+        destination_ram: &DestinationRam,
     ) -> Result<Self> {
         let workdir = work_directory()?;
         let mib = size >> 20;
@@ -647,7 +647,7 @@ impl Pair {
                 "failed" | "cancelled" => {
                     let description = reply["error-desc"].as_str().unwrap_or("no error-desc");
                     let error = anyhow!("migration {status} on the {side}: {description}");
-                    return Err(self.explain(error));
+                    return Err(self.explain(&error));
                 }
                 _ => {}
             }
@@ -657,16 +657,16 @@ impl Pair {
                      (status {status:?}): {reply}",
                     self.timeout
                 );
-                return Err(self.explain(error));
+                return Err(self.explain(&error));
             }
             thread::sleep(POLL_INTERVAL);
         }
     }
 
     /// `error` followed by both QEMUs' state and stderr.
-    fn explain(&mut self, error: anyhow::Error) -> anyhow::Error {
+    fn explain(&mut self, error: &anyhow::Error) -> anyhow::Error {
         let error = self.source.process.explain(error);
-        self.destination.process.explain(error)
+        self.destination.process.explain(&error)
     }
 }
 
@@ -721,7 +721,7 @@ impl Relay {
                             forwarders.extend(Self::forward(source, destination, &counted));
                         }
                         Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                            thread::sleep(RELAY_POLL)
+                            thread::sleep(RELAY_POLL);
                         }
                         Err(_) => thread::sleep(RELAY_POLL),
                     }
@@ -971,7 +971,7 @@ mod tests {
             &image,
             size,
             &settings.arguments,
-            DestinationRam::File(destination_ram.clone()),
+            &DestinationRam::File(destination_ram.clone()),
         )?;
         let measurement = pair.migrate(&settings.parameters, options.compression.is_some())?;
         assert!(measurement.transferred_bytes > 0);

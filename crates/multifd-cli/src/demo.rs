@@ -42,7 +42,7 @@ const DEVICES: [(&str, u32, u64); 3] = [
     ("virtio-rng", 1, 1000),
 ];
 
-pub fn run(args: DemoArgs) -> Result<()> {
+pub fn run(args: &DemoArgs) -> Result<()> {
     let directory = image::scratch_directory(args.dir.as_deref(), "multifd-demo-")?;
     let path = |name: &str| directory.path().join(name);
     let blocks = [("pc.ram", args.size, 1), ("vga.vram", VRAM_SIZE, 2)];

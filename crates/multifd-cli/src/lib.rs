@@ -3,7 +3,6 @@
 //! which `multifd-bench` runs beside its baselines. Application code shared by two
 //! binaries, not an API: its errors are `anyhow` ones, as theirs are.
 
-
 pub mod bench;
 pub mod cpu_time;
 pub mod image;

@@ -1,6 +1,5 @@
 //! `multifd`: migrate guest memory images between hosts over parallel channels.
 
-
 mod demo;
 mod device_files;
 mod report;
@@ -152,9 +151,9 @@ impl From<ZeroPage> for ZeroPageMode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Send(args) => send(args),
-        Command::Recv(args) => recv(args),
-        Command::Demo(args) => demo::run(args),
+        Command::Send(args) => send(&args),
+        Command::Recv(args) => recv(&args),
+        Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(args),
     };
     match result {
@@ -166,7 +165,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn send(args: SendArgs) -> Result<()> {
+fn send(args: &SendArgs) -> Result<()> {
     let mut config = SourceConfig::default();
     config.channels = args.channels;
     config.page_size = args.settings.page_size;
@@ -199,7 +198,7 @@ pub(crate) fn send_all(
     json: bool,
 ) -> Result<MigrationStats> {
     let mut source = Source::connect_with_devices(address, config, memory, devices)?;
-    let progress = report::ProgressBar::start(source.monitor(), label, json);
+    let progress = report::ProgressBar::start(&source.monitor(), label, json);
     let result = (|| {
         for block in 0..source.memory().blocks().len() {
             source.queue_block(block)?;
@@ -212,7 +211,7 @@ pub(crate) fn send_all(
     Ok(result?)
 }
 
-fn recv(args: RecvArgs) -> Result<()> {
+fn recv(args: &RecvArgs) -> Result<()> {
     let compression = args
         .compress
         .map(|method| CompressionSettings::new(method.into(), args.level))
@@ -225,7 +224,8 @@ fn recv(args: RecvArgs) -> Result<()> {
     config.max_queued_device_bytes = args.max_queued_device_bytes;
     let destination = Destination::new(config);
     let devices = device_files::create_for_receiving(&args.devices)?;
-    let progress = report::ProgressBar::start(destination.monitor(), "receiving", args.output.json);
+    let progress =
+        report::ProgressBar::start(&destination.monitor(), "receiving", args.output.json);
     let result = destination.run_with_devices(
         &listener,
         |announced| {

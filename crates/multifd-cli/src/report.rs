@@ -22,7 +22,7 @@ const REFRESH: Duration = Duration::from_millis(100);
 
 impl ProgressBar {
     /// Shows a bar unless stderr is not a terminal or JSON output was asked for.
-    pub fn start(monitor: Monitor, label: &'static str, json: bool) -> Self {
+    pub fn start(monitor: &Monitor, label: &'static str, json: bool) -> Self {
         let watcher = (!json && std::io::stderr().is_terminal()).then(|| {
             let bar = indicatif::ProgressBar::new(0);
             bar.set_style(
@@ -175,23 +175,7 @@ pub fn table(stats: &MigrationStats) -> String {
     for channel in &stats.channels {
         out += &channel_row(&channel.id, channel);
     }
-    let total = ChannelStats {
-        id: 0,
-        bytes: stats.bytes,
-        packets: stats.packets,
-        normal_pages: stats.normal_pages,
-        zero_pages: stats.zero_pages,
-        payload_bytes: stats.payload_bytes,
-        sync_packets: stats
-            .channels
-            .iter()
-            .map(|channel| channel.sync_packets)
-            .sum(),
-        raw_payload_bytes: stats.raw_payload_bytes,
-        uncompressed_packets: stats.uncompressed_packets,
-        codec_time: stats.codec_time,
-        device_chunks: stats.device_chunks,
-    };
+    let total = stats.channel_totals();
     out += &channel_row(&"total", &total);
     if let Some(switchover) = stats.switchover_time {
         out += &format!(

@@ -123,11 +123,11 @@
 #![deny(missing_docs)]
 
 mod bandwidth;
-mod dirty;
 pub mod bench_internals;
 mod channel_roles;
 mod compress;
 mod device;
+mod dirty;
 mod error;
 mod failure;
 mod ids;
@@ -142,8 +142,12 @@ mod transport;
 mod zero_page;
 
 pub use compress::CompressionSettings;
-pub use dirty::{AtomicDirtyBitmap, DirtyLog, DirtyLogUnion};
 pub use device::{DeviceError, LoadDevice, LoadDevices, SaveDevice, SaveDevices, StateWriter};
+#[cfg(feature = "vm-memory")]
+pub use dirty::{guest_memory_from_mmap, guest_memory_from_mmap_named, VmMemoryDirtyLog};
+pub use dirty::{AtomicDirtyBitmap, DirtyLog, DirtyLogUnion};
+#[cfg(feature = "kvm")]
+pub use dirty::{KvmDirtyLog, KvmDirtyLogMode, KvmSlot};
 pub use error::{Error, Violation};
 pub use failure::CancelHandle;
 pub use ids::{DeviceId, Link, Side, Uuid};

@@ -434,10 +434,11 @@ impl<'a> Run<'a> {
         let mut pages = 0;
         for (block, &block_pages) in self.block_pages.iter().enumerate() {
             let mut bitmap = vec![0u64; block_pages.div_ceil(64) as usize];
-            dirty
-                .harvest(block, &mut bitmap)
-                .map_err(dirty_log_error)?;
-            pages += bitmap.iter().map(|word| u64::from(word.count_ones())).sum::<u64>();
+            dirty.harvest(block, &mut bitmap).map_err(dirty_log_error)?;
+            pages += bitmap
+                .iter()
+                .map(|word| u64::from(word.count_ones()))
+                .sum::<u64>();
             bitmaps.push(bitmap);
         }
         Ok(Harvest { bitmaps, pages })
@@ -464,7 +465,10 @@ impl<'a> Run<'a> {
 
     fn expected_downtime(&self) -> Duration {
         let bytes = (self.remaining_dirty + self.pending_device) as f64;
-        match self.bandwidth.or((self.last_bandwidth > 0.0).then_some(self.last_bandwidth)) {
+        match self
+            .bandwidth
+            .or((self.last_bandwidth > 0.0).then_some(self.last_bandwidth))
+        {
             Some(bandwidth) => Duration::from_secs_f64(bytes / bandwidth),
             None => Duration::MAX,
         }

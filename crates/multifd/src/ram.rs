@@ -1,6 +1,7 @@
 //! Guest RAM: named blocks of memory the VMM owns, and the destination's record of which
 //! pages it has received.
 
+use std::any::Any;
 use std::fs::File;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,8 +21,9 @@ pub struct RamBlock {
     name: String,
     host: NonNull<u8>,
     length: u64,
-    /// Keeps a mapping the engine was handed alive for as long as the block is used.
-    _mapping: Option<Arc<MmapRaw>>,
+    /// Keeps the memory's owner (a mapping the engine was handed, a vm-memory region)
+    /// alive for as long as the block is used.
+    _owner: Option<Arc<dyn Any + Send + Sync>>,
 }
 
 // SAFETY: a RamBlock is a pointer into memory that the VMM keeps mapped for the block's
@@ -45,7 +47,28 @@ impl RamBlock {
             name: name.into(),
             host,
             length,
-            _mapping: None,
+            _owner: None,
+        }
+    }
+
+    /// A block over memory that `owner` keeps mapped: a mapping the engine was handed,
+    /// or a vm-memory region.
+    ///
+    /// # Safety
+    ///
+    /// `host` must point to `length` bytes that stay mapped while `owner` lives, under the
+    /// access rules of `from_raw_parts`.
+    pub(crate) unsafe fn with_owner(
+        name: impl Into<String>,
+        host: NonNull<u8>,
+        length: u64,
+        owner: Arc<dyn Any + Send + Sync>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            host,
+            length,
+            _owner: Some(owner),
         }
     }
 
@@ -54,12 +77,10 @@ impl RamBlock {
     pub fn from_mapping(name: impl Into<String>, mapping: MmapRaw) -> Result<Self, Error> {
         let host = NonNull::new(mapping.as_mut_ptr())
             .ok_or_else(|| Error::Config("mapping at a null address".into()))?;
-        Ok(Self {
-            name: name.into(),
-            host,
-            length: mapping.len() as u64,
-            _mapping: Some(Arc::new(mapping)),
-        })
+        let length = mapping.len() as u64;
+        // SAFETY: the mapping spans `length` bytes from `host` until it is dropped, and the
+        // block owns it.
+        Ok(unsafe { Self::with_owner(name, host, length, Arc::new(mapping)) })
     }
 
     /// Maps a whole file as a block: read-only for a source, shared and writable for a

@@ -468,6 +468,24 @@ pub struct MigrationStats {
 }
 
 impl MigrationStats {
+    /// Every channel's figures added up, as one row (`id` 0).
+    pub fn channel_totals(&self) -> ChannelStats {
+        let sum = |field: fn(&ChannelStats) -> u64| self.channels.iter().map(field).sum();
+        ChannelStats {
+            id: 0,
+            bytes: sum(|channel| channel.bytes),
+            packets: sum(|channel| channel.packets),
+            normal_pages: sum(|channel| channel.normal_pages),
+            zero_pages: sum(|channel| channel.zero_pages),
+            payload_bytes: sum(|channel| channel.payload_bytes),
+            sync_packets: sum(|channel| channel.sync_packets),
+            device_chunks: sum(|channel| channel.device_chunks),
+            raw_payload_bytes: sum(|channel| channel.raw_payload_bytes),
+            uncompressed_packets: sum(|channel| channel.uncompressed_packets),
+            codec_time: self.channels.iter().map(|channel| channel.codec_time).sum(),
+        }
+    }
+
     /// Guest bytes transferred: normal and zero pages times the page size.
     pub fn guest_bytes(&self) -> u64 {
         (self.normal_pages + self.zero_pages) * u64::from(self.page_size)

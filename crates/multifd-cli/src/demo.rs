@@ -6,13 +6,15 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use memmap2::Mmap;
-use multifd::{Destination, DestinationConfig, Listener, SourceConfig};
+use multifd::{CompressionSettings, Destination, DestinationConfig, Listener, SourceConfig};
+use multifd_cli::bench::parse_compression;
 use multifd_cli::image::{self, parse_size};
 use multifd_cli::ram_files::{self, RamFile};
 use multifd_cli::GIB;
 use serde_json::json;
 
 use crate::device_files::{self, DeviceFile};
+use crate::live_demo::{self, LiveArgs};
 use crate::report;
 
 #[derive(clap::Args)]
@@ -29,6 +31,22 @@ pub struct DemoArgs {
     /// Print one JSON object on stdout instead of tables.
     #[arg(long)]
     json: bool,
+    /// `threads`: live-migrate a running simulated guest instead of images.
+    #[arg(long, value_enum)]
+    guest: Option<Guest>,
+    /// Compression for the live demo (`METHOD` or `METHOD:LEVEL`).
+    #[arg(long, value_parser = parse_compression)]
+    compress: Option<CompressionSettings>,
+    /// The live demo's guest and precopy settings.
+    #[command(flatten)]
+    live: LiveArgs,
+}
+
+/// A guest for the live demo.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Guest {
+    /// Writer threads dirtying anonymous memory at `--dirty-rate`.
+    Threads,
 }
 
 /// A second, small block, so the demo shows several RAM blocks (a VGA frame buffer's size).
@@ -43,6 +61,9 @@ const DEVICES: [(&str, u32, u64); 3] = [
 ];
 
 pub fn run(args: &DemoArgs) -> Result<()> {
+    if let Some(Guest::Threads) = args.guest {
+        return live_demo::run(&args.live, args.channels, args.compress, args.json);
+    }
     let directory = image::scratch_directory(args.dir.as_deref(), "multifd-demo-")?;
     let path = |name: &str| directory.path().join(name);
     let blocks = [("pc.ram", args.size, 1), ("vga.vram", VRAM_SIZE, 2)];

@@ -2,6 +2,7 @@
 
 mod demo;
 mod device_files;
+mod live_demo;
 mod report;
 
 use std::process::ExitCode;

@@ -20,6 +20,10 @@
 //! `1 − bandwidth / (2 · dirty rate)` (at least [`Throttle::initial`]) and then grows by
 //! [`Throttle::step`] up to [`Throttle::max`].
 //!
+//! Device state that cannot move before the stop counts in full: if it alone needs more
+//! than the downtime limit at the switchover bandwidth, precopy cannot converge, and only
+//! the timeout (or a higher limit) ends it.
+//!
 //! **Timeout.** Past [`PrecopyConfig::timeout`], the [`TimeoutStrategy`] decides: `Cancel`
 //! fails the migration (the destination is told, the VM keeps running on the source at full
 //! speed, nothing lost) or `Force` switches over at once whatever the downtime.
@@ -125,6 +129,12 @@ impl Default for PrecopyConfig {
 /// of 512 KiB, enough to keep every channel busy for a while at any channel count we allow
 /// to matter.
 const MIN_MEASURED_BYTES: u64 = 8 << 20;
+
+/// How long the driver waits before the next round when the last harvest found nothing
+/// dirty but the estimate is still over the limit (pending device state): long enough
+/// that an idle guest does not turn the loop into a busy spin, short next to any downtime
+/// limit or timeout worth setting.
+const IDLE_ROUND_WAIT: Duration = Duration::from_millis(50);
 
 /// Where a live migration is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -395,6 +405,12 @@ impl<'a> Run<'a> {
             }
             if self.config.auto_converge {
                 self.auto_converge(vm);
+            }
+            if harvest.pages == 0 {
+                // Nothing dirty, yet the estimate is over the limit: device state the
+                // devices cannot send before the stop. Another round cannot help until the
+                // guest or a device changes something; wait instead of spinning.
+                std::thread::sleep(IDLE_ROUND_WAIT);
             }
             self.report(Phase::Round(self.rounds.len() as u64));
             round_started = Instant::now();

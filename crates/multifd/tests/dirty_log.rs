@@ -107,7 +107,7 @@ fn run_guest(vcpu: &mut VcpuFd, memory: &GuestMemory, addresses: &[u64]) {
     // SAFETY: page 0 of block 0 is mapped and only the guest, which is not running,
     // accesses it otherwise.
     unsafe {
-        std::ptr::copy_nonoverlapping(code.as_ptr(), memory.blocks()[0].as_ptr(), code.len())
+        std::ptr::copy_nonoverlapping(code.as_ptr(), memory.blocks()[0].as_ptr(), code.len());
     };
     let regs = kvm_regs {
         rip: 0,

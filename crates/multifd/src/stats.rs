@@ -228,18 +228,18 @@ impl Counters {
     pub(crate) fn finish(&self) -> MigrationStats {
         let channels = self.channel_stats();
         let devices = self.device_stats();
-        let sum = |field: fn(&ChannelStats) -> u64| channels.iter().map(field).sum();
+        let total = ChannelStats::total(&channels);
         MigrationStats {
             side: self.side,
             page_size: self.page_size,
-            bytes: sum(|channel| channel.bytes),
-            packets: sum(|channel| channel.packets),
-            normal_pages: sum(|channel| channel.normal_pages),
-            zero_pages: sum(|channel| channel.zero_pages),
-            payload_bytes: sum(|channel| channel.payload_bytes),
-            raw_payload_bytes: sum(|channel| channel.raw_payload_bytes),
-            uncompressed_packets: sum(|channel| channel.uncompressed_packets),
-            codec_time: channels.iter().map(|channel| channel.codec_time).sum(),
+            bytes: total.bytes,
+            packets: total.packets,
+            normal_pages: total.normal_pages,
+            zero_pages: total.zero_pages,
+            payload_bytes: total.payload_bytes,
+            raw_payload_bytes: total.raw_payload_bytes,
+            uncompressed_packets: total.uncompressed_packets,
+            codec_time: total.codec_time,
             rounds: self.rounds.load(Ordering::Relaxed),
             pages_per_round: self
                 .pages_per_round
@@ -383,6 +383,24 @@ pub struct ChannelStats {
 }
 
 impl ChannelStats {
+    /// `channels` added up, as one row with `id` 0.
+    fn total(channels: &[ChannelStats]) -> Self {
+        let sum = |field: fn(&ChannelStats) -> u64| channels.iter().map(field).sum();
+        Self {
+            id: 0,
+            bytes: sum(|channel| channel.bytes),
+            packets: sum(|channel| channel.packets),
+            normal_pages: sum(|channel| channel.normal_pages),
+            zero_pages: sum(|channel| channel.zero_pages),
+            payload_bytes: sum(|channel| channel.payload_bytes),
+            sync_packets: sum(|channel| channel.sync_packets),
+            device_chunks: sum(|channel| channel.device_chunks),
+            raw_payload_bytes: sum(|channel| channel.raw_payload_bytes),
+            uncompressed_packets: sum(|channel| channel.uncompressed_packets),
+            codec_time: channels.iter().map(|channel| channel.codec_time).sum(),
+        }
+    }
+
     /// Page bytes before compression per payload byte sent (1 without compression).
     pub fn compression_ratio(&self) -> f64 {
         compression_ratio(self.raw_payload_bytes, self.payload_bytes)
@@ -470,20 +488,7 @@ pub struct MigrationStats {
 impl MigrationStats {
     /// Every channel's figures added up, as one row (`id` 0).
     pub fn channel_totals(&self) -> ChannelStats {
-        let sum = |field: fn(&ChannelStats) -> u64| self.channels.iter().map(field).sum();
-        ChannelStats {
-            id: 0,
-            bytes: sum(|channel| channel.bytes),
-            packets: sum(|channel| channel.packets),
-            normal_pages: sum(|channel| channel.normal_pages),
-            zero_pages: sum(|channel| channel.zero_pages),
-            payload_bytes: sum(|channel| channel.payload_bytes),
-            sync_packets: sum(|channel| channel.sync_packets),
-            device_chunks: sum(|channel| channel.device_chunks),
-            raw_payload_bytes: sum(|channel| channel.raw_payload_bytes),
-            uncompressed_packets: sum(|channel| channel.uncompressed_packets),
-            codec_time: self.channels.iter().map(|channel| channel.codec_time).sum(),
-        }
+        ChannelStats::total(&self.channels)
     }
 
     /// Guest bytes transferred: normal and zero pages times the page size.

@@ -96,6 +96,15 @@ enum ControlEvent {
 /// Queue pages (or whole blocks), end rounds, then [`Source::complete`]. Guest memory is
 /// only read; if anything fails, the migration stops, the destination is told, and the
 /// source VM can simply keep running.
+///
+/// Threads: one per channel (zero-page detection, compression, the vectored write), one
+/// reading the control channel, and after [`Source::switchover`] one per device saving
+/// its state. The `Source` itself is driven from one thread. `queue_*` fill a packet's
+/// worth of offsets without blocking; handing a full packet to the channels blocks until
+/// a channel is idle, so queueing runs at the speed of the link (that back-pressure is
+/// what the precopy driver measures). [`Source::end_round`] blocks until every channel
+/// wrote its SYNC, and [`Source::complete`] until the destination confirmed; a
+/// [`CancelHandle`] from another thread ends any of these waits.
 pub struct Source {
     memory: GuestMemory,
     page_size: u32,

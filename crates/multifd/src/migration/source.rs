@@ -103,8 +103,9 @@ enum ControlEvent {
 /// worth of offsets without blocking; handing a full packet to the channels blocks until
 /// a channel is idle, so queueing runs at the speed of the link (that back-pressure is
 /// what the precopy driver measures). [`Source::end_round`] blocks until every channel
-/// wrote its SYNC, and [`Source::complete`] until the destination confirmed; a
-/// [`CancelHandle`] from another thread ends any of these waits.
+/// wrote its SYNC, and [`Source::complete`] until the destination confirmed. A
+/// [`CancelHandle`] from another thread ends the channel waits; the wait for the
+/// destination's `Completed` has no bound yet.
 pub struct Source {
     memory: GuestMemory,
     page_size: u32,

@@ -142,35 +142,38 @@ impl DeviceLoaders {
     ) -> Result<(), Violation> {
         // `device` came from `find`, over the same list.
         let stream = &self.streams[device];
-        let length = payload.len();
+        let length = payload.len() as u64;
+        // Counted before the chunk is queued: once queued, the load thread may take it and
+        // subtract its length at once, and the total must never go below zero.
+        let queued = self.queued.fetch_add(length, Ordering::Relaxed) + length;
         let mut state = lock(&stream.state);
         let id = || stream.counters.id.clone();
-        state
+        let inserted = state
             .chunks
-            .insert(header.idx, header.config_state, payload)
-            .map_err(|error| match error {
-                ReassemblyError::Duplicate { idx } => {
-                    Violation::DuplicateChunk { device: id(), idx }
-                }
-                ReassemblyError::AfterConfig { idx, config_idx } => Violation::ChunkAfterConfig {
-                    device: id(),
-                    idx,
-                    config_idx,
-                },
-                ReassemblyError::SecondConfig { idx, config_idx } => Violation::SecondConfigChunk {
-                    device: id(),
-                    idx,
-                    config_idx,
-                },
-                ReassemblyError::QueueFull { queued, cap } => Violation::DeviceQueueFull {
-                    device: id(),
-                    queued,
-                    cap,
-                },
-            })?;
+            .insert(header.idx, header.config_state, payload);
         drop(state);
-        stream.counters.count_chunk(length);
-        let queued = self.queued.fetch_add(length as u64, Ordering::Relaxed) + length as u64;
+        if inserted.is_err() {
+            self.queued.fetch_sub(length, Ordering::Relaxed);
+        }
+        inserted.map_err(|error| match error {
+            ReassemblyError::Duplicate { idx } => Violation::DuplicateChunk { device: id(), idx },
+            ReassemblyError::AfterConfig { idx, config_idx } => Violation::ChunkAfterConfig {
+                device: id(),
+                idx,
+                config_idx,
+            },
+            ReassemblyError::SecondConfig { idx, config_idx } => Violation::SecondConfigChunk {
+                device: id(),
+                idx,
+                config_idx,
+            },
+            ReassemblyError::QueueFull { queued, cap } => Violation::DeviceQueueFull {
+                device: id(),
+                queued,
+                cap,
+            },
+        })?;
+        stream.counters.count_chunk(length as usize);
         self.peak_queued.fetch_max(queued, Ordering::Relaxed);
         stream.ready.notify_one();
         Ok(())

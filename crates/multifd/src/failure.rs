@@ -5,6 +5,7 @@
 //! each thread blocked anywhere wakes promptly and stops. Later errors are consequences
 //! of the first and are dropped.
 
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -125,21 +126,40 @@ impl Failure {
     }
 }
 
-/// Joins every thread in `threads`; a thread that panicked (a bug) fails the migration
-/// with an internal error naming `what` ran on it.
-pub(crate) fn join_threads(
-    threads: impl IntoIterator<Item = JoinHandle<()>>,
-    failure: &Failure,
-    side: Side,
-    what: &str,
-) {
-    for thread in threads {
-        if thread.join().is_err() {
-            failure.fail(Error::Internal {
+impl Failure {
+    /// Starts a migration thread named `name` running `body`. A panic in it (a bug) fails
+    /// the migration at once with an internal error naming the thread, so the other
+    /// threads stop instead of waiting for work the dead one will never do.
+    pub(crate) fn spawn(
+        self: &Arc<Self>,
+        side: Side,
+        name: &str,
+        body: impl FnOnce() + Send + 'static,
+    ) -> Result<JoinHandle<()>, Error> {
+        let failure = Arc::clone(self);
+        let panicked = format!("thread {name} panicked");
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                if panic::catch_unwind(AssertUnwindSafe(body)).is_err() {
+                    failure.fail(Error::Internal {
+                        side,
+                        what: panicked,
+                    });
+                }
+            })
+            .map_err(|error| Error::Internal {
                 side,
-                what: format!("a {what} thread panicked"),
-            });
-        }
+                what: format!("cannot spawn thread {name}: {error}"),
+            })
+    }
+}
+
+/// Waits for every thread in `threads` to end. Threads started by [`Failure::spawn`]
+/// report their own panics when they happen, so a join has nothing left to report.
+pub(crate) fn join_threads(threads: impl IntoIterator<Item = JoinHandle<()>>) {
+    for thread in threads {
+        let _ = thread.join();
     }
 }
 
@@ -164,5 +184,29 @@ impl std::fmt::Debug for CancelHandle {
             .debug_struct("CancelHandle")
             .field("side", &self.side)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_thread_fails_the_migration_at_once() {
+        let failure = Failure::new();
+        let thread = failure
+            .spawn(Side::Destination, "multifd-test", || panic!("a bug"))
+            .expect("spawn");
+        // Without the guard nothing would fail the migration until someone joined.
+        assert!(failure.wait_for_failure(Duration::from_secs(10)));
+        join_threads([thread]);
+        let error = failure.first_error(Error::Cancelled {
+            side: Side::Destination,
+        });
+        assert!(
+            matches!(&error, Error::Internal { side: Side::Destination, what }
+                if what == "thread multifd-test panicked"),
+            "{error}"
+        );
     }
 }

@@ -227,22 +227,16 @@ impl SendChannels {
                     charged: 0,
                 };
                 let shared = Arc::clone(&shared);
-                let failure = Arc::clone(failure);
-                std::thread::Builder::new()
-                    .name(format!("multifd-send-{id}"))
-                    .spawn(move || sender.run(&shared, &failure))
+                let runner = Arc::clone(failure);
+                failure.spawn(Side::Source, &format!("multifd-send-{id}"), move || {
+                    sender.run(&shared, &runner);
+                })
             })
             .collect::<Result<Vec<_>, _>>();
-        let threads = match threads {
-            Ok(threads) => threads,
-            Err(error) => {
-                failure.fail(Error::Internal {
-                    side: Side::Source,
-                    what: format!("cannot spawn a channel thread: {error}"),
-                });
-                Vec::new()
-            }
-        };
+        let threads = threads.unwrap_or_else(|error| {
+            failure.fail(error);
+            Vec::new()
+        });
         Self {
             shared,
             threads: Mutex::new(threads),
@@ -304,11 +298,11 @@ impl SendChannels {
 
     /// Lets every channel thread finish its work and exit, and waits for them. The
     /// connections close as the threads drop them.
-    pub(crate) fn finish(&self, failure: &Failure) {
+    pub(crate) fn finish(&self) {
         self.shared.lock().stopping = true;
         self.shared.wake_all();
         let threads = std::mem::take(&mut *lock(&self.threads));
-        join_threads(threads, failure, Side::Source, "channel");
+        join_threads(threads);
     }
 }
 
@@ -668,7 +662,7 @@ mod tests {
 
     #[test]
     fn send_swaps_buffers_without_allocating() {
-        let (pool, failure, readers) = start(2);
+        let (pool, _failure, readers) = start(2);
         let mut batch = full_batch();
         let before = batch.offsets.as_ptr();
         pool.send(&mut batch).expect("send");
@@ -682,7 +676,7 @@ mod tests {
             "buffers were swapped, not copied"
         );
         assert_eq!(batch.offsets.capacity(), PAGES_PER_PACKET as usize);
-        pool.finish(&failure);
+        pool.finish();
         let packets: Vec<_> = readers
             .into_iter()
             .flat_map(|reader| reader.join().expect("reader"))
@@ -692,7 +686,7 @@ mod tests {
 
     #[test]
     fn producers_that_keep_sending_cannot_hold_a_sync_back() {
-        let (pool, failure, readers) = start(2);
+        let (pool, _failure, readers) = start(2);
         let stop = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|scope| {
             for _ in 0..3 {
@@ -709,7 +703,7 @@ mod tests {
             }
             stop.store(true, Ordering::Relaxed);
         });
-        pool.finish(&failure);
+        pool.finish();
         for reader in readers {
             let packets = reader.join().expect("reader");
             assert_eq!(packets.iter().filter(|packet| packet.is_none()).count(), 20);
@@ -720,7 +714,7 @@ mod tests {
     fn concurrent_producers_reach_every_channel_and_syncs_come_last() {
         const PRODUCERS: usize = 4;
         const BATCHES: usize = 200;
-        let (pool, failure, readers) = start(4);
+        let (pool, _failure, readers) = start(4);
         std::thread::scope(|scope| {
             for _ in 0..PRODUCERS {
                 scope.spawn(|| {
@@ -732,7 +726,7 @@ mod tests {
             }
         });
         pool.sync_round().expect("sync");
-        pool.finish(&failure);
+        pool.finish();
         let per_channel: Vec<_> = readers
             .into_iter()
             .map(|reader| reader.join().expect("reader"))
@@ -773,7 +767,7 @@ mod tests {
         }
         assert!(sent < 100, "sending went on after a channel broke");
         assert!(pool.sync_round().is_err());
-        pool.finish(&failure);
+        pool.finish();
         let error = failure.first_error(Error::Cancelled { side: Side::Source });
         assert!(
             matches!(

@@ -104,19 +104,12 @@ impl DeviceLoaders {
         for (stream, (_, device)) in loaders.streams.iter().zip(devices) {
             let stream = Arc::clone(stream);
             let owner = Arc::clone(&loaders);
-            let failure = Arc::clone(failure);
-            let spawned = std::thread::Builder::new()
-                .name(format!("multifd-load-{}", lock(&loaders.threads).len()))
-                .spawn(move || owner.load(&stream, device, &failure));
-            match spawned {
-                Ok(thread) => lock(&loaders.threads).push(thread),
-                Err(error) => {
-                    return Err(Error::Internal {
-                        side: Side::Destination,
-                        what: format!("cannot spawn a device load thread: {error}"),
-                    })
-                }
-            }
+            let runner = Arc::clone(failure);
+            let name = format!("multifd-load-{}", lock(&loaders.threads).len());
+            let thread = failure.spawn(Side::Destination, &name, move || {
+                owner.load(&stream, device, &runner);
+            })?;
+            lock(&loaders.threads).push(thread);
         }
         Ok(loaders)
     }
@@ -200,7 +193,7 @@ impl DeviceLoaders {
             drop(state);
             stream.ready.notify_one();
         }
-        self.join(failure);
+        self.join();
         if failure.is_failed() {
             return Err(failure.first_error(Error::Cancelled {
                 side: Side::Destination,
@@ -210,9 +203,9 @@ impl DeviceLoaders {
     }
 
     /// Waits for every load thread to end.
-    pub(crate) fn join(&self, failure: &Failure) {
+    pub(crate) fn join(&self) {
         let threads = std::mem::take(&mut *lock(&self.threads));
-        join_threads(threads, failure, Side::Destination, "device load");
+        join_threads(threads);
     }
 
     fn stop_all(&self) {

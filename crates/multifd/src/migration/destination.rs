@@ -247,13 +247,8 @@ impl Destination {
         };
         // On error, failing first stops the channel and load threads so they can be joined.
         let result = result.map_err(|error| self.failure.first_error(error));
-        join_threads(
-            receiving.threads,
-            &self.failure,
-            Side::Destination,
-            "channel",
-        );
-        receiving.loaders.join(&self.failure);
+        join_threads(receiving.threads);
+        receiving.loaders.join();
         match result {
             Ok(_) if self.failure.is_failed() => Err(self.failure.first_error(Error::Internal {
                 side: Side::Destination,
@@ -321,16 +316,17 @@ impl Destination {
                 barrier: Arc::clone(barrier),
             };
             let failure = Arc::clone(&self.failure);
-            let spawned = std::thread::Builder::new()
-                .name(format!("multifd-recv-{id}"))
-                .spawn(move || receiver.run(&failure));
+            let spawned = self.failure.spawn(
+                Side::Destination,
+                &format!("multifd-recv-{id}"),
+                move || {
+                    receiver.run(&failure);
+                },
+            );
             match spawned {
                 Ok(thread) => threads.push(thread),
                 Err(error) => {
-                    self.failure.fail(Error::Internal {
-                        side: Side::Destination,
-                        what: format!("cannot spawn a channel thread: {error}"),
-                    });
+                    self.failure.fail(error);
                     break;
                 }
             }

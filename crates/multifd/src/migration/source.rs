@@ -200,13 +200,9 @@ impl Source {
         }
         let (events_sender, events) = mpsc::channel();
         let reader_failure = Arc::clone(&failure);
-        let control_reader = std::thread::Builder::new()
-            .name("multifd-source-control".into())
-            .spawn(move || read_control(reader, &reader_failure, &events_sender))
-            .map_err(|error| Error::Internal {
-                side: Side::Source,
-                what: format!("cannot spawn the control reader: {error}"),
-            })?;
+        let control_reader = failure.spawn(Side::Source, "multifd-source-control", move || {
+            read_control(reader, &reader_failure, &events_sender);
+        })?;
 
         let pages_per_packet = config.packet_size / config.page_size;
         let channels = SendChannels::start(
@@ -421,17 +417,14 @@ impl Source {
             let channels = Arc::clone(&channels);
             let failure = Arc::clone(&self.failure);
             let chunk_size = self.device_chunk_size;
-            let spawned = std::thread::Builder::new()
-                .name(format!("multifd-save-{number}"))
-                .spawn(move || save_devices(group, &channels, chunk_size, &failure));
+            let spawned =
+                self.failure
+                    .spawn(Side::Source, &format!("multifd-save-{number}"), move || {
+                        save_devices(group, &channels, chunk_size, &failure);
+                    });
             match spawned {
                 Ok(thread) => self.save_threads.push(thread),
-                Err(error) => {
-                    return Err(self.fail(Error::Internal {
-                        side: Side::Source,
-                        what: format!("cannot spawn a device save thread: {error}"),
-                    }))
-                }
+                Err(error) => return Err(self.fail(error)),
             }
         }
         Ok(())
@@ -476,7 +469,7 @@ impl Source {
             let _ = reader.join();
         }
         if let Some(channels) = self.channels.take() {
-            channels.finish(&self.failure);
+            channels.finish();
         }
         if self.failure.is_failed() {
             return Err(self.stopped());
@@ -491,12 +484,7 @@ impl Source {
     }
 
     fn join_save_threads(&mut self) {
-        join_threads(
-            self.save_threads.drain(..),
-            &self.failure,
-            Side::Source,
-            "device save",
-        );
+        join_threads(self.save_threads.drain(..));
     }
 
     fn channels(&self) -> Result<&Arc<SendChannels>, Error> {

@@ -133,8 +133,7 @@ impl LocalMigration {
         received: &GuestMemory,
         sinks: &[DeviceSink],
     ) -> Option<String> {
-        let source = &guest.memory().blocks()[0].clone();
-        if let Some(offset) = first_difference(source, &received.blocks()[0]) {
+        if let Some(offset) = first_difference(&guest.memory().blocks()[0], &received.blocks()[0]) {
             return Some(format!("guest memory differs at offset {offset:#x}"));
         }
         for ((id, device), sink) in self.devices.iter().zip(sinks) {

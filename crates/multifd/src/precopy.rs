@@ -242,7 +242,19 @@ pub struct Precopy {
 /// What a harvest found, per block.
 struct Harvest {
     bitmaps: Vec<Vec<u64>>,
+    /// Pages set over all bitmaps.
     pages: u64,
+}
+
+impl Harvest {
+    fn new(bitmaps: Vec<Vec<u64>>) -> Self {
+        let pages = bitmaps
+            .iter()
+            .flatten()
+            .map(|word| u64::from(word.count_ones()))
+            .sum();
+        Self { bitmaps, pages }
+    }
 }
 
 impl Precopy {
@@ -447,17 +459,12 @@ impl<'a> Run<'a> {
 
     fn harvest(&self, dirty: &mut dyn DirtyLog) -> Result<Harvest, Error> {
         let mut bitmaps = Vec::with_capacity(self.block_pages.len());
-        let mut pages = 0;
         for (block, &block_pages) in self.block_pages.iter().enumerate() {
             let mut bitmap = vec![0u64; block_pages.div_ceil(64) as usize];
             dirty.harvest(block, &mut bitmap).map_err(dirty_log_error)?;
-            pages += bitmap
-                .iter()
-                .map(|word| u64::from(word.count_ones()))
-                .sum::<u64>();
             bitmaps.push(bitmap);
         }
-        Ok(Harvest { bitmaps, pages })
+        Ok(Harvest::new(bitmaps))
     }
 
     /// Updates the rates from the round just ended and what the guest dirtied during it.
@@ -536,17 +543,12 @@ impl<'a> Run<'a> {
             for (block, bitmap) in pending.bitmaps.iter_mut().enumerate() {
                 dirty.harvest(block, bitmap).map_err(dirty_log_error)?;
             }
-            let final_pages: u64 = pending
-                .bitmaps
-                .iter()
-                .flatten()
-                .map(|word| u64::from(word.count_ones()))
-                .sum();
+            let pending = Harvest::new(pending.bitmaps);
             for (block, bitmap) in pending.bitmaps.iter().enumerate() {
                 source.queue_dirty_bitmap(block, bitmap)?;
             }
             self.report(Phase::Completing);
-            Ok((source.complete()?, final_pages))
+            Ok((source.complete()?, pending.pages))
         })();
         let _ = dirty.stop();
         match result {

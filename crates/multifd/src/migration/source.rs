@@ -281,12 +281,7 @@ impl Source {
     /// Queues the page at `offset` of block `block` (an index into the blocks) for the
     /// current round. Queue each page at most once per round.
     pub fn queue_page(&mut self, block: usize, offset: u64) -> Result<(), Error> {
-        let length = self
-            .memory
-            .blocks()
-            .get(block)
-            .map(|block| block.len())
-            .ok_or(Error::PageOutOfRange { block, offset })?;
+        let length = self.block_len(block, offset)?;
         let page_size = u64::from(self.page_size);
         if !offset.is_multiple_of(page_size) || offset >= length {
             return Err(Error::PageOutOfRange { block, offset });
@@ -304,12 +299,7 @@ impl Source {
 
     /// Queues every page of block `block`.
     pub fn queue_block(&mut self, block: usize) -> Result<(), Error> {
-        let length = self
-            .memory
-            .blocks()
-            .get(block)
-            .map(|block| block.len())
-            .ok_or(Error::PageOutOfRange { block, offset: 0 })?;
+        let length = self.block_len(block, 0)?;
         for offset in (0..length).step_by(self.page_size as usize) {
             self.queue_page(block, offset)?;
         }
@@ -324,12 +314,7 @@ impl Source {
     /// before any of its pages is queued.
     pub fn queue_dirty_bitmap(&mut self, block: usize, bitmap: &[u64]) -> Result<(), Error> {
         let page_size = u64::from(self.page_size);
-        let length = self
-            .memory
-            .blocks()
-            .get(block)
-            .map(RamBlock::len)
-            .ok_or(Error::PageOutOfRange { block, offset: 0 })?;
+        let length = self.block_len(block, 0)?;
         let pages = length / page_size;
         if let Some(page) = first_page_past(bitmap, pages) {
             return Err(Error::PageOutOfRange {
@@ -485,6 +470,16 @@ impl Source {
 
     fn join_save_threads(&mut self) {
         join_threads(self.save_threads.drain(..));
+    }
+
+    /// The length of block `block`; a block that does not exist is reported as the page
+    /// at `offset` of it being out of range.
+    fn block_len(&self, block: usize, offset: u64) -> Result<u64, Error> {
+        self.memory
+            .blocks()
+            .get(block)
+            .map(RamBlock::len)
+            .ok_or(Error::PageOutOfRange { block, offset })
     }
 
     fn channels(&self) -> Result<&Arc<SendChannels>, Error> {

@@ -159,6 +159,8 @@ fn summary(
         "downtime_ms": stats.downtime.as_secs_f64() * 1e3,
         "destination_downtime_ms": destination_downtime.map(|downtime| downtime.as_secs_f64() * 1e3),
         "expected_downtime_ms": stats.expected_downtime.as_secs_f64() * 1e3,
+        "device_save_ms": stats.migration.device_save_time.map(|time| time.as_secs_f64() * 1e3),
+        "drain_ms": stats.migration.drain_time.map(|time| time.as_secs_f64() * 1e3),
         "total_seconds": stats.total_time.as_secs_f64(),
         "max_throttle_percent": stats.max_throttle_percent,
         "forced": stats.forced,

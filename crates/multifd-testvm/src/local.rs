@@ -63,7 +63,11 @@ impl LocalMigration {
     pub fn run(&self, progress: &mut dyn FnMut(&PrecopyProgress)) -> Result<LocalReport, Error> {
         let mut guest = ThreadGuest::start(&self.guest)?;
         let listener = Listener::bind(&self.address)?;
-        let sinks: Vec<DeviceSink> = self.devices.iter().map(|_| DeviceSink::default()).collect();
+        let sinks: Vec<DeviceSink> = self
+            .devices
+            .iter()
+            .map(|(_, device)| DeviceSink::with_capacity(device.state().len()))
+            .collect();
         let received: Mutex<Option<GuestMemory>> = Mutex::new(None);
         let memory_bytes = self.guest.memory;
         let (result, destination) = thread::scope(|scope| {

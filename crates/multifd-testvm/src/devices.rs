@@ -95,12 +95,15 @@ pub struct DeviceSink {
 }
 
 impl DeviceSink {
-    /// A sink with room for `length` bytes of state, as a VMM's device has its memory
-    /// before the migration starts (growing a buffer while loading would add copies to
-    /// the downtime that a real device does not have).
+    /// A sink with room for `length` bytes of state, resident as a VMM's device memory is
+    /// before the migration starts (growing a buffer, or faulting its pages in, while
+    /// loading would add work to the downtime that a real device does not have).
     pub fn with_capacity(length: usize) -> Self {
+        // Touched now, so its pages are resident before the migration, like a device's.
+        let mut state = vec![1u8; length];
+        state.clear();
         let loaded = Loaded {
-            state: Vec::with_capacity(length),
+            state,
             config: None,
         };
         Self {

@@ -28,9 +28,10 @@ pub struct LiveArgs {
     /// Throttle the guest when it dirties memory faster than the link moves it.
     #[arg(long)]
     auto_converge: bool,
-    /// Seconds precopy may run before `--timeout-strategy` decides.
-    #[arg(long)]
-    timeout: Option<u64>,
+    /// Seconds precopy may run before `--timeout-strategy` decides (0: no limit). A
+    /// guest that never converges would otherwise run until interrupted.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
     /// What the timeout does: cancel (the guest stays on the source) or force.
     #[arg(long, value_enum, default_value_t = Strategy::Cancel)]
     timeout_strategy: Strategy,
@@ -86,7 +87,7 @@ pub fn run(
     migration.source.max_bandwidth = live.max_bandwidth;
     migration.precopy.downtime_limit = Duration::from_millis(live.downtime_limit_ms);
     migration.precopy.auto_converge = live.auto_converge;
-    migration.precopy.timeout = live.timeout.map(Duration::from_secs);
+    migration.precopy.timeout = (live.timeout > 0).then(|| Duration::from_secs(live.timeout));
     migration.precopy.timeout_strategy = match live.timeout_strategy {
         Strategy::Cancel => TimeoutStrategy::Cancel,
         Strategy::Force => TimeoutStrategy::Force,

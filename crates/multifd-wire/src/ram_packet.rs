@@ -27,6 +27,11 @@ pub struct RamLimits {
 impl RamLimits {
     fn check_payload(&self, flags: Flags, normal_pages: u32, size: u32) -> Result<(), WireError> {
         let raw = u64::from(normal_pages) * u64::from(self.page_size);
+        // No pages, no payload, whatever the method: bytes after such a packet would be
+        // read as the next packet.
+        if normal_pages == 0 && size != 0 {
+            return Err(WireError::PayloadSizeMismatch { size, expected: 0 });
+        }
         let compression = if flags.is_uncompressed() {
             Compression::None
         } else {

@@ -850,6 +850,34 @@ fn payload_above_bound_with_compression() {
     assert_eq!(Compression::None.max_payload(8192), None);
 }
 
+/// With compression a packet's payload may be any size up to the bound, but a packet
+/// without normal pages has no payload at all: otherwise its payload bytes would be read
+/// as the next packet (a SYNC smuggled in as payload).
+#[test]
+fn payload_without_normal_pages_with_compression() {
+    for compression in [Compression::Zlib, Compression::Zstd, Compression::Lz4] {
+        let limits = RamLimits {
+            compression,
+            extensions: compression.extension(),
+            ..limits4()
+        };
+        let mut raw = RawRam::valid();
+        raw.flags = compression.to_wire();
+        raw.normal_pages = 0;
+        raw.zero_pages = 3;
+        raw.offsets = vec![0x1000, 0x2000, 0x3000, 0];
+        raw.next_packet_size = 0;
+        decode_ram(&raw, &limits).unwrap();
+        for size in [1, 1024] {
+            raw.next_packet_size = size;
+            assert_eq!(
+                decode_ram(&raw, &limits),
+                Err(WireError::PayloadSizeMismatch { size, expected: 0 })
+            );
+        }
+    }
+}
+
 #[test]
 fn sync_with_pages() {
     let mut raw = RawRam::valid();

@@ -159,6 +159,8 @@ pub fn ram_packet(limits: RamLimits) -> impl Strategy<Value = OwnedRamPacket> {
                 limits.compression.max_payload(raw)
             };
             let payload = match (sync, bound) {
+                // A packet without normal pages has no payload, whatever the method.
+                (true, _) | (false, Some(_)) if normal == 0 => Just(0u32).boxed(),
                 (true, _) => Just(0u32).boxed(),
                 (false, None) => Just(u32::try_from(raw).unwrap()).boxed(),
                 (false, Some(bound)) => (0..=u32::try_from(bound).unwrap()).boxed(),

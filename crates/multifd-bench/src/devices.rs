@@ -229,8 +229,10 @@ impl Setup {
                 (device_id(index), Box::new(load) as Box<dyn LoadDevice>)
             })
             .collect();
+        let mut config = DestinationConfig::default();
+        config.memory_zeroed = true;
         let receiving = std::thread::spawn(move || {
-            multifd::Destination::new(DestinationConfig::default()).run_with_devices(
+            multifd::Destination::new(config).run_with_devices(
                 &listener,
                 |_| Ok(destination_memory),
                 loaders,

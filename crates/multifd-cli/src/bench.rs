@@ -261,9 +261,11 @@ impl Bench {
         let listener = Listener::bind(&"tcp:127.0.0.1:0".parse()?)?;
         let address = listener.address();
         let memory = GuestMemory::new(vec![anonymous_block("pc.ram", self.size, prealloc)?])?;
-        let receiving = std::thread::spawn(move || {
-            Destination::new(DestinationConfig::default()).run(&listener, |_| Ok(memory))
-        });
+        let mut config = DestinationConfig::default();
+        // Fresh anonymous memory (preallocated with zeros or not).
+        config.memory_zeroed = true;
+        let receiving =
+            std::thread::spawn(move || Destination::new(config).run(&listener, |_| Ok(memory)));
         self.send(&address, configuration, || {
             receiving
                 .join()

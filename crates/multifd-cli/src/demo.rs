@@ -106,7 +106,10 @@ pub fn run(args: &DemoArgs) -> Result<()> {
 
     let listener = Listener::bind(&"tcp:127.0.0.1:0".parse()?)?;
     let address = listener.address();
-    let destination = Destination::new(DestinationConfig::default());
+    let mut config = DestinationConfig::default();
+    // `create_for_receiving` truncates every file first.
+    config.memory_zeroed = true;
+    let destination = Destination::new(config);
     let loaders = device_files::create_for_receiving(&device_destinations)?;
     let receiving = {
         let destinations = destinations.clone();

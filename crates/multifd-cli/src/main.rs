@@ -223,6 +223,8 @@ fn recv(args: &RecvArgs) -> Result<()> {
     config.compression = compression;
     config.wait_for_source = args.timeout.map(Duration::from_secs);
     config.max_queued_device_bytes = args.max_queued_device_bytes;
+    // `create_for_receiving` truncates every file first.
+    config.memory_zeroed = true;
     let destination = Destination::new(config);
     let devices = device_files::create_for_receiving(&args.devices)?;
     let progress =

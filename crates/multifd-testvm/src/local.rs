@@ -79,8 +79,11 @@ impl LocalMigration {
                 .collect();
             let received = &received;
             let listener = &listener;
+            let mut config = DestinationConfig::default();
+            // `anonymous_memory` maps fresh zeroed memory.
+            config.memory_zeroed = true;
             let destination = scope.spawn(move || {
-                Destination::new(DestinationConfig::default()).run_with_devices(
+                Destination::new(config).run_with_devices(
                     listener,
                     |blocks| {
                         let memory = anonymous_memory(&blocks[0].name, memory_bytes)

@@ -239,21 +239,26 @@ impl GuestMemory {
     }
 }
 
-/// One bit per page per block: has the destination received this page's contents (or a
-/// zero marker) in an earlier packet? A zero page needs zeroing only if it has.
+/// One bit per page per block: may this page hold anything but zeros on the destination
+/// (its contents or a zero marker arrived in an earlier packet, or the memory did not start
+/// zeroed)? A zero page needs writing only if it may.
 #[derive(Debug)]
 pub(crate) struct ReceivedPages {
     blocks: Vec<Vec<AtomicU64>>,
 }
 
 impl ReceivedPages {
-    pub(crate) fn new(memory: &GuestMemory, page_size: u32) -> Self {
+    /// Every page clean if the memory `starts_zeroed`, every page possibly dirty otherwise.
+    pub(crate) fn new(memory: &GuestMemory, page_size: u32, starts_zeroed: bool) -> Self {
+        let initial = if starts_zeroed { 0 } else { u64::MAX };
         let blocks = memory
             .blocks()
             .iter()
             .map(|block| {
                 let pages = block.len() / u64::from(page_size);
-                (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect()
+                (0..pages.div_ceil(64))
+                    .map(|_| AtomicU64::new(initial))
+                    .collect()
             })
             .collect();
         Self { blocks }

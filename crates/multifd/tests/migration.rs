@@ -183,3 +183,47 @@ fn a_destination_runs_one_migration() {
         "{again:?}"
     );
 }
+
+/// Migrates mixed memory into destination memory full of 0xab (a retry into a used
+/// buffer) with `memory_zeroed` as given; returns how many pages end up wrong.
+fn pages_wrong_after_migrating_into_used_memory(memory_zeroed: bool) -> usize {
+    let source_memory = mixed_memory(99);
+    let destination_memory = empty_like(&source_memory);
+    for block in destination_memory.blocks() {
+        bytes_mut(block).fill(0xab);
+    }
+    let (listener, address) = listener(false);
+    let mut config = DestinationConfig::default();
+    config.memory_zeroed = memory_zeroed;
+    let destination = spawn_destination(listener, config, destination_memory.clone());
+    let mut source = Source::connect(&address, &SourceConfig::default(), source_memory.clone())
+        .expect("connect");
+    for index in 0..source_memory.blocks().len() {
+        source.queue_block(index).expect("queue");
+    }
+    source.complete().expect("source completes");
+    destination
+        .join()
+        .expect("join")
+        .expect("destination completes");
+    source_memory
+        .blocks()
+        .iter()
+        .zip(destination_memory.blocks())
+        .map(|(original, copy)| {
+            bytes(original)
+                .chunks(PAGE)
+                .zip(bytes(copy).chunks(PAGE))
+                .filter(|(a, b)| a != b)
+                .count()
+        })
+        .sum()
+}
+
+#[test]
+fn zero_pages_are_written_into_memory_not_known_to_be_zeroed() {
+    // The default assumes nothing of the destination's memory: byte for byte.
+    assert_eq!(pages_wrong_after_migrating_into_used_memory(false), 0);
+    // Claiming zeroed memory that is not skips the zero pages: the check can fail.
+    assert!(pages_wrong_after_migrating_into_used_memory(true) > 0);
+}

@@ -55,6 +55,11 @@ pub struct DestinationConfig {
     /// Most device-state bytes one device may have queued, received but not loaded yet;
     /// past it the migration fails (see [`DEFAULT_MAX_QUEUED_DEVICE_BYTES`]).
     pub max_queued_device_bytes: u64,
+    /// Whether the memory `map_blocks` returns is all zeros (freshly mapped anonymous
+    /// memory, a new sparse file). Then zero pages the source sends are only written where
+    /// something else was received before; otherwise (the default, for memory of unknown
+    /// contents such as a retry into a used buffer) every zero page is written.
+    pub memory_zeroed: bool,
 }
 
 /// Default [`DestinationConfig::max_queued_device_bytes`]. A device whose load keeps up
@@ -77,6 +82,7 @@ impl Default for DestinationConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             round_timeout: Duration::from_secs(60),
             max_queued_device_bytes: DEFAULT_MAX_QUEUED_DEVICE_BYTES,
+            memory_zeroed: false,
         }
     }
 }
@@ -136,8 +142,8 @@ impl Destination {
     /// Accepts one migration on `listener` and runs it to completion.
     ///
     /// `map_blocks` receives the RAM blocks the source announced and returns the memory
-    /// to receive them into, with the same names and lengths; memory must start zeroed
-    /// (pages the source sends as zero are only written if they were received before).
+    /// to receive them into, with the same names and lengths (see
+    /// [`DestinationConfig::memory_zeroed`] for what is assumed of its contents).
     /// An `Err` from it rejects the migration with that message. The source must announce
     /// no devices.
     pub fn run(
@@ -285,7 +291,7 @@ impl Destination {
             Err(error) => return Err(self.failure.first_error(error)),
         };
         let settings = Arc::new(ReceiveSettings {
-            received: ReceivedPages::new(&memory, hello.page_size),
+            received: ReceivedPages::new(&memory, hello.page_size, self.config.memory_zeroed),
             memory,
             ram_limits: RamLimits {
                 max_pages: hello.packet_size / hello.page_size,

@@ -205,7 +205,7 @@ impl Setup {
         Ok(Self {
             states,
             targets,
-            source_ram: RamBlock::from_mapping("pc.ram", memmap2::MmapRaw::from(mapping))?,
+            source_ram: RamBlock::from_mapping("pc.ram", mapping)?,
             destination_ram: anonymous_block("pc.ram", ram_size, true)?,
             device_rate: args.device_rate,
         })

@@ -486,8 +486,5 @@ pub fn anonymous_block(name: &str, size: u64, prealloc: bool) -> Result<RamBlock
             page[0] = 0;
         }
     }
-    Ok(RamBlock::from_mapping(
-        name,
-        memmap2::MmapRaw::from(mapping),
-    )?)
+    Ok(RamBlock::from_mapping(name, mapping)?)
 }

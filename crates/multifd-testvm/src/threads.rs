@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use memmap2::{MmapOptions, MmapRaw};
+use memmap2::MmapOptions;
 use multifd::{AtomicDirtyBitmap, DeviceError, GuestMemory, RamBlock, VmControl};
 
 use crate::Error;
@@ -101,11 +101,10 @@ pub fn anonymous_memory(name: &str, bytes: u64) -> Result<GuestMemory, Error> {
             "larger than the address space",
         ))
     })?;
-    let mapping: MmapRaw = MmapOptions::new()
+    let mapping = MmapOptions::new()
         .len(length)
         .map_anon()
-        .map_err(map_error)?
-        .into();
+        .map_err(map_error)?;
     Ok(GuestMemory::new(vec![RamBlock::from_mapping(
         name, mapping,
     )?])?)

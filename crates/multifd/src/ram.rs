@@ -7,7 +7,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use memmap2::{MmapOptions, MmapRaw};
+use memmap2::{Mmap, MmapMut, MmapOptions, MmapRaw};
 
 use crate::error::Error;
 
@@ -21,6 +21,8 @@ pub struct RamBlock {
     name: String,
     host: NonNull<u8>,
     length: u64,
+    /// Whether the memory may be written: only such a block can receive a migration.
+    writable: bool,
     /// Keeps the memory's owner (a mapping the engine was handed, a vm-memory region)
     /// alive for as long as the block is used.
     _owner: Option<Arc<dyn Any + Send + Sync>>,
@@ -39,14 +41,15 @@ impl RamBlock {
     ///
     /// # Safety
     ///
-    /// `host` must point to `length` bytes that stay mapped (readable on a source, also
-    /// writable on a destination) until every migration using this block has returned, and
-    /// that no Rust reference aliases while a destination writes them.
+    /// `host` must point to `length` bytes that stay mapped readable and writable until
+    /// every migration using this block has returned, and that no Rust reference aliases
+    /// while a destination writes them.
     pub unsafe fn from_raw_parts(name: impl Into<String>, host: NonNull<u8>, length: u64) -> Self {
         Self {
             name: name.into(),
             host,
             length,
+            writable: true,
             _owner: None,
         }
     }
@@ -56,31 +59,42 @@ impl RamBlock {
     ///
     /// # Safety
     ///
-    /// `host` must point to `length` bytes that stay mapped while `owner` lives, under the
-    /// access rules of `from_raw_parts`.
+    /// `host` must point to `length` bytes that stay mapped readable (and writable if
+    /// `writable`) while `owner` lives, under the aliasing rules of `from_raw_parts`.
     pub(crate) unsafe fn with_owner(
         name: impl Into<String>,
         host: NonNull<u8>,
         length: u64,
+        writable: bool,
         owner: Arc<dyn Any + Send + Sync>,
     ) -> Self {
         Self {
             name: name.into(),
             host,
             length,
+            writable,
             _owner: Some(owner),
         }
     }
 
-    /// A block over a raw mapping (for example a memory-image file); the block keeps the
-    /// mapping alive.
-    pub fn from_mapping(name: impl Into<String>, mapping: MmapRaw) -> Result<Self, Error> {
+    /// A block over a writable mapping (anonymous memory, a shared file); the block keeps
+    /// the mapping alive.
+    pub fn from_mapping(name: impl Into<String>, mapping: MmapMut) -> Result<Self, Error> {
+        Self::owning(name, MmapRaw::from(mapping), true)
+    }
+
+    /// A block over a read-only mapping: a source can send it, a destination refuses it.
+    pub fn from_read_only_mapping(name: impl Into<String>, mapping: Mmap) -> Result<Self, Error> {
+        Self::owning(name, MmapRaw::from(mapping), false)
+    }
+
+    fn owning(name: impl Into<String>, mapping: MmapRaw, writable: bool) -> Result<Self, Error> {
         let host = NonNull::new(mapping.as_mut_ptr())
             .ok_or_else(|| Error::Config("mapping at a null address".into()))?;
         let length = mapping.len() as u64;
-        // SAFETY: the mapping spans `length` bytes from `host` until it is dropped, and the
-        // block owns it.
-        Ok(unsafe { Self::with_owner(name, host, length, Arc::new(mapping)) })
+        // SAFETY: the mapping spans `length` bytes from `host` until it is dropped, the
+        // block owns it, and `writable` says how it was mapped.
+        Ok(unsafe { Self::with_owner(name, host, length, writable, Arc::new(mapping)) })
     }
 
     /// Maps a whole file as a block: read-only for a source, shared and writable for a
@@ -96,7 +110,12 @@ impl RamBlock {
             MmapOptions::new().map_raw_read_only(file)
         }
         .map_err(map_error)?;
-        Self::from_mapping(name, mapping)
+        Self::owning(name, mapping, writable)
+    }
+
+    /// Whether the block may be written, as a destination needs.
+    pub fn is_writable(&self) -> bool {
+        self.writable
     }
 
     /// The block's name, as RAM packets carry it.

@@ -614,7 +614,7 @@ mod tests {
     /// A pool over `streams` sending pages of a 64-page anonymous block.
     fn pool(streams: Vec<Stream>, failure: &Arc<Failure>) -> SendChannels {
         let mapping = memmap2::MmapMut::map_anon(64 * PAGE as usize).expect("memory");
-        let block = RamBlock::from_mapping("ram", memmap2::MmapRaw::from(mapping)).expect("block");
+        let block = RamBlock::from_mapping("ram", mapping).expect("block");
         let counters = Counters::new(
             Side::Source,
             streams.len() as u8,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use memmap2::{MmapMut, MmapRaw};
+use memmap2::MmapMut;
 use multifd::{DirtyLog, GuestMemory, KvmDirtyLog, KvmDirtyLogMode, KvmSlot, RamBlock};
 
 const PAGE: u64 = 4096;
@@ -51,7 +51,7 @@ fn skipped(why: &str) {
 /// A block over a fresh anonymous mapping.
 fn block(name: &str, pages: u64) -> RamBlock {
     let mapping = MmapMut::map_anon((pages * PAGE) as usize).expect("anonymous mapping");
-    RamBlock::from_mapping(name, MmapRaw::from(mapping)).expect("block")
+    RamBlock::from_mapping(name, mapping).expect("block")
 }
 
 /// Registers `slot` over its block's memory.

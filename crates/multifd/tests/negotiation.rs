@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use multifd::{
     Address, BlockAnnouncement, CompressionSettings, DestinationConfig, Error, GuestMemory, Link,
-    MigrationStats, RejectCode, Side, Source, SourceConfig, ZeroPageMode,
+    MigrationStats, RamBlock, RejectCode, Side, Source, SourceConfig, ZeroPageMode,
 };
 use multifd_wire::{Compression, ControlMessage, DeviceAnnouncement, Flags, RejectReason};
 
@@ -453,6 +453,35 @@ fn blocks_mapped_with_another_length() {
     );
     let reason = destination_rejection(destination);
     assert_eq!(reason.code, RejectCode::RamBlocks);
+}
+
+/// A destination handed a read-only mapping would fault writing the first page into it;
+/// it refuses the migration instead, naming the block, and the source is told.
+#[test]
+fn a_read_only_block_is_refused_as_destination_memory() {
+    let (listener, address) = listener(false);
+    let file = tempfile::tempfile().expect("temp file");
+    file.set_len(BLOCK_LEN as u64).expect("size");
+    let destination = spawn_destination_with(listener, quick_destination_config(), move |_| {
+        let block = RamBlock::map_file(BLOCK, &file, false).map_err(|error| error.to_string())?;
+        assert!(!block.is_writable());
+        GuestMemory::new(vec![block]).map_err(|error| error.to_string())
+    });
+    let source = memory();
+    fill_mixed(&source.blocks()[0], 5);
+    let error = match Source::connect(&address, &SourceConfig::default(), source) {
+        Err(error) => error,
+        Ok(_) => panic!("the source connected"),
+    };
+    let expected = RejectReason {
+        code: RejectCode::RamBlocks,
+        detail: "ramblock \"pc.ram\" is mapped read-only on the destination".into(),
+    };
+    assert!(
+        matches!(&error, Error::Rejected { side: Side::Source, reason } if *reason == expected),
+        "{error:?}"
+    );
+    assert_eq!(destination_rejection(destination), expected);
 }
 
 /// `Source::connect` with `config` must refuse before opening any connection.

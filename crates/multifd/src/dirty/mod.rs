@@ -321,7 +321,7 @@ mod tests {
     use std::collections::BTreeSet;
     use std::sync::Mutex;
 
-    use memmap2::{MmapMut, MmapRaw};
+    use memmap2::MmapMut;
 
     use super::*;
     use crate::RamBlock;
@@ -343,7 +343,7 @@ mod tests {
             .enumerate()
             .map(|(index, &pages)| {
                 let mapping = MmapMut::map_anon((pages * u64::from(page_size)) as usize).unwrap();
-                RamBlock::from_mapping(format!("ram{index}"), MmapRaw::from(mapping)).unwrap()
+                RamBlock::from_mapping(format!("ram{index}"), mapping).unwrap()
             })
             .collect();
         GuestMemory::new(blocks).unwrap()

@@ -56,10 +56,11 @@ where
                 Error::Config(format!("vm-memory region {name:?} at a null address"))
             })?;
             let length = mapping.size() as u64;
+            let writable = mapping.prot() & libc::PROT_WRITE != 0;
             // SAFETY: an MmapRegion maps `size()` bytes at `as_ptr()` until it is dropped,
             // and the block owns an `Arc` of it; vm-memory itself accesses that memory only
             // through raw pointers and volatile slices, as the engine does.
-            Ok(unsafe { RamBlock::with_owner(name, host, length, mapping) })
+            Ok(unsafe { RamBlock::with_owner(name, host, length, writable, mapping) })
         })
         .collect::<Result<Vec<_>, Error>>()?;
     GuestMemory::new(blocks)

@@ -822,6 +822,12 @@ fn check_mapped_blocks(
                 mapped.len()
             )));
         }
+        if !mapped.is_writable() {
+            return Err(mismatch(format!(
+                "ramblock {:?} is mapped read-only on the destination",
+                announced.name
+            )));
+        }
     }
     memory
         .check_layout(page_size)

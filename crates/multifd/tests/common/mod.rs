@@ -4,7 +4,7 @@
 
 use std::thread::JoinHandle;
 
-use memmap2::{MmapMut, MmapRaw};
+use memmap2::MmapMut;
 use multifd::{
     Address, BlockAnnouncement, Destination, DestinationConfig, Error, GuestMemory, Listener,
     MigrationStats, RamBlock,
@@ -15,7 +15,7 @@ pub const PAGE: usize = 4096;
 /// A block over a fresh zeroed anonymous mapping.
 pub fn block(name: &str, length: usize) -> RamBlock {
     let mapping = MmapMut::map_anon(length).expect("anonymous mapping");
-    RamBlock::from_mapping(name, MmapRaw::from(mapping)).expect("block")
+    RamBlock::from_mapping(name, mapping).expect("block")
 }
 
 /// The block's bytes. Only call while no migration uses the block.

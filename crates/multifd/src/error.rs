@@ -10,6 +10,14 @@ use crate::ids::{DeviceId, Link, Side, Uuid};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Violation {
+    /// A channel sent a SYNC for a round the source never ended before completing.
+    #[error("channel {channel} sent a SYNC past round {rounds}, the last the source ended")]
+    SyncPastLastRound {
+        /// The channel.
+        channel: u8,
+        /// Rounds the source ended.
+        rounds: u64,
+    },
     /// The first four bytes of a connection are neither the control nor the multifd magic.
     #[error("connection magic {0:#010x} is neither control nor multifd")]
     UnknownConnectionMagic(u32),

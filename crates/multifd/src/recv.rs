@@ -74,16 +74,17 @@ impl SyncBarrier {
     }
 
     /// Channel `channel` reached a SYNC: blocks until its round is released. `false` if
-    /// the migration failed meanwhile.
+    /// the migration failed meanwhile, or completed without that round (a SYNC past the
+    /// last round, which the source never ends).
     fn arrive(&self, channel: u8) -> bool {
         let mut state = self.lock();
         state.synced[usize::from(channel)] += 1;
         let round = state.synced[usize::from(channel)];
         self.changed.notify_all();
-        while !state.failed && state.released < round {
+        while !state.failed && !state.finishing && state.released < round {
             state = wait(&self.changed, state);
         }
-        !state.failed
+        !state.failed && state.released >= round
     }
 
     /// Waits until every channel has reached its SYNC for `round`, then releases them.
@@ -105,9 +106,18 @@ impl SyncBarrier {
         Ok(())
     }
 
-    /// Completion is confirmed: channels may now see their connection close.
-    pub(crate) fn finish(&self) {
-        self.lock().finishing = true;
+    /// The source completed after `rounds` rounds: from now on channels may see their
+    /// connection close, and a channel waiting at a later SYNC is let go. Refused, with the
+    /// channel, if a channel already sent a SYNC past `rounds`: the source sent more than
+    /// it declared.
+    pub(crate) fn finish(&self, rounds: u64) -> Result<(), u8> {
+        let mut state = self.lock();
+        if let Some(channel) = state.synced.iter().position(|&synced| synced > rounds) {
+            return Err(channel as u8);
+        }
+        state.finishing = true;
+        self.changed.notify_all();
+        Ok(())
     }
 
     fn finishing(&self) -> bool {
@@ -151,6 +161,12 @@ impl ChannelReceiver {
     /// Receives packets until the connection closes after completion, or fails.
     pub(crate) fn run(self, failure: &Failure) {
         if let Err(error) = self.receive_all() {
+            if self.barrier.finishing() {
+                // Everything the source declared arrived and was confirmed; what follows
+                // (a packet cut by the shutdown, a stray SYNC) cannot change the outcome.
+                tracing::warn!(channel = self.id, "after completion: {error}");
+                return;
+            }
             // A source that fails sends `Abort` with its reason and closes its channels; a
             // closed channel is often the first sign of that here. Give the control channel
             // a moment to deliver the real reason before blaming this channel.

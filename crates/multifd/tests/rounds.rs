@@ -193,3 +193,58 @@ fn a_round_may_end_before_every_channel_is_accepted() {
     join_within(destination, DEADLINE).expect("destination completes");
     assert!(bytes(&destination_memory.blocks()[0])[PAGE..2 * PAGE] == [0x33; PAGE]);
 }
+
+/// A channel that sends one SYNC more than the rounds the source ends would wait at the
+/// barrier for a round that never comes, and the destination would confirm completion and
+/// then hang joining it. The destination refuses to complete instead, naming the channel,
+/// and both ends agree the migration failed.
+#[test]
+fn a_sync_past_the_last_round_fails_the_migration() {
+    use multifd::{Error, Link, Side, Violation};
+    use multifd_wire::{ControlMessage, Totals};
+
+    let destination_memory = GuestMemory::new(vec![block("pc.ram", 64 << 10)]).expect("memory");
+    let (listener, address) = listener(false);
+    let destination = spawn_destination(listener, quick_destination_config(), destination_memory);
+    let mut source = RawSource::connect(
+        &address,
+        &raw_hello(2, [4; 16]),
+        vec![multifd::BlockAnnouncement {
+            name: "pc.ram".into(),
+            length: 64 << 10,
+        }],
+    );
+    source.open_channels(2);
+    source.write_channel(0, &sync_packet());
+    source.write_channel(1, &sync_packet());
+    source.send(&ControlMessage::RoundEnd { round: 1 });
+    // One SYNC too many on channel 0, then completion as if nothing happened.
+    source.write_channel(0, &sync_packet());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let totals = Totals {
+        packets: 3,
+        rounds: 1,
+        ..Totals::default()
+    };
+    source.send(&ControlMessage::Complete(totals));
+    let reason = source.expect_failed();
+    assert!(
+        reason.contains("channel 0 sent a SYNC past round 1"),
+        "{reason}"
+    );
+    let error = join_within(destination, DEADLINE).expect_err("the destination fails");
+    assert!(
+        matches!(
+            error,
+            Error::Protocol {
+                side: Side::Destination,
+                link: Link::Control,
+                source: Violation::SyncPastLastRound {
+                    channel: 0,
+                    rounds: 1
+                },
+            }
+        ),
+        "{error}"
+    );
+}

@@ -719,7 +719,12 @@ impl Destination {
                             destination_totals: format!("{received:?}"),
                         }));
                     }
-                    barrier.finish();
+                    barrier.finish(released).map_err(|channel| {
+                        violation(Violation::SyncPastLastRound {
+                            channel,
+                            rounds: released,
+                        })
+                    })?;
                     lock(control).send(&ControlMessage::Completed(received))?;
                     for stream in shutdowns {
                         stream.shutdown();

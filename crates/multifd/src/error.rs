@@ -266,6 +266,17 @@ pub enum Error {
         /// What was awaited.
         what: &'static str,
     },
+    /// A connection with work in flight made no progress for the idle timeout: the peer
+    /// stopped reading or answering, or vanished.
+    #[error("{side} {link}: no progress for the idle timeout ({context})")]
+    Stalled {
+        /// Where.
+        side: Side,
+        /// Which connection.
+        link: Link,
+        /// What was being done.
+        context: &'static str,
+    },
     /// The migration was cancelled through its [`CancelHandle`](crate::CancelHandle).
     #[error("{side}: migration cancelled")]
     Cancelled {
@@ -333,6 +344,24 @@ impl Error {
             link,
             context,
             source,
+        }
+    }
+
+    /// Like [`Error::io`] for a socket with a timeout set to the idle timeout: a timed-out
+    /// call is [`Error::Stalled`].
+    pub(crate) fn io_or_stalled(
+        side: Side,
+        link: Link,
+        context: &'static str,
+        source: io::Error,
+    ) -> Self {
+        match source.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Self::Stalled {
+                side,
+                link,
+                context,
+            },
+            _ => Self::io(side, link, context, source),
         }
     }
 

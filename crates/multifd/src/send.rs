@@ -393,7 +393,7 @@ impl ChannelSender {
                 Work::Sync => self.send_sync(),
             };
             if let Err(error) = result {
-                failure.fail(Error::io(
+                failure.fail(Error::io_or_stalled(
                     Side::Source,
                     Link::Channel(self.id),
                     "write packet",

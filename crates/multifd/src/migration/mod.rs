@@ -35,6 +35,12 @@ const MAX_PACKET_SIZE: u32 = 16 << 20;
 /// bounds every receive buffer the destination allocates for a chunk.
 const MAX_DEVICE_CHUNK_SIZE: u32 = 16 << 20;
 
+/// How long a connection with work in flight may make no progress by default: a channel
+/// write that moves no byte, the wait for the destination's `Completed`. Far above any
+/// stall a loaded host or a congested link causes (seconds), well under the minutes a
+/// vanished peer would otherwise hold a stopped VM.
+pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long setup may take by default: connecting, handshake, every channel arriving.
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -13,7 +13,10 @@ use multifd_wire::{
 };
 
 use super::control::ControlChannel;
-use super::{check_device_settings, check_devices, check_settings, DEFAULT_CONNECT_TIMEOUT};
+use super::{
+    check_device_settings, check_devices, check_settings, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+};
 use crate::bandwidth::BandwidthLimit;
 use crate::compress::CompressionSettings;
 use crate::device::save::{save_devices, SaveJob};
@@ -59,6 +62,10 @@ pub struct SourceConfig {
     /// the CPUs go). The channels pause whenever the migration runs ahead of the budget,
     /// so a live migration leaves the rest of the link to the guest's own traffic.
     pub max_bandwidth: Option<u64>,
+    /// How long a connection with work in flight may make no progress before the
+    /// migration fails with [`Error::Stalled`]: a channel write that moves no byte (a
+    /// destination that stopped reading), or the wait for the destination's `Completed`.
+    pub idle_timeout: Duration,
 }
 
 /// Default [`SourceConfig::device_chunk_size`]: 1 MiB makes the 288 bytes of packet and
@@ -81,6 +88,7 @@ impl Default for SourceConfig {
             device_channels: 0,
             sequential_device_save: false,
             max_bandwidth: None,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -103,9 +111,10 @@ enum ControlEvent {
 /// worth of offsets without blocking; handing a full packet to the channels blocks until
 /// a channel is idle, so queueing runs at the speed of the link (that back-pressure is
 /// what the precopy driver measures). [`Source::end_round`] blocks until every channel
-/// wrote its SYNC, and [`Source::complete`] until the destination confirmed. A
-/// [`CancelHandle`] from another thread ends the channel waits; the wait for the
-/// destination's `Completed` has no bound yet.
+/// wrote its SYNC, and [`Source::complete`] until the destination confirmed. Each of
+/// these waits ends at once when a [`CancelHandle`] cancels from another thread, and with
+/// [`Error::Stalled`] when a connection makes no progress for
+/// [`SourceConfig::idle_timeout`].
 pub struct Source {
     memory: GuestMemory,
     page_size: u32,
@@ -126,7 +135,13 @@ pub struct Source {
     save_threads: Vec<JoinHandle<()>>,
     device_chunk_size: u32,
     sequential_device_save: bool,
+    idle_timeout: Duration,
 }
+
+/// How often a source waiting for `Completed` looks whether the migration failed
+/// (cancelled from another thread): short enough that a cancel returns at once to a
+/// person, long enough to cost nothing.
+const COMPLETION_POLL: Duration = Duration::from_millis(50);
 
 impl Source {
     /// Connects to a destination, negotiates, and opens every channel; no devices.
@@ -156,7 +171,7 @@ impl Source {
         let uuid = offer.negotiate(&mut control, &memory, config.connect_timeout)?;
         let mut streams = Vec::with_capacity(usize::from(config.channels));
         for id in 0..config.channels {
-            match open_channel(connect(Link::Channel(id)), uuid, id) {
+            match open_channel(connect(Link::Channel(id)), uuid, id, config.idle_timeout) {
                 Ok(stream) => streams.push(stream),
                 Err(error) => {
                     // Tell the destination now rather than leave it waiting for the channel.
@@ -252,6 +267,7 @@ impl Source {
             save_threads: Vec::new(),
             device_chunk_size: config.device_chunk_size,
             sequential_device_save: config.sequential_device_save,
+            idle_timeout: config.idle_timeout,
         })
     }
 
@@ -435,19 +451,16 @@ impl Source {
         self.counters.drained();
         let totals = self.counters.totals();
         self.send_control(&ControlMessage::Complete(totals))?;
-        match self.events.recv() {
-            Ok(ControlEvent::Completed(received)) if received == totals => {}
-            Ok(ControlEvent::Completed(received)) => {
-                return Err(self.fail(Error::protocol(
-                    Side::Source,
-                    Link::Control,
-                    Violation::TotalsMismatch {
-                        source_totals: format!("{totals:?}"),
-                        destination_totals: format!("{received:?}"),
-                    },
-                )))
-            }
-            Ok(ControlEvent::PeerFailed(_)) | Err(_) => return Err(self.stopped()),
+        let received = self.wait_for_completed()?;
+        if received != totals {
+            return Err(self.fail(Error::protocol(
+                Side::Source,
+                Link::Control,
+                Violation::TotalsMismatch {
+                    source_totals: format!("{totals:?}"),
+                    destination_totals: format!("{received:?}"),
+                },
+            )));
         }
         if let Some(reader) = self.control_reader.take() {
             // The reader ended after delivering `Completed`.
@@ -466,6 +479,31 @@ impl Source {
             "migration completed"
         );
         Ok(stats)
+    }
+
+    /// The destination's `Completed` totals, within the idle timeout; a cancel or any
+    /// other failure meanwhile ends the wait at once.
+    fn wait_for_completed(&self) -> Result<Totals, Error> {
+        let deadline = Instant::now() + self.idle_timeout;
+        loop {
+            match self.events.recv_timeout(COMPLETION_POLL) {
+                Ok(ControlEvent::Completed(received)) => return Ok(received),
+                Ok(ControlEvent::PeerFailed(_)) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(self.stopped())
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) if self.failure.is_failed() => {
+                    return Err(self.stopped())
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
+                    return Err(self.fail(Error::Stalled {
+                        side: Side::Source,
+                        link: Link::Control,
+                        context: "waiting for the destination's Completed",
+                    }))
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+        }
     }
 
     fn join_save_threads(&mut self) {
@@ -695,8 +733,17 @@ impl Offer {
 }
 
 /// Opens multifd channel `id` of migration `uuid`: its connection, then its hello.
-fn open_channel(connected: Result<Stream, Error>, uuid: [u8; 16], id: u8) -> Result<Stream, Error> {
+fn open_channel(
+    connected: Result<Stream, Error>,
+    uuid: [u8; 16],
+    id: u8,
+    idle_timeout: Duration,
+) -> Result<Stream, Error> {
     let stream = connected?;
+    // Every later write on the channel moves at least one byte per idle timeout, or fails.
+    stream
+        .set_write_timeout(Some(idle_timeout))
+        .map_err(|error| Error::io(Side::Source, Link::Channel(id), "set write timeout", error))?;
     let hello = ChannelHello { uuid, channel: id }.encode();
     (&stream)
         .write_all(&hello)

@@ -1,0 +1,192 @@
+//! Liveness against a destination that stops cooperating: every wait of the source has a
+//! bound (the idle timeout) and yields to cancel. The peer is a hand-driven destination on
+//! real sockets that completes the handshake and then misbehaves.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::*;
+use multifd::{Address, Error, GuestMemory, Link, Side, Source, SourceConfig};
+use multifd_wire::{ControlMessage, CONTROL_FRAME_HEADER_LEN};
+
+/// What the hand-driven destination does once the handshake is done.
+#[derive(Clone, Copy)]
+enum Misbehaviour {
+    /// Reads and discards everything, and never answers `Complete`.
+    NeverAnswers,
+    /// Accepts the channels but never reads from them.
+    NeverReads,
+}
+
+/// Reads one control frame.
+fn read_frame(stream: &mut TcpStream) -> ControlMessage {
+    let mut header = [0u8; CONTROL_FRAME_HEADER_LEN];
+    stream.read_exact(&mut header).expect("frame header");
+    let length = ControlMessage::payload_len(&header).expect("frame length");
+    let mut frame = header.to_vec();
+    frame.resize(header.len() + length, 0);
+    stream
+        .read_exact(&mut frame[header.len()..])
+        .expect("frame payload");
+    ControlMessage::decode(&frame).expect("frame")
+}
+
+/// A destination that welcomes a migration of `channels` channels, then misbehaves as
+/// told until the source closes its connections (or `linger` passes).
+fn misbehaving_destination(
+    channels: u8,
+    misbehaviour: Misbehaviour,
+    linger: Duration,
+) -> (Address, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address: Address = format!("tcp:{}", listener.local_addr().expect("address"))
+        .parse()
+        .expect("address");
+    let thread = std::thread::spawn(move || {
+        let (mut control, _) = listener.accept().expect("control");
+        let mut magic = [0u8; 4];
+        control.read_exact(&mut magic).expect("magic");
+        // Hello, RamBlocks, Devices, DeviceSettings.
+        for _ in 0..4 {
+            read_frame(&mut control);
+        }
+        let mut frame = Vec::new();
+        ControlMessage::Welcome.encode(&mut frame).expect("encode");
+        control.write_all(&frame).expect("welcome");
+        let mut held = Vec::new();
+        for _ in 0..channels {
+            let (stream, _) = listener.accept().expect("channel");
+            held.push(stream);
+        }
+        let started = Instant::now();
+        let mut readers: Vec<JoinHandle<()>> = Vec::new();
+        if let Misbehaviour::NeverAnswers = misbehaviour {
+            for mut stream in held.drain(..) {
+                readers.push(std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut stream, &mut std::io::sink());
+                }));
+            }
+        }
+        // Read the control channel to its end (or the linger) without ever answering.
+        control
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let mut buffer = [0u8; 4096];
+        while started.elapsed() < linger {
+            match control.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => break,
+            }
+        }
+        drop(held);
+        drop(control);
+        for reader in readers {
+            let _ = reader.join();
+        }
+    });
+    (address, thread)
+}
+
+fn source_memory() -> GuestMemory {
+    let block = block("pc.ram", 64 << 20);
+    fill_random(&block, 3);
+    GuestMemory::new(vec![block]).expect("memory")
+}
+
+fn config(idle_timeout: Duration) -> SourceConfig {
+    let mut config = SourceConfig::default();
+    config.channels = 2;
+    config.idle_timeout = idle_timeout;
+    config
+}
+
+#[test]
+fn a_destination_that_never_confirms_ends_complete_at_the_idle_timeout() {
+    let (address, destination) =
+        misbehaving_destination(2, Misbehaviour::NeverAnswers, Duration::from_secs(20));
+    let idle = Duration::from_millis(800);
+    let mut source = Source::connect(&address, &config(idle), source_memory()).expect("connect");
+    source.queue_block(0).expect("queue");
+    let started = Instant::now();
+    let error = source.complete().expect_err("no Completed ever comes");
+    assert!(
+        matches!(
+            error,
+            Error::Stalled {
+                side: Side::Source,
+                link: Link::Control,
+                context: "waiting for the destination's Completed",
+            }
+        ),
+        "{error}"
+    );
+    assert!(started.elapsed() < idle + Duration::from_secs(5));
+    destination.join().expect("destination");
+}
+
+#[test]
+fn cancel_frees_a_source_waiting_for_completed() {
+    let (address, destination) =
+        misbehaving_destination(2, Misbehaviour::NeverAnswers, Duration::from_secs(20));
+    let mut source = Source::connect(&address, &config(Duration::from_secs(60)), source_memory())
+        .expect("connect");
+    source.queue_block(0).expect("queue");
+    let cancel = source.cancel_handle();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        cancel.cancel();
+    });
+    let started = Instant::now();
+    let error = source.complete().expect_err("cancelled");
+    assert!(
+        matches!(error, Error::Cancelled { side: Side::Source }),
+        "{error}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    canceller.join().expect("canceller");
+    destination.join().expect("destination");
+}
+
+#[test]
+fn a_destination_that_never_reads_a_channel_stalls_the_write_at_the_idle_timeout() {
+    let (address, destination) =
+        misbehaving_destination(2, Misbehaviour::NeverReads, Duration::from_secs(20));
+    let idle = Duration::from_millis(800);
+    let mut source = Source::connect(&address, &config(idle), source_memory()).expect("connect");
+    let started = Instant::now();
+    // 64 MiB of random pages cannot fit in the socket buffers: a write blocks, then fails.
+    let error = match source.queue_block(0) {
+        Err(error) => {
+            drop(source);
+            error
+        }
+        Ok(()) => source.complete().expect_err("the channels never drain"),
+    };
+    assert!(
+        matches!(
+            error,
+            Error::Stalled {
+                side: Side::Source,
+                link: Link::Channel(_),
+                context: "write packet",
+            }
+        ),
+        "{error}"
+    );
+    assert!(started.elapsed() < idle + Duration::from_secs(5));
+    destination.join().expect("destination");
+}

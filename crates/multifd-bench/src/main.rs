@@ -6,6 +6,7 @@ mod codec_ceiling;
 mod devices;
 mod qemu;
 mod qemu_baseline;
+mod qemu_process;
 
 use std::process::ExitCode;
 

@@ -58,7 +58,7 @@ pub struct DevicesArgs {
 }
 
 /// A size as [`parse_size`] reads it, or 0 for "none".
-fn parse_size_or_zero(text: &str) -> Result<u64, String> {
+pub fn parse_size_or_zero(text: &str) -> Result<u64, String> {
     if text == "0" {
         Ok(0)
     } else {

@@ -1,11 +1,14 @@
 //! `multifd-bench`: what is measured for comparison, kept out of the `multifd` binary:
-//! QEMU's own multifd migration beside ours, one core's codec ceilings, and the layouts of
-//! device state.
+//! QEMU's own multifd migration beside ours, QEMU's live migration of a guest that dirties
+//! memory, one core's codec ceilings, and the layouts of device state.
 
+mod boot_guest;
 mod codec_ceiling;
 mod devices;
+mod live_qemu;
 mod qemu;
 mod qemu_baseline;
+mod qemu_process;
 
 use std::process::ExitCode;
 
@@ -35,6 +38,9 @@ enum Command {
     /// over the shared channels, and over dedicated channels (the last half), with and
     /// without a concurrent final RAM round.
     Devices(devices::DevicesArgs),
+    /// Live-migrate a boot-sector guest that dirties memory at each `--rates` rate with
+    /// QEMU's own precopy (multifd), the baseline for `multifd demo --guest threads`.
+    LiveQemu(live_qemu::LiveQemuArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +48,7 @@ fn main() -> ExitCode {
         Command::Qemu(args) => qemu::run(&args),
         Command::CodecCeiling(args) => codec_ceiling::run(&args),
         Command::Devices(args) => devices::run(&args),
+        Command::LiveQemu(args) => live_qemu::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

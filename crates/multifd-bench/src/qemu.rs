@@ -12,7 +12,8 @@ use multifd::Compression;
 use multifd_cli::bench::{Baseline, Bench, Configuration, Figures, RunArgs, Target};
 use serde_json::json;
 
-use crate::qemu_baseline::{self, QemuOptions, QEMU};
+use crate::qemu_baseline::{self, QemuOptions};
+use crate::qemu_process::QEMU;
 
 #[derive(clap::Args)]
 pub struct QemuArgs {

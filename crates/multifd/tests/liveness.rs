@@ -190,3 +190,40 @@ fn a_destination_that_never_reads_a_channel_stalls_the_write_at_the_idle_timeout
     assert!(started.elapsed() < idle + Duration::from_secs(5));
     destination.join().expect("destination");
 }
+
+/// A source that sets the migration up and then goes silent (hung, or cut off by a
+/// partition that sends no reset) no longer holds the destination forever: it fails at
+/// its idle timeout and tells the source why.
+#[test]
+fn a_silent_source_ends_the_destination_at_its_idle_timeout() {
+    let memory = GuestMemory::new(vec![block("pc.ram", 64 << 10)]).expect("memory");
+    let (listener, address) = listener(false);
+    let mut config = quick_destination_config();
+    let idle = Duration::from_millis(800);
+    config.idle_timeout = idle;
+    let destination = spawn_destination(listener, config, memory);
+    let mut source = RawSource::connect(
+        &address,
+        &raw_hello(2, [6; 16]),
+        vec![multifd::BlockAnnouncement {
+            name: "pc.ram".into(),
+            length: 64 << 10,
+        }],
+    );
+    source.open_channels(2);
+    let started = Instant::now();
+    let error = join_within(destination, idle + DEADLINE).expect_err("the destination gives up");
+    assert!(
+        matches!(
+            error,
+            Error::Stalled {
+                side: Side::Destination,
+                link: Link::Control,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(started.elapsed() < idle + Duration::from_secs(3));
+    assert!(source.expect_failed().contains("no progress"));
+}

@@ -49,8 +49,10 @@ impl ControlChannel {
         })
     }
 
+    /// Reads and writes on the control channel run under a timeout (the setup deadline,
+    /// then the idle timeout): one that passes is [`Error::Stalled`].
     fn io(&self, context: &'static str, error: io::Error) -> Error {
-        Error::io(self.side, Link::Control, context, error)
+        Error::io_or_stalled(self.side, Link::Control, context, error)
     }
 
     pub(crate) fn send_magic(&self) -> Result<(), Error> {

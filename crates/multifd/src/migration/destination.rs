@@ -14,7 +14,7 @@ use multifd_wire::{
 use super::control::ControlChannel;
 use super::{
     check_blocks, check_device_settings, check_devices, check_settings, expect,
-    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
 };
 use crate::channel_roles::ChannelRoles;
 use crate::compress::CompressionSettings;
@@ -60,6 +60,10 @@ pub struct DestinationConfig {
     /// something else was received before; otherwise (the default, for memory of unknown
     /// contents such as a retry into a used buffer) every zero page is written.
     pub memory_zeroed: bool,
+    /// How long the source may stay silent on the control channel once the migration is
+    /// set up (no `RoundEnd`, `Complete` or other message) before the migration fails with
+    /// [`Error::Stalled`]: a source that hung or vanished does not hold the destination.
+    pub idle_timeout: Duration,
 }
 
 /// Default [`DestinationConfig::max_queued_device_bytes`]. A device whose load keeps up
@@ -83,6 +87,7 @@ impl Default for DestinationConfig {
             round_timeout: Duration::from_secs(60),
             max_queued_device_bytes: DEFAULT_MAX_QUEUED_DEVICE_BYTES,
             memory_zeroed: false,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -670,6 +675,12 @@ impl Destination {
         loaders: &DeviceLoaders,
         shutdowns: &[Stream],
     ) -> Result<MigrationStats, Error> {
+        reader
+            .stream()
+            .set_read_timeout(Some(self.config.idle_timeout))
+            .map_err(|error| {
+                Error::io(Side::Destination, Link::Control, "set read timeout", error)
+            })?;
         let mut early = early.into_iter();
         let mut released = 0u64;
         let violation = |violation| Error::protocol(Side::Destination, Link::Control, violation);

@@ -719,7 +719,7 @@ impl Offer {
                     Violation::UnexpectedMessage(other.name()),
                 ))
             }
-            Err(Error::Io { source, .. }) if is_timeout(&source) => {
+            Err(Error::Stalled { .. }) => {
                 return Err(Error::Timeout {
                     side: Side::Source,
                     what: "waiting for the destination's welcome",
@@ -798,13 +798,6 @@ fn first_page_past(bitmap: &[u64], pages: u64) -> Option<u64> {
             };
             (past != 0).then(|| index as u64 * 64 + u64::from(past.trailing_zeros()))
         })
-}
-
-fn is_timeout(error: &std::io::Error) -> bool {
-    matches!(
-        error.kind(),
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-    )
 }
 
 fn random_uuid() -> std::io::Result<[u8; 16]> {

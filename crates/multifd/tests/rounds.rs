@@ -248,3 +248,39 @@ fn a_sync_past_the_last_round_fails_the_migration() {
         "{error}"
     );
 }
+
+/// A dirty bitmap naming a page past the block is refused before any of its pages is
+/// queued: the round holds only what the caller queued successfully.
+#[test]
+fn an_oversized_dirty_bitmap_queues_nothing() {
+    let source_block = block("pc.ram", 64 * PAGE);
+    fill_mixed(&source_block, 3);
+    let source_memory = GuestMemory::new(vec![source_block]).expect("memory");
+    let destination_memory = empty_like(&source_memory);
+    let (listener, address) = listener(false);
+    let destination = spawn_destination(
+        listener,
+        DestinationConfig::default(),
+        destination_memory.clone(),
+    );
+    let mut source =
+        Source::connect(&address, &SourceConfig::default(), source_memory).expect("connect");
+    // Pages 0 and 1 are in the block; bit 0 of the second word is page 64, past its end.
+    let error = source
+        .queue_dirty_bitmap(0, &[0b11, 1])
+        .expect_err("page 64 is past the block");
+    assert!(
+        matches!(
+            error,
+            multifd::Error::PageOutOfRange {
+                block: 0,
+                offset: 0x40000
+            }
+        ),
+        "{error}"
+    );
+    source.queue_dirty_bitmap(0, &[0b100]).expect("page 2");
+    let sent = source.complete().expect("complete");
+    destination.join().expect("join").expect("destination");
+    assert_eq!(sent.pages_per_round, vec![1]);
+}

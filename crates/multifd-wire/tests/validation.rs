@@ -819,16 +819,21 @@ fn payload_size_mismatch_without_compression() {
     );
 }
 
+/// [`limits4`] with `compression` and its extension negotiated.
+fn compressed_limits4(compression: Compression) -> RamLimits {
+    RamLimits {
+        compression,
+        extensions: compression.extension(),
+        ..limits4()
+    }
+}
+
 #[test]
 fn payload_above_bound_with_compression() {
     // 2 pages of 4 KiB: raw 8192, bound 8192 + 8192 / 64 + 1024 = 9344.
     for compression in [Compression::Zlib, Compression::Zstd, Compression::Lz4] {
         assert_eq!(compression.max_payload(8192), Some(9344));
-        let limits = RamLimits {
-            compression,
-            extensions: compression.extension(),
-            ..limits4()
-        };
+        let limits = compressed_limits4(compression);
         let mut raw = RawRam::valid();
         raw.flags = compression.to_wire();
         for size in [1, 8192, 9344] {
@@ -856,11 +861,7 @@ fn payload_above_bound_with_compression() {
 #[test]
 fn payload_without_normal_pages_with_compression() {
     for compression in [Compression::Zlib, Compression::Zstd, Compression::Lz4] {
-        let limits = RamLimits {
-            compression,
-            extensions: compression.extension(),
-            ..limits4()
-        };
+        let limits = compressed_limits4(compression);
         let mut raw = RawRam::valid();
         raw.flags = compression.to_wire();
         raw.normal_pages = 0;

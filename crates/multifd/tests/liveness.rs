@@ -202,14 +202,7 @@ fn a_silent_source_ends_the_destination_at_its_idle_timeout() {
     let idle = Duration::from_millis(800);
     config.idle_timeout = idle;
     let destination = spawn_destination(listener, config, memory);
-    let mut source = RawSource::connect(
-        &address,
-        &raw_hello(2, [6; 16]),
-        vec![multifd::BlockAnnouncement {
-            name: "pc.ram".into(),
-            length: 64 << 10,
-        }],
-    );
+    let mut source = RawSource::connect(&address, &raw_hello(2, [6; 16]), small_block_announced());
     source.open_channels(2);
     let started = Instant::now();
     let error = join_within(destination, idle + DEADLINE).expect_err("the destination gives up");

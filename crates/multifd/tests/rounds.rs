@@ -105,14 +105,7 @@ fn a_later_round_on_another_channel_waits_for_the_earlier_round() {
             .expect("hello");
         stream
     };
-    let mut source = RawSource::connect(
-        &address,
-        &raw_hello(2, uuid),
-        vec![multifd::BlockAnnouncement {
-            name: "pc.ram".into(),
-            length: 64 << 10,
-        }],
-    );
+    let mut source = RawSource::connect(&address, &raw_hello(2, uuid), small_block_announced());
     source.channels.push(early);
     let channel_0 = source.open_channel(0);
     let channel_1 = 0;
@@ -164,14 +157,7 @@ fn a_round_may_end_before_every_channel_is_accepted() {
         quick_destination_config(),
         destination_memory.clone(),
     );
-    let mut source = RawSource::connect(
-        &address,
-        &raw_hello(2, [9; 16]),
-        vec![multifd::BlockAnnouncement {
-            name: "pc.ram".into(),
-            length: 64 << 10,
-        }],
-    );
+    let mut source = RawSource::connect(&address, &raw_hello(2, [9; 16]), small_block_announced());
     let first = source.open_channel(0);
     let mut packet = ram_packet(0, "pc.ram", &[4096], &[]);
     packet.extend_from_slice(&[0x33; PAGE]);
@@ -206,14 +192,7 @@ fn a_sync_past_the_last_round_fails_the_migration() {
     let destination_memory = GuestMemory::new(vec![block("pc.ram", 64 << 10)]).expect("memory");
     let (listener, address) = listener(false);
     let destination = spawn_destination(listener, quick_destination_config(), destination_memory);
-    let mut source = RawSource::connect(
-        &address,
-        &raw_hello(2, [4; 16]),
-        vec![multifd::BlockAnnouncement {
-            name: "pc.ram".into(),
-            length: 64 << 10,
-        }],
-    );
+    let mut source = RawSource::connect(&address, &raw_hello(2, [4; 16]), small_block_announced());
     source.open_channels(2);
     source.write_channel(0, &sync_packet());
     source.write_channel(1, &sync_packet());

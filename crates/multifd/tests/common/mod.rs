@@ -300,6 +300,15 @@ pub const DEVICE_SETTINGS: multifd_wire::DeviceStateSettings = multifd_wire::Dev
     dedicated_channels: 0,
 };
 
+/// The one 64 KiB `pc.ram` block a hand-driven source announces in the round and
+/// liveness tests.
+pub fn small_block_announced() -> Vec<BlockAnnouncement> {
+    vec![BlockAnnouncement {
+        name: "pc.ram".into(),
+        length: 64 << 10,
+    }]
+}
+
 /// A source driven by hand: every byte it sends is chosen by the test.
 pub struct RawSource {
     pub address: Address,

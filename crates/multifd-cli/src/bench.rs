@@ -170,7 +170,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let bench = Bench::new(image, args.runs.image.size, target);
     let rows = bench.measure(&args.runs, None)?;
     if args.runs.json {
-        println!("{}", bench.json(&rows, args.runs.repeat, None));
+        crate::outln!("{}", bench.json(&rows, args.runs.repeat, None));
     } else {
         bench.print_table(&rows, args.runs.repeat, None);
     }
@@ -308,7 +308,7 @@ impl Bench {
             ),
             Target::Remote(address) => (format!("sent to {address}"), "this process (the source)"),
         };
-        println!(
+        crate::outln!(
             "{:.2} GiB image ({IMAGE_MIX}), {destination}, median of {repeat} runs; CPU s: {cpu}",
             self.size as f64 / GIB,
         );
@@ -325,7 +325,7 @@ impl Bench {
                 "speedup"
             );
         }
-        println!("{header}");
+        crate::outln!("{header}");
         for row in rows {
             let mut line = format!(
                 "{:>12} {:>8} | {}",
@@ -340,7 +340,7 @@ impl Bench {
                 };
                 line += &format!(" | {} | {speedup:>7}", self.columns(row.baseline.as_ref()));
             }
-            println!("{line}");
+            crate::outln!("{line}");
         }
     }
 

@@ -144,10 +144,12 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         let mut object = report::to_json(&sent);
         object["verified"] = json!(true);
         object["destination"] = report::to_json(&received);
-        println!("{object}");
+        multifd_cli::outln!("{object}");
     } else {
-        print!("{}", report::table(&sent));
-        println!("verified: destination memory and device state equal the source's byte for byte");
+        multifd_cli::out!("{}", report::table(&sent));
+        multifd_cli::outln!(
+            "verified: destination memory and device state equal the source's byte for byte"
+        );
     }
     Ok(())
 }

@@ -114,7 +114,7 @@ pub fn run(
         Ok(stats) => {
             let verified = report.mismatch.is_none();
             if json {
-                println!("{}", summary(&stats, destination_downtime, verified));
+                multifd_cli::outln!("{}", summary(&stats, destination_downtime, verified));
             } else {
                 print_table(&stats, destination_downtime, verified);
             }
@@ -125,7 +125,7 @@ pub fn run(
         }
         Err(error) => {
             if json {
-                println!(
+                multifd_cli::outln!(
                     "{}",
                     json!({
                         "status": "failed",
@@ -180,12 +180,17 @@ fn summary(
 }
 
 fn print_table(stats: &PrecopyStats, destination_downtime: Option<Duration>, verified: bool) {
-    println!(
+    multifd_cli::outln!(
         "{:>5} {:>12} {:>12} {:>10} {:>9} {:>9}",
-        "round", "pages sent", "dirtied", "MiB", "seconds", "throttle"
+        "round",
+        "pages sent",
+        "dirtied",
+        "MiB",
+        "seconds",
+        "throttle"
     );
     for round in &stats.rounds {
-        println!(
+        multifd_cli::outln!(
             "{:>5} {:>12} {:>12} {:>10.1} {:>9.3} {:>8}%",
             round.round,
             round.pages_sent,
@@ -195,14 +200,14 @@ fn print_table(stats: &PrecopyStats, destination_downtime: Option<Duration>, ver
             round.throttle_percent
         );
     }
-    println!("final round after the stop: {} pages", stats.final_pages);
-    println!(
+    multifd_cli::outln!("final round after the stop: {} pages", stats.final_pages);
+    multifd_cli::outln!(
         "downtime: {:.1} ms (source stop -> Completed), {} (destination switchover -> loaded); expected {:.1} ms",
         stats.downtime.as_secs_f64() * 1e3,
         destination_downtime.map_or("n/a".into(), |downtime| format!("{:.1} ms", downtime.as_secs_f64() * 1e3)),
         stats.expected_downtime.as_secs_f64() * 1e3
     );
-    println!(
+    multifd_cli::outln!(
         "total {:.2} s, {:.1} MiB on the wire ({:.1} MiB/s), max throttle {}%{}; verified: {}",
         stats.total_time.as_secs_f64(),
         stats.migration.bytes as f64 / MIB,

@@ -58,15 +58,15 @@ pub fn print_outcome(result: anyhow::Result<MigrationStats>, json: bool) -> anyh
     match result {
         Ok(stats) => {
             if json {
-                println!("{}", to_json(&stats));
+                multifd_cli::outln!("{}", to_json(&stats));
             } else {
-                print!("{}", table(&stats));
+                multifd_cli::out!("{}", table(&stats));
             }
             Ok(())
         }
         Err(error) => {
             if json {
-                println!(
+                multifd_cli::outln!(
                     "{}",
                     json!({ "status": "failed", "error": one_line(&error) })
                 );

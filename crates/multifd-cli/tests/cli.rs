@@ -424,3 +424,51 @@ fn compression_levels_are_checked_before_connecting() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--compress"));
 }
+
+/// `recv --timeout` with a value too large for a deadline means no limit, not a crash.
+#[test]
+fn a_huge_recv_timeout_is_no_limit() {
+    let directory = tempfile::tempdir().expect("temp dir");
+    let (ram, copy) = (
+        directory.path().join("ram.img"),
+        directory.path().join("ram.copy"),
+    );
+    image(&ram, 64, 3);
+    let recv = start_recv(
+        directory.path(),
+        &[
+            "--ram",
+            &arg("pc.ram", &copy),
+            "--timeout",
+            &u64::MAX.to_string(),
+        ],
+    );
+    let send = spawn(multifd().args([
+        "send",
+        "--to",
+        &socket(directory.path()),
+        "--ram",
+        &arg("pc.ram", &ram),
+    ]));
+    let (sent, received) = finish_pair(send, recv);
+    assert_success(&received, "recv");
+    assert_success(&sent, "send");
+    assert!(std::fs::read(&ram).expect("ram") == std::fs::read(&copy).expect("copy"));
+}
+
+/// A reader of the output that went away (`multifd demo | head -0`) costs the output,
+/// not the result: exit 0, no panic.
+#[test]
+fn a_closed_stdout_does_not_crash_a_successful_run() {
+    let directory = tempfile::tempdir().expect("temp dir");
+    let mut child = spawn(
+        multifd()
+            .args(["demo", "--size", "8M", "--channels", "2", "--dir"])
+            .arg(directory.path()),
+    );
+    drop(child.stdout.take());
+    let output = finish(child, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -25,7 +25,7 @@ use crate::failure::{Failure, PEER_REASON_GRACE};
 use crate::ids::{Link, Side};
 use crate::ram::{GuestMemory, RamBlock, ReceivedPages};
 use crate::stats::{ChannelCounters, Counters};
-use crate::sync::{lock, wait, wait_timeout};
+use crate::sync::{deadline_after, lock, wait, wait_timeout};
 use crate::transport::{push_page, Stream};
 
 /// Channels wait here at each SYNC until the control side releases the round.
@@ -89,7 +89,7 @@ impl SyncBarrier {
 
     /// Waits until every channel has reached its SYNC for `round`, then releases them.
     pub(crate) fn release(&self, round: u64, timeout: Duration) -> Result<(), ReleaseError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         let mut state = self.lock();
         while !state.failed && state.synced.iter().any(|&synced| synced < round) {
             let left = deadline.saturating_duration_since(Instant::now());

@@ -5,7 +5,18 @@
 //! the crate.
 
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Far enough ahead to mean "never" for a migration, near enough that adding it to any
+/// `Instant` of a running system does not overflow (a century).
+const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// The instant `timeout` from now; a timeout too large to represent (an operator's
+/// "no limit") is taken as [`NEVER`] instead of overflowing.
+pub(crate) fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout.min(NEVER)).unwrap_or(now)
+}
 
 /// Locks `mutex`, ignoring poison.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

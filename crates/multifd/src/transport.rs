@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::Error;
 use crate::ids::{Link, Side};
+use crate::sync::deadline_after;
 
 /// Where a destination listens and a source connects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +72,7 @@ impl Stream {
     /// Connects, retrying refused connections until `timeout` so a source may start just
     /// before its destination listens.
     pub(crate) fn connect(address: &Address, timeout: Duration) -> io::Result<Self> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
             let attempt = match address {
                 Address::Tcp(host_port) => connect_tcp(host_port, timeout),

@@ -27,7 +27,7 @@ use crate::ids::{DeviceId, Link, Side, Uuid};
 use crate::ram::{GuestMemory, ReceivedPages};
 use crate::recv::{ChannelReceiver, ReceiveSettings, ReleaseError, SyncBarrier};
 use crate::stats::{ChannelCounters, Counters, MigrationStats, Monitor};
-use crate::sync::lock;
+use crate::sync::{deadline_after, lock};
 use crate::transport::{Accepted, Listener, Stream};
 
 /// What a destination accepts. Settings left `None` are taken from the source.
@@ -355,10 +355,7 @@ impl Destination {
         listener: &Listener,
         parked: &mut Vec<(ChannelHello, Stream)>,
     ) -> Result<Stream, Error> {
-        let give_up = self
-            .config
-            .wait_for_source
-            .map(|wait| Instant::now() + wait);
+        let give_up = self.config.wait_for_source.map(deadline_after);
         loop {
             match self.accept_one(listener, give_up, "waiting for a source", None)? {
                 Incoming::Control(stream) => return Ok(stream),
@@ -604,7 +601,7 @@ impl Destination {
         let count = hello.channels as u8;
         let mut streams: Vec<Option<Stream>> = (0..count).map(|_| None).collect();
         let mut pending = parked.into_iter();
-        let give_up = Instant::now() + self.config.connect_timeout;
+        let give_up = deadline_after(self.config.connect_timeout);
         while streams.iter().any(Option::is_none) {
             let (channel, stream) = match pending.next() {
                 Some(parked) => parked,

@@ -27,7 +27,7 @@ use crate::ids::{DeviceId, Link, Side, Uuid};
 use crate::ram::{GuestMemory, RamBlock};
 use crate::send::{Batch, ChannelSettings, SendChannels};
 use crate::stats::{ChannelCounters, Counters, MigrationStats, Monitor};
-use crate::sync::lock;
+use crate::sync::{deadline_after, lock};
 use crate::transport::{Address, Stream};
 
 /// How a source migrates.
@@ -484,7 +484,7 @@ impl Source {
     /// The destination's `Completed` totals, within the idle timeout; a cancel or any
     /// other failure meanwhile ends the wait at once.
     fn wait_for_completed(&self) -> Result<Totals, Error> {
-        let deadline = Instant::now() + self.idle_timeout;
+        let deadline = deadline_after(self.idle_timeout);
         loop {
             match self.events.recv_timeout(COMPLETION_POLL) {
                 Ok(ControlEvent::Completed(received)) => return Ok(received),

@@ -1,5 +1,6 @@
 //! The engine's error type: which side, which connection, what went wrong.
 
+use std::fmt::{self, Write};
 use std::io;
 
 use multifd_wire::{Compression, RejectReason, WireError};
@@ -243,7 +244,7 @@ pub enum Error {
         source: Violation,
     },
     /// The destination refused the source's settings.
-    #[error("{side}: migration rejected ({code:?}): {detail}", code = reason.code, detail = reason.detail)]
+    #[error("{side}: migration rejected ({code:?}): {detail}", code = reason.code, detail = Printable(&reason.detail))]
     Rejected {
         /// Where the rejection is reported.
         side: Side,
@@ -251,7 +252,7 @@ pub enum Error {
         reason: RejectReason,
     },
     /// The peer reported a failure of its own.
-    #[error("{side}: peer failed: {reason}")]
+    #[error("{side}: peer failed: {}", Printable(reason))]
     PeerFailed {
         /// The side that received the report.
         side: Side,
@@ -387,5 +388,22 @@ impl Error {
             Self::Protocol { source, .. } => Some(source),
             _ => None,
         }
+    }
+}
+
+/// Text from the peer, shown with its control characters escaped: a hostile peer cannot
+/// move the cursor, recolour the terminal or forge a line of output of its own.
+struct Printable<'a>(&'a str);
+
+impl fmt::Display for Printable<'_> {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for character in self.0.chars() {
+            if character.is_control() {
+                write!(formatter, "{}", character.escape_default())?;
+            } else {
+                formatter.write_char(character)?;
+            }
+        }
+        Ok(())
     }
 }

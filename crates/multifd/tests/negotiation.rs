@@ -710,3 +710,24 @@ fn a_source_giving_up_during_setup_ends_the_wait_promptly() {
         }
     }
 }
+
+/// A reason from the peer is shown with its control characters escaped: a hostile source
+/// cannot forge a `multifd:` line or recolour the operator's terminal.
+#[test]
+fn peer_text_reaches_the_display_escaped() {
+    let (address, destination) = destination(DestinationConfig::default());
+    let mut source = RawSource::connect(&address, &raw_hello(2, [8; 16]), announced());
+    source.send(&ControlMessage::Abort(
+        "bye\nmultifd: migration completed \u{1b}[32mOK".into(),
+    ));
+    let error = join_within(destination, DEADLINE).expect_err("aborted");
+    let shown = error.to_string();
+    assert!(
+        !shown.contains('\n') && !shown.contains('\u{1b}'),
+        "{shown:?}"
+    );
+    assert!(
+        shown.ends_with("source aborted: bye\\nmultifd: migration completed \\u{1b}[32mOK"),
+        "{shown}"
+    );
+}

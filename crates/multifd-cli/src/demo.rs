@@ -9,6 +9,7 @@ use memmap2::Mmap;
 use multifd::{CompressionSettings, Destination, DestinationConfig, Listener, SourceConfig};
 use multifd_cli::bench::parse_compression;
 use multifd_cli::image::{self, parse_size};
+use multifd_cli::outputs::Outputs;
 use multifd_cli::ram_files::{self, RamFile};
 use multifd_cli::GIB;
 use serde_json::json;
@@ -22,8 +23,8 @@ pub struct DemoArgs {
     /// Size of the generated guest-memory image.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     size: u64,
-    /// Parallel channels.
-    #[arg(long, default_value_t = 4)]
+    /// Parallel channels (1 to 255).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..))]
     channels: u8,
     /// Directory for the images (default: /dev/shm when present, else the temp dir).
     #[arg(long)]
@@ -107,21 +108,24 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let listener = Listener::bind(&"tcp:127.0.0.1:0".parse()?)?;
     let address = listener.address();
     let mut config = DestinationConfig::default();
-    // `create_for_receiving` truncates every file first.
+    // `create_for_receiving` maps new files.
     config.memory_zeroed = true;
     let destination = Destination::new(config);
-    let loaders = device_files::create_for_receiving(&device_destinations)?;
+    let outputs = Outputs::default();
+    let loaders = device_files::create_for_receiving(&device_destinations, &outputs)?;
     let receiving = {
         let destinations = destinations.clone();
         std::thread::spawn(move || {
-            destination.run_with_devices(
+            let received = destination.run_with_devices(
                 &listener,
                 |announced| {
-                    ram_files::create_for_receiving(&destinations, announced)
+                    ram_files::create_for_receiving(&destinations, announced, &outputs)
                         .map_err(|error| format!("{error:#}"))
                 },
                 loaders,
-            )
+            )?;
+            outputs.commit()?;
+            anyhow::Ok(received)
         })
     };
     let savers = device_files::open_for_sending(&device_sources)?;

@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use multifd::{
     DeviceError, DeviceId, LoadDevice, LoadDevices, SaveDevice, SaveDevices, StateWriter,
 };
+use multifd_cli::outputs::Outputs;
 
 /// How much of the end of a device file is its config blob.
 pub const CONFIG_BLOB_LEN: u64 = 4096;
@@ -122,13 +123,13 @@ pub fn open_for_sending(files: &[DeviceFile]) -> Result<SaveDevices> {
         .collect()
 }
 
-/// Creates (or truncates) each file for the device it names, for receiving.
-pub fn create_for_receiving(files: &[DeviceFile]) -> Result<LoadDevices> {
+/// Creates a new file (in `outputs`, renamed into place on success) for each device, for
+/// receiving.
+pub fn create_for_receiving(files: &[DeviceFile], outputs: &Outputs) -> Result<LoadDevices> {
     files
         .iter()
         .map(|device| {
-            let file = File::create(&device.path)
-                .with_context(|| format!("cannot create {}", device.path.display()))?;
+            let file = outputs.create(&device.path)?;
             let load = FileLoad {
                 file: BufWriter::new(file),
             };

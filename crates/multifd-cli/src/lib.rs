@@ -7,6 +7,7 @@ pub mod bench;
 pub mod cpu_time;
 pub mod image;
 pub mod output;
+pub mod outputs;
 pub mod ram_files;
 
 use clap::ValueEnum;

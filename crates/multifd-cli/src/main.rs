@@ -15,6 +15,7 @@ use multifd::{
     MigrationStats, SaveDevices, Source, SourceConfig, ZeroPageMode,
 };
 use multifd_cli::bench;
+use multifd_cli::outputs::{self, Outputs};
 use multifd_cli::ram_files::{self, RamFile};
 use multifd_cli::Method;
 
@@ -50,7 +51,7 @@ struct SendArgs {
     #[arg(long)]
     to: Address,
     /// Parallel channels (1 to 255).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..))]
     channels: u8,
     /// RAM block NAME and the memory-image file holding it, as NAME=PATH (repeatable).
     #[arg(long = "ram", value_name = "NAME=PATH", required = true)]
@@ -88,8 +89,9 @@ struct RecvArgs {
     /// Address to listen on: tcp:HOST:PORT or unix:PATH.
     #[arg(long)]
     listen: Address,
-    /// Where each announced RAM block goes, as NAME=PATH (repeatable); files are created
-    /// (or truncated) at the announced size.
+    /// Where each announced RAM block goes, as NAME=PATH (repeatable). Each file is written
+    /// under a temporary name beside PATH and renamed to PATH only when the migration
+    /// succeeded; a failed one leaves PATH as it was.
     #[arg(long = "ram", value_name = "NAME=PATH", required = true)]
     ram: Vec<RamFile>,
     /// A device and the file to write its loaded state to (state, then config blob), as
@@ -100,8 +102,8 @@ struct RecvArgs {
     /// the migration fails.
     #[arg(long, value_name = "BYTES", default_value_t = multifd::DEFAULT_MAX_QUEUED_DEVICE_BYTES)]
     max_queued_device_bytes: u64,
-    /// Accept only this many channels.
-    #[arg(long)]
+    /// Accept only this many channels (1 to 255).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
     channels: Option<u8>,
     /// Accept only this compression method (at `--level`, or the method's default).
     #[arg(long, value_enum)]
@@ -213,6 +215,26 @@ pub(crate) fn send_all(
 }
 
 fn recv(args: &RecvArgs) -> Result<()> {
+    let ram = args.ram.iter().map(|file| outputs::Output {
+        flag: "--ram",
+        name: &file.name,
+        path: &file.path,
+    });
+    let ids: Vec<String> = args
+        .devices
+        .iter()
+        .map(|device| device.id.to_string())
+        .collect();
+    let devices = args
+        .devices
+        .iter()
+        .zip(&ids)
+        .map(|(device, id)| outputs::Output {
+            flag: "--device",
+            name: id,
+            path: &device.path,
+        });
+    outputs::check(&ram.chain(devices).collect::<Vec<_>>())?;
     let compression = args
         .compress
         .map(|method| CompressionSettings::new(method.into(), args.level))
@@ -223,20 +245,26 @@ fn recv(args: &RecvArgs) -> Result<()> {
     config.compression = compression;
     config.wait_for_source = args.timeout.map(Duration::from_secs);
     config.max_queued_device_bytes = args.max_queued_device_bytes;
-    // `create_for_receiving` truncates every file first.
+    // `create_for_receiving` maps new files.
     config.memory_zeroed = true;
     let destination = Destination::new(config);
-    let devices = device_files::create_for_receiving(&args.devices)?;
+    let outputs = Outputs::default();
+    let devices = device_files::create_for_receiving(&args.devices, &outputs)?;
     let progress =
         report::ProgressBar::start(&destination.monitor(), "receiving", args.output.json);
     let result = destination.run_with_devices(
         &listener,
         |announced| {
-            ram_files::create_for_receiving(&args.ram, announced)
+            ram_files::create_for_receiving(&args.ram, announced, &outputs)
                 .map_err(|error| format!("{error:#}"))
         },
         devices,
     );
     progress.finish();
-    report::print_outcome(result.map_err(Into::into), args.output.json)
+    // Only a whole migration replaces the files; a failed one leaves them as they were.
+    let result = result.map_err(anyhow::Error::from).and_then(|stats| {
+        outputs.commit()?;
+        Ok(stats)
+    });
+    report::print_outcome(result, args.output.json)
 }

@@ -1,11 +1,13 @@
 //! `NAME=PATH` arguments: memory-image files mapped as RAM blocks.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::PathBuf;
 use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 use multifd::{BlockAnnouncement, GuestMemory, RamBlock};
+
+use crate::outputs::Outputs;
 
 /// One `--ram NAME=PATH` argument.
 #[derive(Debug, Clone)]
@@ -43,11 +45,13 @@ pub fn map_for_sending(files: &[RamFile]) -> Result<GuestMemory> {
     Ok(GuestMemory::new(blocks)?)
 }
 
-/// Creates (or truncates) the file of every announced block at the announced length and
-/// maps it writable. A block without a `NAME=PATH` is an error.
+/// Creates a new file (in `outputs`, renamed into place on success) for every announced
+/// block at the announced length and maps it writable; the new files are all zeros. A
+/// block without a `NAME=PATH` is an error.
 pub fn create_for_receiving(
     files: &[RamFile],
     announced: &[BlockAnnouncement],
+    outputs: &Outputs,
 ) -> Result<GuestMemory> {
     let blocks = announced
         .iter()
@@ -58,13 +62,7 @@ pub fn create_for_receiving(
                     block.name
                 );
             };
-            let handle = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&file.path)
-                .with_context(|| format!("cannot create {}", file.path.display()))?;
+            let handle = outputs.create(&file.path)?;
             handle
                 .set_len(block.length)
                 .with_context(|| format!("cannot size {}", file.path.display()))?;

@@ -11,6 +11,8 @@ mod control;
 mod destination;
 mod source;
 
+use std::collections::HashSet;
+use std::hash::Hash;
 use std::time::Duration;
 
 use multifd_wire::{
@@ -113,7 +115,7 @@ pub(crate) fn check_blocks(
     let problem = first_problem(
         blocks,
         |block| &block.name,
-        |block, other| block.name == other.name,
+        |block| block.name.as_str(),
         |block| {
             (!block.length.is_multiple_of(u64::from(page_size)))
                 .then_some("length is not a multiple of the page size")
@@ -133,7 +135,12 @@ pub(crate) fn check_blocks(
 
 /// Checks announced devices: valid id strings, each device once.
 pub(crate) fn check_devices(devices: &[DeviceAnnouncement]) -> Result<(), RejectReason> {
-    match first_problem(devices, |device| &device.idstr, PartialEq::eq, |_| None) {
+    match first_problem(
+        devices,
+        |device| &device.idstr,
+        |device| (device.idstr.as_str(), device.instance_id),
+        |_| None,
+    ) {
         Some((device, problem)) => Err(RejectReason {
             code: RejectCode::Devices,
             detail: format!(
@@ -147,20 +154,18 @@ pub(crate) fn check_devices(devices: &[DeviceAnnouncement]) -> Result<(), Reject
 
 /// The first announced item that cannot be accepted, and why: a name that does not fit a
 /// name field, an item the `same` as an earlier one, or `other`'s objection.
-fn first_problem<T>(
-    items: &[T],
+fn first_problem<'a, T, K: Hash + Eq>(
+    items: &'a [T],
     name: impl Fn(&T) -> &String,
-    same: impl Fn(&T, &T) -> bool,
+    key: impl Fn(&'a T) -> K,
     other: impl Fn(&T) -> Option<&'static str>,
-) -> Option<(&T, &'static str)> {
-    items.iter().enumerate().find_map(|(index, item)| {
+) -> Option<(&'a T, &'static str)> {
+    // A set, not a scan of the earlier items: a hostile announcement of many thousands of
+    // entries costs linear time, not quadratic.
+    let mut seen = HashSet::with_capacity(items.len());
+    items.iter().find_map(|item| {
         name_problem(name(item))
-            .or_else(|| {
-                items[..index]
-                    .iter()
-                    .any(|earlier| same(earlier, item))
-                    .then_some("announced twice")
-            })
+            .or_else(|| (!seen.insert(key(item))).then_some("announced twice"))
             .or_else(|| other(item))
             .map(|problem| (item, problem))
     })

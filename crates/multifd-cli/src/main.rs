@@ -102,6 +102,10 @@ struct RecvArgs {
     /// the migration fails.
     #[arg(long, value_name = "BYTES", default_value_t = multifd::DEFAULT_MAX_QUEUED_DEVICE_BYTES)]
     max_queued_device_bytes: u64,
+    /// Refuse a source announcing more guest memory than this, in bytes, before any file
+    /// is created.
+    #[arg(long, value_name = "BYTES", default_value_t = multifd::DEFAULT_MAX_GUEST_BYTES)]
+    max_guest_bytes: u64,
     /// Accept only this many channels (1 to 255).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
     channels: Option<u8>,
@@ -245,6 +249,7 @@ fn recv(args: &RecvArgs) -> Result<()> {
     config.compression = compression;
     config.wait_for_source = args.timeout.map(Duration::from_secs);
     config.max_queued_device_bytes = args.max_queued_device_bytes;
+    config.max_guest_bytes = args.max_guest_bytes;
     // `create_for_receiving` maps new files.
     config.memory_zeroed = true;
     let destination = Destination::new(config);

@@ -258,34 +258,48 @@ impl GuestMemory {
     }
 }
 
-/// One bit per page per block: may this page hold anything but zeros on the destination
-/// (its contents or a zero marker arrived in an earlier packet, or the memory did not start
-/// zeroed)? A zero page needs writing only if it may.
+/// The least span one bit of [`ReceivedPages`] stands for. With the smallest page sizes
+/// (64 bytes) a bit per page would cost the destination 1/512 of the guest's size, which a
+/// source picks; a bit per 4 KiB bounds it at 1/32768 (32 MiB per TiB).
+const MIN_TRACKED_SPAN: u64 = 4096;
+
+/// One bit per span of each block: may this span hold anything but zeros on the
+/// destination (contents or a zero marker of a page in it arrived before, or the memory did
+/// not start zeroed)? A zero page needs writing only if its span may. A span is the page,
+/// or 4 KiB when pages are smaller: coarser only means some zero pages are written that
+/// could have been skipped.
 #[derive(Debug)]
 pub(crate) struct ReceivedPages {
     blocks: Vec<Vec<AtomicU64>>,
+    /// Pages per span, a power of two.
+    pages_per_span: u64,
 }
 
 impl ReceivedPages {
-    /// Every page clean if the memory `starts_zeroed`, every page possibly dirty otherwise.
+    /// Every span clean if the memory `starts_zeroed`, every span possibly dirty otherwise.
     pub(crate) fn new(memory: &GuestMemory, page_size: u32, starts_zeroed: bool) -> Self {
+        let span = u64::from(page_size).max(MIN_TRACKED_SPAN);
         let initial = if starts_zeroed { 0 } else { u64::MAX };
         let blocks = memory
             .blocks()
             .iter()
             .map(|block| {
-                let pages = block.len() / u64::from(page_size);
-                (0..pages.div_ceil(64))
+                let spans = block.len().div_ceil(span);
+                (0..spans.div_ceil(64))
                     .map(|_| AtomicU64::new(initial))
                     .collect()
             })
             .collect();
-        Self { blocks }
+        Self {
+            blocks,
+            pages_per_span: span / u64::from(page_size),
+        }
     }
 
-    /// Marks `page` of `block` received; returns whether it already was.
+    /// Marks the span of `page` of `block` received; returns whether it already was.
     pub(crate) fn mark(&self, block: usize, page: u64) -> bool {
-        let bit = 1u64 << (page % 64);
-        self.blocks[block][(page / 64) as usize].fetch_or(bit, Ordering::Relaxed) & bit != 0
+        let span = page / self.pages_per_span;
+        let bit = 1u64 << (span % 64);
+        self.blocks[block][(span / 64) as usize].fetch_or(bit, Ordering::Relaxed) & bit != 0
     }
 }

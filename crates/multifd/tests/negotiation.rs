@@ -731,3 +731,34 @@ fn peer_text_reaches_the_display_escaped() {
         "{shown}"
     );
 }
+
+/// A source announcing more memory than the destination takes is refused before the VMM
+/// is asked to map any of it (and before the destination allocates anything for it).
+#[test]
+fn an_oversized_announcement_is_refused_before_mapping() {
+    let (listener, address) = listener(false);
+    let destination = spawn_destination_with(listener, quick_destination_config(), |_| {
+        panic!("map_blocks must not be called")
+    });
+    let mut source = RawSource::announce(
+        &address,
+        &raw_hello(2, [3; 16]),
+        vec![BlockAnnouncement {
+            name: BLOCK.into(),
+            length: 15 << 40,
+        }],
+        Vec::new(),
+    );
+    let reason = match source.receive() {
+        ControlMessage::Reject(reason) => reason,
+        other => panic!("expected Reject, got {other:?}"),
+    };
+    assert_eq!(reason.code, RejectCode::RamBlocks);
+    assert!(
+        reason
+            .detail
+            .contains("together more than this destination's 1099511627776 bytes"),
+        "{reason:?}"
+    );
+    assert_eq!(destination_rejection(destination), reason);
+}

@@ -64,7 +64,16 @@ pub struct DestinationConfig {
     /// set up (no `RoundEnd`, `Complete` or other message) before the migration fails with
     /// [`Error::Stalled`]: a source that hung or vanished does not hold the destination.
     pub idle_timeout: Duration,
+    /// Most guest memory a source may announce, over all blocks, checked before
+    /// `map_blocks` is asked for any of it (see [`DEFAULT_MAX_GUEST_BYTES`]).
+    pub max_guest_bytes: u64,
 }
+
+/// Default [`DestinationConfig::max_guest_bytes`]: 1 TiB, above the guests a multifd
+/// migration moves in practice, while a hostile announcement cannot make the destination
+/// map or track more than that (its page-tracking bitmap is then at most 32 MiB). A VMM
+/// with larger guests raises it.
+pub const DEFAULT_MAX_GUEST_BYTES: u64 = 1 << 40;
 
 /// Default [`DestinationConfig::max_queued_device_bytes`]. A device whose load keeps up
 /// has about one chunk per channel queued (the reorder window: a few MiB with 1 MiB chunks,
@@ -88,6 +97,7 @@ impl Default for DestinationConfig {
             max_queued_device_bytes: DEFAULT_MAX_QUEUED_DEVICE_BYTES,
             memory_zeroed: false,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_guest_bytes: DEFAULT_MAX_GUEST_BYTES,
         }
     }
 }
@@ -486,6 +496,7 @@ impl Destination {
         let verdict = self
             .negotiate(&hello)
             .and_then(|()| check_blocks(&blocks, hello.page_size))
+            .and_then(|()| self.check_guest_size(&blocks))
             .and_then(|()| self.check_device_settings(&device_settings, hello.channels))
             .and_then(|()| {
                 devices = Some(match_devices(&announced, registered)?);
@@ -542,6 +553,24 @@ impl Destination {
             });
         }
         Ok(())
+    }
+
+    /// Refuses an announcement larger in total than this destination takes.
+    fn check_guest_size(&self, blocks: &[BlockAnnouncement]) -> Result<(), RejectReason> {
+        let total = blocks
+            .iter()
+            .try_fold(0u64, |total, block| total.checked_add(block.length));
+        match total {
+            Some(total) if total <= self.config.max_guest_bytes => Ok(()),
+            _ => Err(RejectReason {
+                code: RejectCode::RamBlocks,
+                detail: format!(
+                    "{} ramblocks announced, together more than this destination's {} bytes",
+                    blocks.len(),
+                    self.config.max_guest_bytes
+                ),
+            }),
+        }
     }
 
     fn negotiate(&self, hello: &Hello) -> Result<(), RejectReason> {

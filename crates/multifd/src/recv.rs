@@ -369,7 +369,10 @@ impl ChannelReceiver {
         let header = DeviceStateChunkHeader::decode(&header).map_err(|e| self.error_wire(e))?;
         // Bounded by the negotiated maximum payload, checked by the decoder.
         let length = device.next_packet_size as usize - DEVICE_STATE_CHUNK_HEADER_LEN;
-        let mut payload = settings.devices.buffer(length);
+        let mut payload = settings
+            .devices
+            .buffer(index, length)
+            .map_err(|violation| self.violation(violation))?;
         (&self.stream)
             .read_exact(&mut payload)
             .map_err(|error| self.error_io("mid-payload", error))?;

@@ -941,3 +941,30 @@ fn dedicated_channels_without_one_for_ram_are_rejected() {
     }
     assert!(join_within(destination, DEADLINE).is_err());
 }
+
+/// Chunks still being read count against the cap before their buffers exist: a source
+/// that starts a large chunk on every channel and sends none of it cannot make the
+/// destination allocate past the cap.
+#[test]
+fn chunks_being_read_count_against_the_cap() {
+    let _serial = serial();
+    const CAP: u64 = 100 << 10;
+    let mut session = session(CAP);
+    let started = |idx| {
+        let packet = chunk(idx, false, &vec![b'x'; 60 << 10]);
+        // The packet and chunk headers, and not one byte of the payload.
+        packet[..multifd_wire::DEVICE_STATE_PACKET_LEN + 12].to_vec()
+    };
+    session.raw.write_channel(0, &started(0));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    session.raw.write_channel(1, &started(1));
+    assert_violation(
+        session.failure(),
+        Link::Channel(1),
+        Violation::DeviceQueueFull {
+            device: device(),
+            queued: 2 * ((60 << 10) + 64),
+            cap: CAP,
+        },
+    );
+}

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use multifd_wire::DeviceStateChunkHeader;
 
-use super::reassembler::{Reassembler, ReassemblyError};
+use super::reassembler::{Reassembler, ReassemblyError, CHUNK_OVERHEAD};
 use super::LoadDevice;
 use crate::error::{Error, Violation};
 use crate::failure::{join_threads, Failure};
@@ -43,6 +43,29 @@ impl BufferPool {
     }
 }
 
+/// What a chunk broke in `stream`, as the violation naming its device.
+fn violation(stream: &DeviceStream, error: ReassemblyError) -> Violation {
+    let device = stream.counters.id.clone();
+    match error {
+        ReassemblyError::Duplicate { idx } => Violation::DuplicateChunk { device, idx },
+        ReassemblyError::AfterConfig { idx, config_idx } => Violation::ChunkAfterConfig {
+            device,
+            idx,
+            config_idx,
+        },
+        ReassemblyError::SecondConfig { idx, config_idx } => Violation::SecondConfigChunk {
+            device,
+            idx,
+            config_idx,
+        },
+        ReassemblyError::QueueFull { queued, cap } => Violation::DeviceQueueFull {
+            device,
+            queued,
+            cap,
+        },
+    }
+}
+
 /// One destination device: its reassembler and what its load thread waits on.
 struct DeviceStream {
     counters: Arc<DeviceCounters>,
@@ -52,6 +75,9 @@ struct DeviceStream {
 
 struct StreamState {
     chunks: Reassembler<Vec<u8>>,
+    /// Bytes reserved for chunks being read from the sockets (payload plus bookkeeping),
+    /// counted against the cap with the queued ones before their buffers exist.
+    in_flight: u64,
     /// The source completed: nothing more will arrive.
     input_done: bool,
     failed: bool,
@@ -84,6 +110,7 @@ impl DeviceLoaders {
                         counters: Arc::clone(counters),
                         state: Mutex::new(StreamState {
                             chunks: Reassembler::new(cap),
+                            in_flight: 0,
                             input_done: false,
                             failed: false,
                         }),
@@ -121,9 +148,20 @@ impl DeviceLoaders {
         })
     }
 
-    /// A buffer to read a payload of `length` bytes into.
-    pub(crate) fn buffer(&self, length: usize) -> Vec<u8> {
-        self.pool.take(length)
+    /// A buffer to read a payload of `length` bytes for device `device` into. The bytes
+    /// are reserved against the device's cap first: a source starting a large chunk on
+    /// every channel at once cannot make the destination allocate past the cap.
+    pub(crate) fn buffer(&self, device: usize, length: usize) -> Result<Vec<u8>, Violation> {
+        let stream = &self.streams[device];
+        let charge = length as u64 + CHUNK_OVERHEAD;
+        let mut state = lock(&stream.state);
+        state
+            .chunks
+            .check_room(state.in_flight + charge)
+            .map_err(|error| violation(stream, error))?;
+        state.in_flight += charge;
+        drop(state);
+        Ok(self.pool.take(length))
     }
 
     /// Queues a received chunk for device `device`.
@@ -140,7 +178,8 @@ impl DeviceLoaders {
         // subtract its length at once, and the total must never go below zero.
         let queued = self.queued.fetch_add(length, Ordering::Relaxed) + length;
         let mut state = lock(&stream.state);
-        let id = || stream.counters.id.clone();
+        // The reservation `buffer` made becomes the queued chunk.
+        state.in_flight -= length + CHUNK_OVERHEAD;
         let inserted = state
             .chunks
             .insert(header.idx, header.config_state, payload);
@@ -148,24 +187,7 @@ impl DeviceLoaders {
         if inserted.is_err() {
             self.queued.fetch_sub(length, Ordering::Relaxed);
         }
-        inserted.map_err(|error| match error {
-            ReassemblyError::Duplicate { idx } => Violation::DuplicateChunk { device: id(), idx },
-            ReassemblyError::AfterConfig { idx, config_idx } => Violation::ChunkAfterConfig {
-                device: id(),
-                idx,
-                config_idx,
-            },
-            ReassemblyError::SecondConfig { idx, config_idx } => Violation::SecondConfigChunk {
-                device: id(),
-                idx,
-                config_idx,
-            },
-            ReassemblyError::QueueFull { queued, cap } => Violation::DeviceQueueFull {
-                device: id(),
-                queued,
-                cap,
-            },
-        })?;
+        inserted.map_err(|error| violation(stream, error))?;
         stream.counters.count_chunk(length as usize);
         self.peak_queued.fetch_max(queued, Ordering::Relaxed);
         stream.ready.notify_one();

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 /// What a chunk's arrival broke, in one device's stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ReassemblyError {
     /// This idx was queued or loaded already.
     Duplicate { idx: u32 },
@@ -94,13 +94,7 @@ impl<B: AsRef<[u8]>> Reassembler<B> {
             }
         }
         let length = payload.as_ref().len() as u64;
-        let charged = self.charged() + length + CHUNK_OVERHEAD;
-        if charged > self.cap {
-            return Err(ReassemblyError::QueueFull {
-                queued: charged,
-                cap: self.cap,
-            });
-        }
+        self.check_room(length + CHUNK_OVERHEAD)?;
         if config {
             self.config_idx = Some(idx);
         }
@@ -148,6 +142,18 @@ impl<B: AsRef<[u8]>> Reassembler<B> {
                 config_received: config_idx.is_some(),
             }),
         }
+    }
+
+    /// Whether `extra` more bytes fit under the cap beside what is queued.
+    pub(crate) fn check_room(&self, extra: u64) -> Result<(), ReassemblyError> {
+        let charged = self.charged() + extra;
+        if charged > self.cap {
+            return Err(ReassemblyError::QueueFull {
+                queued: charged,
+                cap: self.cap,
+            });
+        }
+        Ok(())
     }
 
     fn charged(&self) -> u64 {

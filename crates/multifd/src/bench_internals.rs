@@ -1,9 +1,10 @@
-//! Engine internals that benchmarks and fuzz targets drive directly: one channel's codec
-//! and the zero-page check. Not part of the stable API; a VMM has no use for them (the
+//! Engine internals that benchmarks and fuzz targets drive directly: one channel's codec,
+//! the zero-page check and the device-state reassembler. Not part of the stable API; a VMM has no use for them (the
 //! engine runs them inside its channel threads) and they may change in any release.
 #![doc(hidden)]
 
 pub use crate::compress::{
     PacketCompressor, PacketDecompressor, LZ4_BLOCK_LEN, ZSTD_WINDOW_LOG_MAX,
 };
+pub use crate::device::reassembler::{Missing, Reassembler, ReassemblyError};
 pub use crate::zero_page::is_zero_page;

@@ -5,24 +5,42 @@ use std::collections::BTreeMap;
 
 /// What a chunk's arrival broke, in one device's stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ReassemblyError {
+pub enum ReassemblyError {
     /// This idx was queued or loaded already.
-    Duplicate { idx: u32 },
+    Duplicate {
+        /// The repeated idx.
+        idx: u32,
+    },
     /// A chunk past the config chunk, which must be the last.
-    AfterConfig { idx: u32, config_idx: u32 },
+    AfterConfig {
+        /// The chunk past the config.
+        idx: u32,
+        /// The config chunk's idx.
+        config_idx: u32,
+    },
     /// A second chunk flagged as the config.
-    SecondConfig { idx: u32, config_idx: u32 },
+    SecondConfig {
+        /// The second config chunk.
+        idx: u32,
+        /// The first one's idx.
+        config_idx: u32,
+    },
     /// Queuing the chunk would pass the cap.
-    QueueFull { queued: u64, cap: u64 },
+    QueueFull {
+        /// Bytes charged with the chunk.
+        queued: u64,
+        /// The cap.
+        cap: u64,
+    },
 }
 
 /// What is missing from a device's stream at completion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Missing {
+pub struct Missing {
     /// The first idx never received.
-    pub(crate) idx: u32,
+    pub idx: u32,
     /// Whether the config chunk was received.
-    pub(crate) config_received: bool,
+    pub config_received: bool,
 }
 
 /// Every queued chunk is charged this much on top of its payload, for its bookkeeping
@@ -35,7 +53,7 @@ pub(crate) const CHUNK_OVERHEAD: u64 = 64;
 /// on its own: chunks go in with [`Reassembler::insert`] in any order, come out with
 /// [`Reassembler::pop`] as `0, 1, 2, …` up to and including the config chunk.
 #[derive(Debug)]
-pub(crate) struct Reassembler<B> {
+pub struct Reassembler<B> {
     /// Received chunks not yet released, by idx: payload and whether it is the config.
     pending: BTreeMap<u32, (B, bool)>,
     /// The next idx to release.
@@ -53,7 +71,7 @@ pub(crate) struct Reassembler<B> {
 impl<B: AsRef<[u8]>> Reassembler<B> {
     /// An empty stream whose pending chunks may hold at most `cap` bytes (each charged
     /// its payload plus [`CHUNK_OVERHEAD`]).
-    pub(crate) fn new(cap: u64) -> Self {
+    pub fn new(cap: u64) -> Self {
         Self {
             pending: BTreeMap::new(),
             next: 0,
@@ -66,12 +84,7 @@ impl<B: AsRef<[u8]>> Reassembler<B> {
 
     /// Queues chunk `idx`; refuses duplicates, anything past the config chunk and
     /// anything that would pass the cap.
-    pub(crate) fn insert(
-        &mut self,
-        idx: u32,
-        config: bool,
-        payload: B,
-    ) -> Result<(), ReassemblyError> {
+    pub fn insert(&mut self, idx: u32, config: bool, payload: B) -> Result<(), ReassemblyError> {
         if u64::from(idx) < self.next || self.pending.contains_key(&idx) {
             return Err(ReassemblyError::Duplicate { idx });
         }
@@ -104,7 +117,7 @@ impl<B: AsRef<[u8]>> Reassembler<B> {
     }
 
     /// The next chunk in order, if it arrived: its payload and whether it is the config.
-    pub(crate) fn pop(&mut self) -> Option<(B, bool)> {
+    pub fn pop(&mut self) -> Option<(B, bool)> {
         let (payload, config) = self.pending.remove(&u32::try_from(self.next).ok()?)?;
         self.queued_bytes -= payload.as_ref().len() as u64;
         self.next += 1;
@@ -126,7 +139,7 @@ impl<B: AsRef<[u8]>> Reassembler<B> {
 
     /// With no more input to come: what is missing, or `None` if the stream is whole
     /// (every chunk up to the config received, whether released yet or not).
-    pub(crate) fn missing(&self) -> Option<Missing> {
+    pub fn missing(&self) -> Option<Missing> {
         let mut expected = self.next;
         for &idx in self.pending.keys() {
             if u64::from(idx) != expected {

@@ -9,7 +9,17 @@ use serde_json::{json, Value};
 
 /// An error and its causes on one line.
 pub fn one_line(error: &anyhow::Error) -> String {
-    format!("{error:#}")
+    // The engine's errors already show their cause in their own message; a context added
+    // here does not. Each cause is added once, so neither is printed twice.
+    let mut line = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
 }
 
 /// A progress bar on a terminal's stderr, fed from the migration's monitor.

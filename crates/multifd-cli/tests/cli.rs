@@ -614,3 +614,26 @@ fn recv_into_the_file_send_is_reading_keeps_it_intact() {
     assert_success(&received, "recv");
     assert!(std::fs::read(&ram).expect("image") == original);
 }
+
+/// An engine error is printed once: its message already holds its cause, which is not
+/// repeated after it.
+#[test]
+fn an_error_and_its_cause_are_printed_once() {
+    use std::io::Write;
+    let directory = tempfile::tempdir().expect("temp dir");
+    let recv = start_recv(
+        directory.path(),
+        &["--ram", &arg("pc.ram", &directory.path().join("ram.copy"))],
+    );
+    let mut stray =
+        std::os::unix::net::UnixStream::connect(directory.path().join("migration.sock"))
+            .expect("connect");
+    stray
+        .write_all(&0xdead_beef_u32.to_be_bytes())
+        .expect("write");
+    drop(stray);
+    let output = finish(recv, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("0xdeadbeef").count(), 1, "{stderr}");
+}

@@ -1,6 +1,7 @@
 //! `NAME=PATH` arguments: memory-image files mapped as RAM blocks.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -46,7 +47,8 @@ pub fn map_for_sending(files: &[RamFile]) -> Result<GuestMemory> {
 }
 
 /// Creates a new file (in `outputs`, renamed into place on success) for every announced
-/// block at the announced length and maps it writable; the new files are all zeros. A
+/// block, with its disk space reserved at the announced length, and maps it writable; the
+/// new files are all zeros. A
 /// block without a `NAME=PATH` is an error.
 pub fn create_for_receiving(
     files: &[RamFile],
@@ -63,11 +65,30 @@ pub fn create_for_receiving(
                 );
             };
             let handle = outputs.create(&file.path)?;
-            handle
-                .set_len(block.length)
-                .with_context(|| format!("cannot size {}", file.path.display()))?;
+            reserve(&handle, block.length).with_context(|| {
+                format!(
+                    "cannot reserve {} bytes for ramblock {:?} at {}",
+                    block.length,
+                    block.name,
+                    file.path.display()
+                )
+            })?;
             Ok(RamBlock::map_file(&block.name, &handle, true)?)
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(GuestMemory::new(blocks)?)
+}
+
+/// Gives `file` `length` bytes of disk now. A page written later through the mapping can
+/// then never find the disk full, which would end the process with `SIGBUS` instead of an
+/// error; a full disk is reported here, before the migration starts.
+fn reserve(file: &File, length: u64) -> std::io::Result<()> {
+    let length = libc::off_t::try_from(length)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: posix_fallocate only reads the descriptor and the two integers; `file` keeps
+    // the descriptor open for the call.
+    match unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, length) } {
+        0 => Ok(()),
+        code => Err(std::io::Error::from_raw_os_error(code)),
+    }
 }

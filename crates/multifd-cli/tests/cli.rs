@@ -637,3 +637,62 @@ fn an_error_and_its_cause_are_printed_once() {
     assert!(!output.status.success(), "{stderr}");
     assert_eq!(stderr.matches("0xdeadbeef").count(), 1, "{stderr}");
 }
+
+/// A destination disk too small for the announced memory is a clear error before the
+/// migration starts, not a `SIGBUS` when a compressed page is written into the mapped
+/// file. Runs `recv` in a private mount namespace with a 1 MiB tmpfs as its output
+/// directory; skipped loudly where that is not allowed.
+#[test]
+fn a_full_destination_disk_is_an_error_not_a_signal() {
+    let directory = tempfile::tempdir().expect("temp dir");
+    let small = directory.path().join("small");
+    std::fs::create_dir(&small).expect("mkdir");
+    let probe = Command::new("unshare")
+        .args(["--mount", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs -o size=1m tmpfs {}",
+            small.display()
+        ))
+        .output();
+    if !probe.is_ok_and(|output| output.status.success()) {
+        eprintln!("SKIPPED: no private mount namespace with tmpfs here (needs root and unshare)");
+        return;
+    }
+    let ram = directory.path().join("ram.img");
+    image(&ram, 1024, 7);
+    let copy = small.join("ram.copy");
+    let recv = spawn(
+        Command::new("unshare")
+            .args(["--mount", "sh", "-c"])
+            .arg(format!(
+                "mount -t tmpfs -o size=1m tmpfs {} && exec {} recv --listen {} --ram {}",
+                small.display(),
+                env!("CARGO_BIN_EXE_multifd"),
+                socket(directory.path()),
+                arg("pc.ram", &copy),
+            )),
+    );
+    let path = directory.path().join("migration.sock");
+    let started = Instant::now();
+    while !path.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "recv never listened"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let send = spawn(multifd().args([
+        "send",
+        "--to",
+        &socket(directory.path()),
+        "--compress",
+        "zstd",
+        "--ram",
+        &arg("pc.ram", &ram),
+    ]));
+    let (sent, received) = finish_pair(send, recv);
+    let stderr = String::from_utf8_lossy(&received.stderr);
+    assert_eq!(received.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    assert!(!sent.status.success());
+}

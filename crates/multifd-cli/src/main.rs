@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use multifd::{
-    Address, CompressionSettings, Destination, DestinationConfig, GuestMemory, Listener,
+    Address, CompressionSettings, Destination, DestinationConfig, GuestMemory, Integrity, Listener,
     MigrationStats, SaveDevices, Source, SourceConfig, ZeroPageMode,
 };
 use multifd_cli::bench;
@@ -56,6 +56,10 @@ struct SendArgs {
     /// RAM block NAME and the memory-image file holding it, as NAME=PATH (repeatable).
     #[arg(long = "ram", value_name = "NAME=PATH", required = true)]
     ram: Vec<RamFile>,
+    /// End-to-end integrity: `crc32c` puts a CRC32C after every packet, so a corrupted
+    /// byte on the way is an error naming the channel and packet.
+    #[arg(long, value_enum, default_value_t = IntegrityArg::None)]
+    integrity: IntegrityArg,
     /// A device and the file holding its state, as IDSTR[/INSTANCE]=PATH (repeatable).
     /// The file's last 4 KiB (the whole file when smaller) is sent as the device's config
     /// blob, the rest as its state stream; the instance is the part after the last `/`
@@ -109,6 +113,9 @@ struct RecvArgs {
     /// Accept only this many channels (1 to 255).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
     channels: Option<u8>,
+    /// Accept only this integrity (`none` or `crc32c`); by default the source's.
+    #[arg(long, value_enum)]
+    integrity: Option<IntegrityArg>,
     /// Accept only this compression method (at `--level`, or the method's default).
     #[arg(long, value_enum)]
     compress: Option<Method>,
@@ -120,6 +127,24 @@ struct RecvArgs {
     timeout: Option<u64>,
     #[command(flatten)]
     output: Output,
+}
+
+/// `--integrity` values.
+#[derive(Clone, Copy, ValueEnum)]
+enum IntegrityArg {
+    /// No end-to-end check (QEMU's wire format).
+    None,
+    /// A CRC32C after every packet.
+    Crc32c,
+}
+
+impl From<IntegrityArg> for Integrity {
+    fn from(integrity: IntegrityArg) -> Self {
+        match integrity {
+            IntegrityArg::None => Self::None,
+            IntegrityArg::Crc32c => Self::Crc32c,
+        }
+    }
 }
 
 /// Settings both ends must agree on.
@@ -181,6 +206,7 @@ fn send(args: &SendArgs) -> Result<()> {
     config.device_chunk_size = args.device_chunk_size;
     config.device_channels = args.device_channels;
     config.compression = CompressionSettings::new(args.compress.into(), args.level)?;
+    config.integrity = args.integrity.into();
     let memory = ram_files::map_for_sending(&args.ram)?;
     let devices = device_files::open_for_sending(&args.devices)?;
     let result = send_all(
@@ -250,6 +276,7 @@ fn recv(args: &RecvArgs) -> Result<()> {
     config.wait_for_source = args.timeout.map(Duration::from_secs);
     config.max_queued_device_bytes = args.max_queued_device_bytes;
     config.max_guest_bytes = args.max_guest_bytes;
+    config.integrity = args.integrity.map(Into::into);
     // `create_for_receiving` maps new files.
     config.memory_zeroed = true;
     let destination = Destination::new(config);

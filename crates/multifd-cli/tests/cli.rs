@@ -696,3 +696,20 @@ fn a_full_destination_disk_is_an_error_not_a_signal() {
     assert!(stderr.contains("No space left on device"), "{stderr}");
     assert!(!sent.status.success());
 }
+
+/// `send --integrity crc32c` moves an image byte for byte; `recv --integrity crc32c`
+/// refuses a source without it.
+#[test]
+fn integrity_is_negotiated_from_the_command_line() {
+    let (sent, received, equal) =
+        migrate_with(&[], &["--integrity", "crc32c", "--compress", "lz4"]);
+    assert_success(&sent, "send");
+    assert_success(&received, "recv");
+    assert!(equal);
+    let (sent, received, _) = migrate_with(&["--integrity", "crc32c"], &[]);
+    for output in [&sent, &received] {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        assert!(stderr.contains("integrity"), "{stderr}");
+    }
+}

@@ -32,6 +32,10 @@ impl Flags {
     /// the receiver both restart the channel's compression stream after such a packet.
     /// Valid only when negotiated in `Hello.extensions`.
     pub const UNCOMPRESSED: u32 = 0x200;
+    /// Extension (integrity), negotiated in `Hello.extensions` only and never set in a
+    /// packet: every packet on every channel is followed by a 4-byte big-endian CRC32C
+    /// (Castagnoli) of the packet and its payload exactly as sent.
+    pub const CRC32C: u32 = 0x400;
 
     /// Whether the SYNC bit is set.
     pub fn is_sync(self) -> bool {

@@ -11,6 +11,31 @@ use crate::ids::{DeviceId, Link, Side, Uuid};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Violation {
+    /// A RAM packet whose CRC32C trailer does not match its bytes (integrity extension):
+    /// it was corrupted on the way, and nothing of it was applied.
+    #[error(
+        "CRC32C mismatch on packet_num {packet_num}: sent {sent:#010x}, computed {computed:#010x}"
+    )]
+    ChecksumMismatch {
+        /// The packet's number (its `packet_num` field).
+        packet_num: u64,
+        /// The checksum the sender put in the trailer.
+        sent: u32,
+        /// The checksum of the bytes received.
+        computed: u32,
+    },
+    /// A device-state packet whose CRC32C trailer does not match its bytes.
+    #[error("device {device}: CRC32C mismatch on chunk idx {idx}: sent {sent:#010x}, computed {computed:#010x}")]
+    DeviceChecksumMismatch {
+        /// The device.
+        device: DeviceId,
+        /// The chunk's idx.
+        idx: u32,
+        /// The checksum the sender put in the trailer.
+        sent: u32,
+        /// The checksum of the bytes received.
+        computed: u32,
+    },
     /// A channel sent a SYNC for a round the source never ended before completing.
     #[error("channel {channel} sent a SYNC past round {rounds}, the last the source ended")]
     SyncPastLastRound {

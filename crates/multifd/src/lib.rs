@@ -131,6 +131,7 @@ mod dirty;
 mod error;
 mod failure;
 mod ids;
+mod integrity;
 mod migration;
 mod precopy;
 mod ram;
@@ -151,6 +152,7 @@ pub use dirty::{KvmDirtyLog, KvmDirtyLogMode, KvmSlot};
 pub use error::{Error, Violation};
 pub use failure::CancelHandle;
 pub use ids::{DeviceId, Link, Side, Uuid};
+pub use integrity::Integrity;
 pub use migration::{
     Destination, DestinationConfig, Source, SourceConfig, DEFAULT_DEVICE_CHUNK_SIZE,
     DEFAULT_MAX_GUEST_BYTES, DEFAULT_MAX_QUEUED_DEVICE_BYTES,

@@ -22,7 +22,8 @@ use crate::compress::PacketDecompressor;
 use crate::device::load::DeviceLoaders;
 use crate::error::{Error, Violation};
 use crate::failure::{Failure, PEER_REASON_GRACE};
-use crate::ids::{Link, Side};
+use crate::ids::{DeviceId, Link, Side};
+use crate::integrity::{checksum, Integrity, TRAILER_LEN};
 use crate::ram::{GuestMemory, RamBlock, ReceivedPages};
 use crate::stats::{ChannelCounters, Counters};
 use crate::sync::{deadline_after, lock, wait, wait_timeout};
@@ -134,6 +135,8 @@ pub(crate) struct ReceiveSettings {
     pub(crate) devices: Arc<DeviceLoaders>,
     /// Which channels may carry RAM pages and which device state.
     pub(crate) roles: ChannelRoles,
+    /// Whether every packet carries a CRC32C trailer.
+    pub(crate) integrity: Integrity,
 }
 
 /// One channel's receive thread.
@@ -148,6 +151,39 @@ pub(crate) struct ChannelReceiver {
 impl ChannelReceiver {
     fn error_io(&self, context: &'static str, error: io::Error) -> Error {
         Error::io(Side::Destination, Link::Channel(self.id), context, error)
+    }
+
+    /// With the integrity extension, reads the packet's CRC32C trailer and checks it
+    /// against the packet's bytes, `parts`, before anything of the packet is applied; a
+    /// mismatch is `Err((sent, computed))`, for the caller to name the packet.
+    fn check_trailer(&self, parts: &[&[u8]]) -> Result<Result<(), (u32, u32)>, Error> {
+        if self.settings.integrity != Integrity::Crc32c {
+            return Ok(Ok(()));
+        }
+        let mut trailer = [0u8; TRAILER_LEN];
+        (&self.stream)
+            .read_exact(&mut trailer)
+            .map_err(|error| self.error_io("mid-packet", error))?;
+        let counters = &self.counters.channels[usize::from(self.id)];
+        ChannelCounters::add(&counters.bytes, TRAILER_LEN as u64);
+        let sent = u32::from_be_bytes(trailer);
+        let computed = checksum(parts);
+        Ok(if sent == computed {
+            Ok(())
+        } else {
+            Err((sent, computed))
+        })
+    }
+
+    /// [`Self::check_trailer`] for RAM packet `packet_num`.
+    fn check_ram_trailer(&self, packet_num: u64, parts: &[&[u8]]) -> Result<(), Error> {
+        self.check_trailer(parts)?.map_err(|(sent, computed)| {
+            self.violation(Violation::ChecksumMismatch {
+                packet_num,
+                sent,
+                computed,
+            })
+        })
     }
 
     fn error_wire(&self, error: multifd_wire::WireError) -> Error {
@@ -185,6 +221,9 @@ impl ChannelReceiver {
         let packet_bytes = (limits.max_pages * limits.page_size) as usize;
         let mut decompressor = PacketDecompressor::new(limits.compression, packet_bytes)
             .map_err(|error| self.error_io("create the decompressor", error))?;
+        // With the integrity extension, uncompressed pages land here first, to be checked
+        // before they are written into guest memory.
+        let mut checked = Vec::new();
         loop {
             match (&self.stream).read(&mut packet[..1]) {
                 Ok(0) if self.barrier.finishing() => return Ok(()),
@@ -207,7 +246,12 @@ impl ChannelReceiver {
                 .map_err(|e| self.error_wire(e))?;
             match header.kind() {
                 PacketKind::Ram => {
-                    self.receive_ram(&mut packet, &mut iovecs, decompressor.as_mut())?;
+                    self.receive_ram(
+                        &mut packet,
+                        &mut iovecs,
+                        &mut checked,
+                        decompressor.as_mut(),
+                    )?;
                 }
                 PacketKind::DeviceState => self.receive_device_state(&mut packet)?,
             }
@@ -218,6 +262,7 @@ impl ChannelReceiver {
         &self,
         packet: &mut [u8],
         iovecs: &mut Vec<libc::iovec>,
+        checked: &mut Vec<u8>,
         decompressor: Option<&mut PacketDecompressor>,
     ) -> Result<(), Error> {
         let settings = &*self.settings;
@@ -235,6 +280,7 @@ impl ChannelReceiver {
         ChannelCounters::add(&counters.packets, 1);
         ChannelCounters::add(&counters.bytes, length as u64);
         if ram.flags.is_sync() {
+            self.check_ram_trailer(ram.packet_num, &[&packet[..length]])?;
             ChannelCounters::add(&counters.sync_packets, 1);
             return if self.barrier.arrive(self.id) {
                 Ok(())
@@ -245,7 +291,7 @@ impl ChannelReceiver {
             };
         }
         if ram.normal_pages() == 0 && ram.zero_pages() == 0 {
-            return Ok(());
+            return self.check_ram_trailer(ram.packet_num, &[&packet[..length]]);
         }
         if !settings.roles.carries_ram(self.id) {
             return Err(self.violation(Violation::WrongChannelKind("RAM pages")));
@@ -270,7 +316,7 @@ impl ChannelReceiver {
         }
         match decompressor {
             Some(decompressor) if ram.normal_pages() > 0 && !ram.flags.is_uncompressed() => {
-                self.receive_compressed(&ram, block, decompressor)?;
+                self.receive_compressed(&ram, &packet[..length], block, decompressor)?;
             }
             decompressor => {
                 if let Some(decompressor) = decompressor.filter(|_| ram.flags.is_uncompressed()) {
@@ -280,15 +326,31 @@ impl ChannelReceiver {
                         .map_err(|error| self.error_io("restart the decompressor", error))?;
                     ChannelCounters::add(&counters.uncompressed_packets, 1);
                 }
-                iovecs.clear();
-                for offset in ram.normal_offsets() {
-                    push_page(iovecs, 0, block.host_address(offset), page_size as usize);
+                if settings.integrity == Integrity::Crc32c {
+                    checked.resize(ram.next_packet_size as usize, 0);
+                    (&self.stream)
+                        .read_exact(checked)
+                        .map_err(|error| self.error_io("mid-payload", error))?;
+                    self.check_ram_trailer(ram.packet_num, &[&packet[..length], checked])?;
+                    for (page, offset) in checked
+                        .chunks_exact(page_size as usize)
+                        .zip(ram.normal_offsets())
+                    {
+                        // SAFETY: a whole page inside the block (offsets checked above),
+                        // which stays mapped writable for the migration.
+                        unsafe { block.write_page(offset, page) };
+                    }
+                } else {
+                    iovecs.clear();
+                    for offset in ram.normal_offsets() {
+                        push_page(iovecs, 0, block.host_address(offset), page_size as usize);
+                    }
+                    // SAFETY: every iovec is a whole page inside the block (offsets checked
+                    // above), and the block stays mapped writable for the migration with no
+                    // Rust references into it (`RamBlock` contract).
+                    unsafe { self.stream.read_exact_raw(iovecs) }
+                        .map_err(|error| self.error_io("mid-payload", error))?;
                 }
-                // SAFETY: every iovec is a whole page inside the block (offsets checked
-                // above), and the block stays mapped writable for the migration with no
-                // Rust references into it (`RamBlock` contract).
-                unsafe { self.stream.read_exact_raw(iovecs) }
-                    .map_err(|error| self.error_io("mid-payload", error))?;
             }
         }
         for offset in ram.normal_offsets() {
@@ -317,6 +379,7 @@ impl ChannelReceiver {
     fn receive_compressed(
         &self,
         ram: &RamPacket<'_>,
+        packet: &[u8],
         block: &RamBlock,
         decompressor: &mut PacketDecompressor,
     ) -> Result<(), Error> {
@@ -324,6 +387,7 @@ impl ChannelReceiver {
         (&self.stream)
             .read_exact(decompressor.input(size))
             .map_err(|error| self.error_io("mid-payload", error))?;
+        self.check_ram_trailer(ram.packet_num, &[packet, decompressor.input(size)])?;
         let started = Instant::now();
         let page_size = self.settings.ram_limits.page_size as usize;
         let expected = ram.normal_pages() as usize * page_size;
@@ -362,11 +426,12 @@ impl ChannelReceiver {
         if !settings.roles.carries_device_state(self.id) {
             return Err(self.violation(Violation::WrongChannelKind("device state")));
         }
-        let mut header = [0u8; DEVICE_STATE_CHUNK_HEADER_LEN];
+        let mut header_bytes = [0u8; DEVICE_STATE_CHUNK_HEADER_LEN];
         (&self.stream)
-            .read_exact(&mut header)
+            .read_exact(&mut header_bytes)
             .map_err(|error| self.error_io("mid-payload", error))?;
-        let header = DeviceStateChunkHeader::decode(&header).map_err(|e| self.error_wire(e))?;
+        let header =
+            DeviceStateChunkHeader::decode(&header_bytes).map_err(|e| self.error_wire(e))?;
         // Bounded by the negotiated maximum payload, checked by the decoder.
         let length = device.next_packet_size as usize - DEVICE_STATE_CHUNK_HEADER_LEN;
         let mut payload = settings
@@ -376,6 +441,15 @@ impl ChannelReceiver {
         (&self.stream)
             .read_exact(&mut payload)
             .map_err(|error| self.error_io("mid-payload", error))?;
+        self.check_trailer(&[&packet[..DEVICE_STATE_PACKET_LEN], &header_bytes, &payload])?
+            .map_err(|(sent, computed)| {
+                self.violation(Violation::DeviceChecksumMismatch {
+                    device: DeviceId::new(device.idstr, device.instance_id),
+                    idx: header.idx,
+                    sent,
+                    computed,
+                })
+            })?;
         settings
             .devices
             .insert(index, header, payload)

@@ -30,6 +30,7 @@ use crate::compress::{ChannelCompressor, CompressionSettings};
 use crate::error::Error;
 use crate::failure::{join_threads, Failure};
 use crate::ids::{DeviceId, Link, Side};
+use crate::integrity::{checksum, Integrity, TRAILER_LEN};
 use crate::ram::GuestMemory;
 use crate::stats::{ChannelCounters, Counters};
 use crate::sync::{lock, wait};
@@ -90,6 +91,8 @@ pub(crate) struct ChannelSettings {
     pub(crate) dedicated_channels: u8,
     /// The wire-bytes budget of all channels together, if capped.
     pub(crate) bandwidth: Option<BandwidthLimit>,
+    /// Whether every packet carries a CRC32C trailer.
+    pub(crate) integrity: Integrity,
 }
 
 #[derive(Default)]
@@ -225,6 +228,8 @@ impl SendChannels {
                     zero: Vec::with_capacity(settings.pages_per_packet as usize),
                     compressor: None,
                     charged: 0,
+                    copied: Vec::new(),
+                    trailer: [0; TRAILER_LEN],
                 };
                 let shared = Arc::clone(&shared);
                 let runner = Arc::clone(failure);
@@ -327,6 +332,16 @@ impl Drop for SendChannels {
     }
 }
 
+/// With the integrity extension, puts the CRC32C of `parts` in `trailer`; returns the
+/// trailer's length on the wire (0 without the extension).
+fn seal(integrity: Integrity, trailer: &mut [u8; TRAILER_LEN], parts: &[&[u8]]) -> usize {
+    if integrity != Integrity::Crc32c {
+        return 0;
+    }
+    *trailer = checksum(parts).to_be_bytes();
+    TRAILER_LEN
+}
+
 enum Work {
     Batch(Batch),
     Sync,
@@ -346,6 +361,11 @@ struct ChannelSender {
     compressor: Option<ChannelCompressor>,
     /// The channel's bytes already charged to the bandwidth budget.
     charged: u64,
+    /// With the integrity extension: the pages of an uncompressed packet, copied out of
+    /// guest memory so the checksum covers exactly the bytes sent.
+    copied: Vec<u8>,
+    /// The CRC32C trailer of the packet being sent.
+    trailer: [u8; TRAILER_LEN],
 }
 
 impl ChannelSender {
@@ -432,6 +452,14 @@ impl ChannelSender {
         }
     }
 
+    fn trailer_len(&self) -> usize {
+        if self.settings.integrity == Integrity::Crc32c {
+            TRAILER_LEN
+        } else {
+            0
+        }
+    }
+
     fn counters(&self) -> &ChannelCounters {
         &self.counters.channels[usize::from(self.id)]
     }
@@ -441,11 +469,16 @@ impl ChannelSender {
         self.zero.clear();
         self.header.clear();
         self.encode_packet(Flags::SYNC, "", 0)?;
-        let mut iovecs = [iovec(self.header.as_ptr(), self.header.len())];
-        // SAFETY: the iovec points to `self.header`, which is not touched during the call.
+        let trailer = seal(self.settings.integrity, &mut self.trailer, &[&self.header]);
+        let mut iovecs = [
+            iovec(self.header.as_ptr(), self.header.len()),
+            iovec(self.trailer.as_ptr(), trailer),
+        ];
+        // SAFETY: the iovecs point to `self.header` and `self.trailer`, which are not
+        // touched during the call.
         unsafe { self.stream.write_all_raw(&mut iovecs)? };
         let counters = self.counters();
-        ChannelCounters::add(&counters.bytes, self.header.len() as u64);
+        ChannelCounters::add(&counters.bytes, (self.header.len() + trailer) as u64);
         ChannelCounters::add(&counters.packets, 1);
         ChannelCounters::add(&counters.sync_packets, 1);
         Ok(())
@@ -492,6 +525,19 @@ impl ChannelSender {
                 );
                 packed.bytes.len()
             }
+            _ if self.settings.integrity == Integrity::Crc32c => {
+                // The checksum must cover the bytes sent, which a running guest could
+                // change between checksumming and sending its memory: send a copy.
+                self.copied.resize(raw_payload, 0);
+                for (page, &offset) in self.copied.chunks_exact_mut(page_size).zip(&self.normal) {
+                    // SAFETY: a whole page inside the block (checked when queued), whose
+                    // host address is 8-byte aligned and page size a multiple of 64 (both
+                    // checked at setup).
+                    unsafe { block.read_page(offset, page) };
+                }
+                iovecs.push(iovec(self.copied.as_ptr(), raw_payload));
+                raw_payload
+            }
             _ => {
                 for &offset in &self.normal {
                     push_page(iovecs, 1, block.host_address(offset), page_size);
@@ -502,13 +548,34 @@ impl ChannelSender {
         self.header.clear();
         self.encode_packet(flags, block.name(), payload as u32)?;
         iovecs[0] = iovec(self.header.as_ptr(), self.header.len());
+        if self.settings.integrity == Integrity::Crc32c {
+            let payload_bytes = match iovecs.get(1) {
+                // SAFETY: the payload iovec, when there is one, is the single buffer
+                // filled above (the copy or the compressor's output), owned by this
+                // thread and untouched until the packet is sent.
+                Some(buffer) => unsafe {
+                    std::slice::from_raw_parts(buffer.iov_base.cast::<u8>(), buffer.iov_len)
+                },
+                None => &[],
+            };
+            seal(
+                Integrity::Crc32c,
+                &mut self.trailer,
+                &[&self.header, payload_bytes],
+            );
+            iovecs.push(iovec(self.trailer.as_ptr(), TRAILER_LEN));
+        }
         // SAFETY: the header iovec points to `self.header`, untouched during the call; page
         // iovecs point inside the block (whole pages, checked when queued), which stays
         // mapped for the migration, or into the compressor's buffers, untouched until the
         // next packet. Guest writes during the copy are allowed.
         unsafe { self.stream.write_all_raw(iovecs)? };
+        let trailer = self.trailer_len();
         let counters = self.counters();
-        ChannelCounters::add(&counters.bytes, (self.header.len() + payload) as u64);
+        ChannelCounters::add(
+            &counters.bytes,
+            (self.header.len() + payload + trailer) as u64,
+        );
         ChannelCounters::add(&counters.packets, 1);
         ChannelCounters::add(&counters.normal_pages, self.normal.len() as u64);
         ChannelCounters::add(&counters.zero_pages, self.zero.len() as u64);
@@ -530,17 +597,23 @@ impl ChannelSender {
         }
         .encode(&mut self.header)
         .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, error))?;
+        let trailer = seal(
+            self.settings.integrity,
+            &mut self.trailer,
+            &[&self.header, &batch.chunk],
+        );
         let mut iovecs = [
             iovec(self.header.as_ptr(), self.header.len()),
             iovec(batch.chunk.as_ptr(), batch.chunk.len()),
+            iovec(self.trailer.as_ptr(), trailer),
         ];
-        // SAFETY: both iovecs point to buffers this thread owns (`self.header` and the
-        // batch's chunk), untouched during the call.
+        // SAFETY: the iovecs point to buffers this thread owns (`self.header`, the batch's
+        // chunk and `self.trailer`), untouched during the call.
         unsafe { self.stream.write_all_raw(&mut iovecs)? };
         let counters = self.counters();
         ChannelCounters::add(
             &counters.bytes,
-            (self.header.len() + batch.chunk.len()) as u64,
+            (self.header.len() + batch.chunk.len() + trailer) as u64,
         );
         ChannelCounters::add(&counters.device_chunks, 1);
         Ok(())
@@ -633,6 +706,7 @@ mod tests {
                 devices: Vec::new(),
                 dedicated_channels: 0,
                 bandwidth: None,
+                integrity: Integrity::None,
             },
             &counters,
             failure,

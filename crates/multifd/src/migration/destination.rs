@@ -13,7 +13,7 @@ use multifd_wire::{
 
 use super::control::ControlChannel;
 use super::{
-    check_blocks, check_device_settings, check_devices, check_settings, expect,
+    check_blocks, check_device_settings, check_devices, check_settings, expect, integrity_of,
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
 };
 use crate::channel_roles::ChannelRoles;
@@ -24,6 +24,7 @@ use crate::device::LoadDevices;
 use crate::error::{Error, Violation};
 use crate::failure::{join_threads, CancelHandle, Failure};
 use crate::ids::{DeviceId, Link, Side, Uuid};
+use crate::integrity::Integrity;
 use crate::ram::{GuestMemory, ReceivedPages};
 use crate::recv::{ChannelReceiver, ReceiveSettings, ReleaseError, SyncBarrier};
 use crate::stats::{ChannelCounters, Counters, MigrationStats, Monitor};
@@ -67,6 +68,8 @@ pub struct DestinationConfig {
     /// Most guest memory a source may announce, over all blocks, checked before
     /// `map_blocks` is asked for any of it (see [`DEFAULT_MAX_GUEST_BYTES`]).
     pub max_guest_bytes: u64,
+    /// Required integrity; `None` takes the source's.
+    pub integrity: Option<Integrity>,
 }
 
 /// Default [`DestinationConfig::max_guest_bytes`]: 1 TiB, above the guests a multifd
@@ -98,6 +101,7 @@ impl Default for DestinationConfig {
             memory_zeroed: false,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_guest_bytes: DEFAULT_MAX_GUEST_BYTES,
+            integrity: None,
         }
     }
 }
@@ -322,6 +326,7 @@ impl Destination {
             },
             devices: Arc::clone(&loaders),
             roles: ChannelRoles::new(channel_count, device_settings.dedicated_channels as u8),
+            integrity: integrity_of(hello.extensions),
         });
         let mut shutdowns = Vec::with_capacity(streams.len());
         let mut threads = Vec::with_capacity(streams.len());
@@ -609,6 +614,12 @@ impl Destination {
                 level: hello.compression_level,
             }
             .to_string(),
+        )?;
+        expect(
+            RejectCode::Extensions,
+            "integrity",
+            config.integrity,
+            &integrity_of(hello.extensions),
         )?;
         expect(
             RejectCode::Uuid,

@@ -16,11 +16,12 @@ use std::hash::Hash;
 use std::time::Duration;
 
 use multifd_wire::{
-    BlockAnnouncement, DeviceAnnouncement, DeviceStateSettings, Hello, RejectCode, RejectReason,
-    DEVICE_STATE_CHUNK_HEADER_LEN, PROTOCOL_VERSION,
+    BlockAnnouncement, DeviceAnnouncement, DeviceStateSettings, Flags, Hello, RejectCode,
+    RejectReason, DEVICE_STATE_CHUNK_HEADER_LEN, PROTOCOL_VERSION,
 };
 
 use crate::compress::CompressionSettings;
+use crate::integrity::Integrity;
 use crate::ram::name_problem;
 
 pub use destination::{
@@ -96,17 +97,37 @@ pub(crate) fn check_settings(hello: &Hello) -> Result<(), RejectReason> {
     if let Err(detail) = compression.check() {
         return reject(RejectCode::Compression, detail);
     }
-    if hello.extensions != compression.extensions() {
+    let extensions = hello.extensions & !Flags::CRC32C;
+    if extensions != compression.extensions() {
         return reject(
             RejectCode::Extensions,
             format!(
-                "extensions {:#x}, {compression} uses exactly {:#x}",
+                "extensions {:#x}, {compression} uses exactly {:#x} (and optionally {:#x}, \
+                 crc32c integrity)",
                 hello.extensions,
-                compression.extensions()
+                compression.extensions(),
+                Flags::CRC32C
             ),
         );
     }
     Ok(())
+}
+
+/// The extension bit `integrity` negotiates.
+pub(crate) fn integrity_extension(integrity: Integrity) -> u32 {
+    match integrity {
+        Integrity::None => 0,
+        Integrity::Crc32c => Flags::CRC32C,
+    }
+}
+
+/// The integrity a `Hello`'s extensions ask for.
+pub(crate) fn integrity_of(extensions: u32) -> Integrity {
+    if extensions & Flags::CRC32C != 0 {
+        Integrity::Crc32c
+    } else {
+        Integrity::None
+    }
 }
 
 /// Checks announced RAM blocks: names that fit a RAM packet, each name once, whole pages.

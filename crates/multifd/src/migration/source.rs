@@ -14,8 +14,8 @@ use multifd_wire::{
 
 use super::control::ControlChannel;
 use super::{
-    check_device_settings, check_devices, check_settings, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT,
+    check_device_settings, check_devices, check_settings, integrity_extension,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
 };
 use crate::bandwidth::BandwidthLimit;
 use crate::compress::CompressionSettings;
@@ -24,6 +24,7 @@ use crate::device::SaveDevices;
 use crate::error::{Error, Violation};
 use crate::failure::{join_threads, CancelHandle, Failure, PEER_REASON_GRACE};
 use crate::ids::{DeviceId, Link, Side, Uuid};
+use crate::integrity::Integrity;
 use crate::ram::{GuestMemory, RamBlock};
 use crate::send::{Batch, ChannelSettings, SendChannels};
 use crate::stats::{ChannelCounters, Counters, MigrationStats, Monitor};
@@ -66,6 +67,8 @@ pub struct SourceConfig {
     /// migration fails with [`Error::Stalled`]: a channel write that moves no byte (a
     /// destination that stopped reading), or the wait for the destination's `Completed`.
     pub idle_timeout: Duration,
+    /// End-to-end integrity of every packet (negotiated; see [`Integrity`]).
+    pub integrity: Integrity,
 }
 
 /// Default [`SourceConfig::device_chunk_size`]: 1 MiB makes the 288 bytes of packet and
@@ -89,6 +92,7 @@ impl Default for SourceConfig {
             sequential_device_save: false,
             max_bandwidth: None,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            integrity: Integrity::None,
         }
     }
 }
@@ -231,6 +235,7 @@ impl Source {
                 devices: device_ids,
                 dedicated_channels: config.device_channels,
                 bandwidth: config.max_bandwidth.map(BandwidthLimit::new),
+                integrity: config.integrity,
             },
             &counters,
             &failure,
@@ -647,7 +652,7 @@ impl Offer {
             compression: config.compression.method,
             compression_level: config.compression.level,
             zero_page: config.zero_page,
-            extensions: config.compression.extensions(),
+            extensions: config.compression.extensions() | integrity_extension(config.integrity),
         };
         check_settings(&hello).map_err(|reason| Error::Config(reason.detail))?;
         memory.check_layout(config.page_size)?;

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod cpu_time;
 pub mod image;
 pub mod ram_files;
+pub mod tls;
 
 use clap::ValueEnum;
 use multifd::Compression;

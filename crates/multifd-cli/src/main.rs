@@ -16,6 +16,7 @@ use multifd::{
 };
 use multifd_cli::bench;
 use multifd_cli::ram_files::{self, RamFile};
+use multifd_cli::tls::TlsArgs;
 use multifd_cli::Method;
 
 use crate::device_files::DeviceFile;
@@ -80,6 +81,8 @@ struct SendArgs {
     #[arg(long, allow_negative_numbers = true)]
     level: Option<i32>,
     #[command(flatten)]
+    tls: TlsArgs,
+    #[command(flatten)]
     output: Output,
 }
 
@@ -112,6 +115,8 @@ struct RecvArgs {
     /// Give up if no source connects within this many seconds (default: wait).
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<u64>,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(flatten)]
     output: Output,
 }
@@ -175,6 +180,7 @@ fn send(args: &SendArgs) -> Result<()> {
     config.device_chunk_size = args.device_chunk_size;
     config.device_channels = args.device_channels;
     config.compression = CompressionSettings::new(args.compress.into(), args.level)?;
+    config.tls = args.tls.config();
     let memory = ram_files::map_for_sending(&args.ram)?;
     let devices = device_files::open_for_sending(&args.devices)?;
     let result = send_all(
@@ -223,6 +229,7 @@ fn recv(args: &RecvArgs) -> Result<()> {
     config.compression = compression;
     config.wait_for_source = args.timeout.map(Duration::from_secs);
     config.max_queued_device_bytes = args.max_queued_device_bytes;
+    config.tls = args.tls.config();
     // `create_for_receiving` truncates every file first.
     config.memory_zeroed = true;
     let destination = Destination::new(config);

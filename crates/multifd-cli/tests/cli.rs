@@ -453,8 +453,14 @@ fn tls_on_one_end_only_is_a_one_line_error_on_both_ends() {
     let tls_dir = certificates.path().to_str().expect("utf-8 path");
     let (sent, received, _) = migrate_with(&["--tls-dir", tls_dir], &[]);
     for (output, says) in [
-        (&sent, "source control channel: TLS: the peer sent a TLS record"),
-        (&received, "destination listener: TLS: the peer is not speaking TLS"),
+        (
+            &sent,
+            "source control channel: TLS: the peer sent a TLS record",
+        ),
+        (
+            &received,
+            "destination listener: TLS: the peer is not speaking TLS",
+        ),
     ] {
         assert!(!output.status.success());
         let stderr = String::from_utf8_lossy(&output.stderr);

@@ -188,10 +188,7 @@ fn handshake(
     while session.is_handshaking() || session.wants_write() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the TLS handshake did not finish within the setup deadline",
-            ));
+            return Err(too_slow());
         }
         socket.set_read_timeout(Some(left))?;
         socket.set_write_timeout(Some(left))?;
@@ -254,6 +251,11 @@ fn handshake_failed(socket: &Stream, error: io::Error, deadline: Instant) -> io:
         )
     } else if matches!(
         error.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    ) {
+        too_slow()
+    } else if matches!(
+        error.kind(),
         io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
     ) {
         io::Error::new(
@@ -268,6 +270,14 @@ fn handshake_failed(socket: &Stream, error: io::Error, deadline: Instant) -> io:
     };
     linger(socket, deadline);
     error
+}
+
+/// A peer silent (or too slow) past the setup deadline: a port probe, a stuck peer.
+fn too_slow() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "the TLS handshake did not finish within the setup deadline",
+    )
 }
 
 /// A plaintext TLS record: a fatal `decode_error` alert.

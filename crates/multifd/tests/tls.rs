@@ -258,3 +258,42 @@ fn missing_certificate_file_is_named() {
         Ok(_) => panic!("connected without a key"),
     }
 }
+
+#[test]
+fn a_silent_connection_to_a_tls_destination_ends_within_the_setup_deadline() {
+    let dirs = dirs(false);
+    let (listener, address) = listener(false);
+    let mut config = quick_destination_config();
+    config.connect_timeout = std::time::Duration::from_millis(500);
+    config.tls = Some(TlsConfig::new(dirs.destination.path()));
+    let destination = spawn_destination(listener, config, memory());
+    let _silent = tcp_connect(&address);
+    let started = Instant::now();
+    match join_within(destination, DEADLINE) {
+        Err(Error::Tls {
+            side: Side::Destination,
+            source,
+            ..
+        }) => {
+            assert!(source.to_string().contains("setup deadline"), "{source}");
+        }
+        other => panic!("expected a TLS timeout, got {other:?}"),
+    }
+    assert!(started.elapsed() < DEADLINE, "took {:?}", started.elapsed());
+}
+
+#[test]
+fn a_bad_pem_file_is_named() {
+    let dirs = dirs(false);
+    let key = dirs.destination.path().join("server-key.pem");
+    std::fs::write(&key, "not a key\n").expect("overwrite key");
+    let (listener, _) = listener(false);
+    let mut config = quick_destination_config();
+    config.tls = Some(TlsConfig::new(dirs.destination.path()));
+    match join_within(spawn_destination(listener, config, memory()), DEADLINE) {
+        Err(error @ Error::TlsPem { .. }) => {
+            assert!(error.to_string().contains("server-key.pem"), "{error}");
+        }
+        other => panic!("expected TlsPem, got {other:?}"),
+    }
+}

@@ -397,6 +397,19 @@ impl TlsStream {
         }
     }
 
+    /// Whether bytes already taken from the socket wait to be read (plaintext in the
+    /// session, or ciphertext not fed to it yet): polling the socket would not report
+    /// them. `false` while another thread is reading, which then gets them itself.
+    pub(crate) fn has_buffered_input(&self) -> bool {
+        let Ok(incoming) = self.reading.try_lock() else {
+            return false;
+        };
+        incoming.start < incoming.end
+            || lock(&self.session)
+                .process_new_packets()
+                .is_ok_and(|state| state.plaintext_bytes_to_read() > 0)
+    }
+
     /// Writes all of `data`.
     pub(crate) fn write_all(&self, data: &[u8]) -> io::Result<()> {
         let mut outgoing = lock(&self.writing);

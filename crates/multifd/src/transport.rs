@@ -127,6 +127,15 @@ impl Stream {
         };
     }
 
+    /// Whether input already read from the socket waits to be consumed (only TLS buffers
+    /// any): a poll on the socket would miss it.
+    fn has_buffered_input(&self) -> bool {
+        match self {
+            Self::Tls(stream) => stream.has_buffered_input(),
+            Self::Tcp(_) | Self::Unix(_) => false,
+        }
+    }
+
     /// Ends the sending direction: the peer reads EOF once it has read everything sent.
     pub(crate) fn shutdown_write(&self) {
         // As in `shutdown`: a closed connection has nothing left to end.
@@ -358,6 +367,9 @@ impl Listener {
         deadline: Instant,
         watch: Option<&Stream>,
     ) -> io::Result<Accepted> {
+        if watch.is_some_and(Stream::has_buffered_input) {
+            return Ok(Accepted::WatchReadable);
+        }
         let timeout = deadline.saturating_duration_since(Instant::now());
         let mut polls = [
             libc::pollfd {

@@ -138,7 +138,14 @@ impl TlsConfig {
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    // AES-128-GCM first (ring prefers AES-256): every guest page is encrypted, and with
+    // fewer rounds it is the fastest suite on CPUs with AES instructions, at a strength
+    // that is ample for a migration's lifetime. Both ends list it first, so it is chosen.
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 fn setup_error(what: &'static str) -> impl Fn(rustls::Error) -> Error {

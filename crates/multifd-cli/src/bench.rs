@@ -7,20 +7,21 @@
 //! The steps are public so that `multifd-bench` measures a baseline beside the same runs.
 
 use std::io::ErrorKind;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::ValueEnum;
 use multifd::{
     Address, CompressionSettings, Destination, DestinationConfig, Error, GuestMemory, Link,
-    Listener, RamBlock, Source, SourceConfig,
+    Listener, RamBlock, Source, SourceConfig, TlsConfig,
 };
 use serde_json::{json, Value};
 
 use crate::cpu_time::process_cpu_seconds;
 use crate::image::{self, parse_size, PAGE};
 use crate::ram_files::{self, RamFile};
+use crate::tls::generate_certificates;
 use crate::{Method, GIB};
 
 /// `multifd bench`: our own migration's throughput, over loopback or to a remote `recv`.
@@ -79,6 +80,10 @@ pub struct RunArgs {
     /// Print one JSON object on stdout instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Measure every configuration over mutual TLS 1.3 too, beside plaintext, with
+    /// throwaway certificates (over loopback only).
+    #[arg(long)]
+    pub tls: bool,
 }
 
 /// Parses `METHOD` or `METHOD:LEVEL`.
@@ -103,6 +108,19 @@ pub struct Configuration {
     pub compression: CompressionSettings,
     /// Channel count.
     pub channels: u8,
+    /// Over mutual TLS 1.3.
+    pub tls: bool,
+}
+
+impl Configuration {
+    /// The compression, and `+tls` over TLS, as the table's first column shows them.
+    fn label(&self) -> String {
+        if self.tls {
+            format!("{} +tls", self.compression)
+        } else {
+            self.compression.to_string()
+        }
+    }
 }
 
 /// What one side did in one configuration (medians over the repeats).
@@ -197,23 +215,42 @@ impl Bench {
         args: &RunArgs,
         mut baseline: Option<&mut dyn Baseline>,
     ) -> Result<Vec<Row>> {
+        let certificates = if args.tls {
+            if matches!(self.target, Target::Remote(_)) {
+                anyhow::bail!("--tls measures over loopback only");
+            }
+            let directory = tempfile::tempdir().context("certificate directory")?;
+            generate_certificates(directory.path()).context("throwaway certificates")?;
+            Some(directory)
+        } else {
+            None
+        };
+        let certificates = certificates.as_ref().map(tempfile::TempDir::path);
+        let transports: &[bool] = if args.tls { &[false, true] } else { &[false] };
         let configurations: Vec<Configuration> = args
             .compress
             .iter()
             .flat_map(|&compression| {
-                args.channels.iter().map(move |&channels| Configuration {
-                    compression,
-                    channels,
+                args.channels.iter().flat_map(move |&channels| {
+                    transports.iter().map(move |&tls| Configuration {
+                        compression,
+                        channels,
+                        tls,
+                    })
                 })
             })
             .collect();
         // One unmeasured run of each side first: the first migration after the image is
         // made pays for cold page tables and fresh host memory, whichever side goes first.
         let first = args.channels.first().copied().unwrap_or(1);
-        self.run(Configuration {
-            compression: CompressionSettings::NONE,
-            channels: first,
-        })?;
+        self.run(
+            Configuration {
+                compression: CompressionSettings::NONE,
+                channels: first,
+                tls: false,
+            },
+            certificates,
+        )?;
         if let Some(side) = baseline.as_deref_mut() {
             if !side.warm_up(first)? {
                 baseline = None;
@@ -226,13 +263,14 @@ impl Bench {
                 // Alternate who goes first, so neither side always inherits the other's
                 // warm memory.
                 if repeat % 2 == 0 {
-                    ours[index].push(self.run(configuration)?);
+                    ours[index].push(self.run(configuration, certificates)?);
                 }
-                if let Some(side) = baseline.as_deref_mut() {
+                // Baselines speak plaintext only.
+                if let Some(side) = baseline.as_deref_mut().filter(|_| !configuration.tls) {
                     theirs[index].extend(side.run(configuration)?);
                 }
                 if repeat % 2 == 1 {
-                    ours[index].push(self.run(configuration)?);
+                    ours[index].push(self.run(configuration, certificates)?);
                 }
             }
         }
@@ -249,24 +287,33 @@ impl Bench {
     }
 
     /// One migration of the image: the source's seconds and wire bytes, and the CPU time
-    /// of this process meanwhile.
-    fn run(&self, configuration: Configuration) -> Result<Figures> {
+    /// of this process meanwhile. A TLS run uses the certificates in `certificates`.
+    fn run(&self, configuration: Configuration, certificates: Option<&Path>) -> Result<Figures> {
+        let tls = certificates
+            .filter(|_| configuration.tls)
+            .map(TlsConfig::new);
         match &self.target {
-            Target::Loopback { prealloc } => self.over_loopback(configuration, *prealloc),
-            Target::Remote(address) => self.send(address, configuration, || Ok(())),
+            Target::Loopback { prealloc } => self.over_loopback(configuration, tls, *prealloc),
+            Target::Remote(address) => self.send(address, configuration, tls, || Ok(())),
         }
     }
 
-    fn over_loopback(&self, configuration: Configuration, prealloc: bool) -> Result<Figures> {
+    fn over_loopback(
+        &self,
+        configuration: Configuration,
+        tls: Option<TlsConfig>,
+        prealloc: bool,
+    ) -> Result<Figures> {
         let listener = Listener::bind(&"tcp:127.0.0.1:0".parse()?)?;
         let address = listener.address();
         let memory = GuestMemory::new(vec![anonymous_block("pc.ram", self.size, prealloc)?])?;
         let mut config = DestinationConfig::default();
         // Fresh anonymous memory (preallocated with zeros or not).
         config.memory_zeroed = true;
+        config.tls.clone_from(&tls);
         let receiving =
             std::thread::spawn(move || Destination::new(config).run(&listener, |_| Ok(memory)));
-        self.send(&address, configuration, || {
+        self.send(&address, configuration, tls, || {
             receiving
                 .join()
                 .map_err(|_| anyhow::anyhow!("the destination thread panicked"))??;
@@ -280,12 +327,14 @@ impl Bench {
         &self,
         address: &Address,
         configuration: Configuration,
+        tls: Option<TlsConfig>,
         received: impl FnOnce() -> Result<()>,
     ) -> Result<Figures> {
         let memory = ram_files::map_for_sending(&self.image)?;
         let mut config = SourceConfig::default();
         config.channels = configuration.channels;
         config.compression = configuration.compression;
+        config.tls = tls;
         let (mut source, started, cpu_before) = connect(address, &config, &memory)?;
         source.queue_block(0)?;
         let stats = source.complete()?;
@@ -313,7 +362,7 @@ impl Bench {
             self.size as f64 / GIB,
         );
         let mut header = format!(
-            "{:>12} {:>8} | {}",
+            "{:>17} {:>8} | {}",
             "compression",
             "channels",
             figures_header("seconds")
@@ -328,8 +377,8 @@ impl Bench {
         crate::outln!("{header}");
         for row in rows {
             let mut line = format!(
-                "{:>12} {:>8} | {}",
-                row.configuration.compression.to_string(),
+                "{:>17} {:>8} | {}",
+                row.configuration.label(),
                 row.configuration.channels,
                 self.columns(Some(&row.ours)),
             );
@@ -381,6 +430,7 @@ impl Bench {
                 let mut run = json!({
                     "compression": row.configuration.compression.to_string(),
                     "channels": row.configuration.channels,
+                    "tls": row.configuration.tls,
                     "ours": figures(&row.ours),
                 });
                 if let Some(key) = baseline {

@@ -9,6 +9,7 @@ pub mod image;
 pub mod output;
 pub mod outputs;
 pub mod ram_files;
+pub mod tls;
 
 use clap::ValueEnum;
 use multifd::Compression;

@@ -17,6 +17,7 @@ use multifd::{
 use multifd_cli::bench;
 use multifd_cli::outputs::{self, Outputs};
 use multifd_cli::ram_files::{self, RamFile};
+use multifd_cli::tls::TlsArgs;
 use multifd_cli::Method;
 
 use crate::device_files::DeviceFile;
@@ -85,6 +86,8 @@ struct SendArgs {
     #[arg(long, allow_negative_numbers = true)]
     level: Option<i32>,
     #[command(flatten)]
+    tls: TlsArgs,
+    #[command(flatten)]
     output: Output,
 }
 
@@ -125,6 +128,8 @@ struct RecvArgs {
     /// Give up if no source connects within this many seconds (default: wait).
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<u64>,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(flatten)]
     output: Output,
 }
@@ -207,6 +212,7 @@ fn send(args: &SendArgs) -> Result<()> {
     config.device_channels = args.device_channels;
     config.compression = CompressionSettings::new(args.compress.into(), args.level)?;
     config.integrity = args.integrity.into();
+    config.tls = args.tls.config();
     let memory = ram_files::map_for_sending(&args.ram)?;
     let devices = device_files::open_for_sending(&args.devices)?;
     let result = send_all(
@@ -277,6 +283,7 @@ fn recv(args: &RecvArgs) -> Result<()> {
     config.max_queued_device_bytes = args.max_queued_device_bytes;
     config.max_guest_bytes = args.max_guest_bytes;
     config.integrity = args.integrity.map(Into::into);
+    config.tls = args.tls.config();
     // `create_for_receiving` maps new files.
     config.memory_zeroed = true;
     let destination = Destination::new(config);

@@ -713,3 +713,47 @@ fn integrity_is_negotiated_from_the_command_line() {
         assert!(stderr.contains("integrity"), "{stderr}");
     }
 }
+
+#[test]
+fn send_and_recv_over_mutual_tls() {
+    let certificates = tempfile::tempdir().expect("temp dir");
+    multifd_cli::tls::generate_certificates(certificates.path()).expect("certificates");
+    let tls_dir = certificates.path().to_str().expect("utf-8 path");
+    let (sent, received, equal) = migrate_with(
+        &["--tls-dir", tls_dir],
+        &[
+            "--tls-dir",
+            tls_dir,
+            "--tls-hostname",
+            "localhost",
+            "--channels",
+            "4",
+        ],
+    );
+    assert_success(&sent, "send");
+    assert_success(&received, "recv");
+    assert!(equal, "the copy differs");
+}
+
+#[test]
+fn tls_on_one_end_only_is_a_one_line_error_on_both_ends() {
+    let certificates = tempfile::tempdir().expect("temp dir");
+    multifd_cli::tls::generate_certificates(certificates.path()).expect("certificates");
+    let tls_dir = certificates.path().to_str().expect("utf-8 path");
+    let (sent, received, _) = migrate_with(&["--tls-dir", tls_dir], &[]);
+    for (output, says) in [
+        (
+            &sent,
+            "source control channel: TLS: the peer sent a TLS record",
+        ),
+        (
+            &received,
+            "destination listener: TLS: the peer is not speaking TLS",
+        ),
+    ] {
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+    }
+}

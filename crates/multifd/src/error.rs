@@ -344,6 +344,45 @@ pub enum Error {
         /// The offset given.
         offset: u64,
     },
+    /// A TLS certificate or key file could not be read.
+    #[error("TLS file {}: {source}", path.display())]
+    TlsFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why it could not be read.
+        #[source]
+        source: io::Error,
+    },
+    /// A TLS certificate or key file holds no usable PEM item.
+    #[error("TLS file {}: bad PEM: {source}", path.display())]
+    TlsPem {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The parse error.
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    /// The TLS certificates and keys do not make a usable configuration.
+    #[error("TLS setup ({what}): {source}")]
+    TlsSetup {
+        /// What was being set up.
+        what: &'static str,
+        /// rustls' reason.
+        #[source]
+        source: rustls::Error,
+    },
+    /// A TLS handshake or record failed: a certificate the peer or this side refused, a
+    /// peer that does not speak TLS, or one that did not finish the handshake in time.
+    #[error("{side} {link}: TLS: {source}")]
+    Tls {
+        /// Where.
+        side: Side,
+        /// Which connection.
+        link: Link,
+        /// The TLS or I/O error, the rustls error inside when there is one.
+        #[source]
+        source: io::Error,
+    },
     /// A migration thread panicked (a bug); the migration was stopped.
     #[error("{side}: internal error: {what}")]
     Internal {
@@ -358,6 +397,14 @@ impl Error {
     /// A failed system call on `link`; an unexpected end of file is the peer closing the
     /// connection, reported as [`Error::Closed`].
     pub(crate) fn io(side: Side, link: Link, context: &'static str, source: io::Error) -> Self {
+        // A rustls error surfacing through a read (an alert: the peer refused this side's
+        // certificate once the handshake was over on this side) is a TLS failure.
+        if source
+            .get_ref()
+            .is_some_and(|inner| inner.is::<rustls::Error>())
+        {
+            return Self::Tls { side, link, source };
+        }
         if source.kind() == io::ErrorKind::UnexpectedEof {
             return Self::Closed {
                 side,

@@ -139,6 +139,7 @@ mod recv;
 mod send;
 mod stats;
 mod sync;
+mod tls;
 mod transport;
 mod zero_page;
 
@@ -166,4 +167,5 @@ pub use precopy::{
 };
 pub use ram::{GuestMemory, RamBlock};
 pub use stats::{ChannelStats, DeviceStats, MigrationStats, Monitor, Progress, ProgressWatcher};
+pub use tls::TlsConfig;
 pub use transport::{Address, Listener};

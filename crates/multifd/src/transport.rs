@@ -3,7 +3,8 @@
 //!
 //! Guest memory may change under a live migration, so the engine never forms a `&[u8]`
 //! over it; pages move between a socket and guest memory with `writev`/`readv` over raw
-//! iovecs, and the kernel does the copy.
+//! iovecs, and the kernel does the copy. Over TLS the pages must pass through rustls:
+//! they are copied with raw pointer copies between guest memory and a buffer.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -12,11 +13,13 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
 use crate::ids::{Link, Side};
 use crate::sync::deadline_after;
+use crate::tls::TlsStream;
 
 /// Where a destination listens and a source connects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +55,16 @@ impl FromStr for Address {
     }
 }
 
+impl Address {
+    /// The host of a TCP address (brackets kept for IPv6), `None` for a Unix socket.
+    pub(crate) fn host(&self) -> Option<&str> {
+        match self {
+            Self::Tcp(host_port) => host_port.rsplit_once(':').map(|(host, _)| host),
+            Self::Unix(_) => None,
+        }
+    }
+}
+
 impl fmt::Display for Address {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -66,6 +79,8 @@ impl fmt::Display for Address {
 pub(crate) enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// Shared by every clone: a TLS session cannot be split into independent readers.
+    Tls(Arc<TlsStream>),
 }
 
 impl Stream {
@@ -96,6 +111,7 @@ impl Stream {
         Ok(match self {
             Self::Tcp(stream) => Self::Tcp(stream.try_clone()?),
             Self::Unix(stream) => Self::Unix(stream.try_clone()?),
+            Self::Tls(stream) => Self::Tls(Arc::clone(stream)),
         })
     }
 
@@ -105,6 +121,32 @@ impl Stream {
         let _ = match self {
             Self::Tcp(stream) => stream.shutdown(Shutdown::Both),
             Self::Unix(stream) => stream.shutdown(Shutdown::Both),
+            Self::Tls(stream) => {
+                stream.socket.shutdown();
+                Ok(())
+            }
+        };
+    }
+
+    /// Whether input already read from the socket waits to be consumed (only TLS buffers
+    /// any): a poll on the socket would miss it.
+    fn has_buffered_input(&self) -> bool {
+        match self {
+            Self::Tls(stream) => stream.has_buffered_input(),
+            Self::Tcp(_) | Self::Unix(_) => false,
+        }
+    }
+
+    /// Ends the sending direction: the peer reads EOF once it has read everything sent.
+    pub(crate) fn shutdown_write(&self) {
+        // As in `shutdown`: a closed connection has nothing left to end.
+        let _ = match self {
+            Self::Tcp(stream) => stream.shutdown(Shutdown::Write),
+            Self::Unix(stream) => stream.shutdown(Shutdown::Write),
+            Self::Tls(stream) => {
+                stream.socket.shutdown_write();
+                Ok(())
+            }
         };
     }
 
@@ -112,6 +154,7 @@ impl Stream {
         match self {
             Self::Tcp(stream) => stream.set_write_timeout(timeout),
             Self::Unix(stream) => stream.set_write_timeout(timeout),
+            Self::Tls(stream) => stream.socket.set_write_timeout(timeout),
         }
     }
 
@@ -119,6 +162,7 @@ impl Stream {
         match self {
             Self::Tcp(stream) => stream.set_read_timeout(timeout),
             Self::Unix(stream) => stream.set_read_timeout(timeout),
+            Self::Tls(stream) => stream.socket.set_read_timeout(timeout),
         }
     }
 
@@ -130,6 +174,10 @@ impl Stream {
     /// The memory may be written concurrently (live guest RAM): the kernel copies it and
     /// no Rust reference to it is formed.
     pub(crate) unsafe fn write_all_raw(&self, iovecs: &mut [libc::iovec]) -> io::Result<()> {
+        if let Self::Tls(stream) = self {
+            // SAFETY: the same contract, passed on.
+            return unsafe { stream.write_all_raw(iovecs) };
+        }
         let fd = self.as_fd().as_raw_fd();
         transfer_all(iovecs, io::ErrorKind::WriteZero, |remaining, count| {
             // SAFETY: an all-zero msghdr is valid (no address, no control data).
@@ -151,6 +199,10 @@ impl Stream {
     /// Every iovec must describe memory that stays mapped and writable until this returns
     /// and that no Rust reference aliases.
     pub(crate) unsafe fn read_exact_raw(&self, iovecs: &mut [libc::iovec]) -> io::Result<()> {
+        if let Self::Tls(stream) = self {
+            // SAFETY: the same contract, passed on.
+            return unsafe { stream.read_exact_raw(iovecs) };
+        }
         let fd = self.as_fd().as_raw_fd();
         transfer_all(iovecs, io::ErrorKind::UnexpectedEof, |remaining, count| {
             // SAFETY: the iovecs point to writable memory the caller keeps mapped and
@@ -225,6 +277,7 @@ impl AsFd for Stream {
         match self {
             Self::Tcp(stream) => stream.as_fd(),
             Self::Unix(stream) => stream.as_fd(),
+            Self::Tls(stream) => stream.socket.as_fd(),
         }
     }
 }
@@ -234,6 +287,7 @@ impl Read for &Stream {
         match self {
             Stream::Tcp(stream) => (&*stream).read(buffer),
             Stream::Unix(stream) => (&*stream).read(buffer),
+            Stream::Tls(stream) => stream.read(buffer),
         }
     }
 }
@@ -243,6 +297,7 @@ impl Write for &Stream {
         match self {
             Stream::Tcp(stream) => (&*stream).write(buffer),
             Stream::Unix(stream) => (&*stream).write(buffer),
+            Stream::Tls(stream) => stream.write_all(buffer).map(|()| buffer.len()),
         }
     }
 
@@ -313,6 +368,9 @@ impl Listener {
         deadline: Instant,
         watch: Option<&Stream>,
     ) -> io::Result<Accepted> {
+        if watch.is_some_and(Stream::has_buffered_input) {
+            return Ok(Accepted::WatchReadable);
+        }
         let timeout = deadline.saturating_duration_since(Instant::now());
         let mut polls = [
             libc::pollfd {

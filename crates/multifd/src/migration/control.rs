@@ -7,6 +7,7 @@ use multifd_wire::{ControlMessage, CONTROL_FRAME_HEADER_LEN, CONTROL_MAGIC};
 
 use crate::error::Error;
 use crate::ids::{Link, Side};
+use crate::tls;
 use crate::transport::Stream;
 
 /// A control connection: frames out, frames in, each side's errors named.
@@ -74,9 +75,21 @@ impl ControlChannel {
     /// Reads one message; EOF between messages is [`Error::Closed`].
     pub(crate) fn receive(&mut self) -> Result<ControlMessage, Error> {
         self.frame.resize(CONTROL_FRAME_HEADER_LEN, 0);
-        (&self.stream)
-            .read_exact(&mut self.frame)
-            .map_err(|error| self.io("while awaiting a message", error))?;
+        // The start of a TLS record first: a TLS peer's alert (7 bytes) is shorter than a
+        // frame header, and a plaintext end should say that the peer uses TLS.
+        let (start, rest) = self.frame.split_at_mut(tls::RECORD_START_LEN);
+        let awaiting = |error| {
+            Error::io_or_stalled(self.side, Link::Control, "while awaiting a message", error)
+        };
+        (&self.stream).read_exact(start).map_err(awaiting)?;
+        if !matches!(self.stream, Stream::Tls(_)) && tls::is_record_header(start) {
+            return Err(Error::Tls {
+                side: self.side,
+                link: Link::Control,
+                source: io::Error::new(io::ErrorKind::InvalidData, tls::PEER_USES_TLS),
+            });
+        }
+        (&self.stream).read_exact(rest).map_err(awaiting)?;
         let length = ControlMessage::payload_len(&self.frame)
             .map_err(|error| Error::wire(self.side, Link::Control, error))?;
         self.frame.resize(CONTROL_FRAME_HEADER_LEN + length, 0);

@@ -29,6 +29,7 @@ use crate::ram::{GuestMemory, ReceivedPages};
 use crate::recv::{ChannelReceiver, ReceiveSettings, ReleaseError, SyncBarrier};
 use crate::stats::{ChannelCounters, Counters, MigrationStats, Monitor};
 use crate::sync::{deadline_after, lock};
+use crate::tls::{self, TlsConfig};
 use crate::transport::{Accepted, Listener, Stream};
 
 /// What a destination accepts. Settings left `None` are taken from the source.
@@ -70,6 +71,9 @@ pub struct DestinationConfig {
     pub max_guest_bytes: u64,
     /// Required integrity; `None` takes the source's.
     pub integrity: Option<Integrity>,
+    /// TLS on every connection (`None`: plaintext). Each connection's handshake runs
+    /// right after it is accepted, within [`DestinationConfig::connect_timeout`].
+    pub tls: Option<TlsConfig>,
 }
 
 /// Default [`DestinationConfig::max_guest_bytes`]: 1 TiB, above the guests a multifd
@@ -102,6 +106,7 @@ impl Default for DestinationConfig {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_guest_bytes: DEFAULT_MAX_GUEST_BYTES,
             integrity: None,
+            tls: None,
         }
     }
 }
@@ -198,6 +203,13 @@ impl Destination {
         map_blocks: impl FnOnce(&[BlockAnnouncement]) -> Result<GuestMemory, String>,
         devices: LoadDevices,
     ) -> Result<MigrationStats, Error> {
+        let tls = self
+            .config
+            .tls
+            .as_ref()
+            .map(TlsConfig::server)
+            .transpose()?;
+        let listener = (listener, tls.as_ref());
         let mut parked = Vec::new();
         let control = self.accept_control(listener, &mut parked)?;
         let started = Instant::now();
@@ -367,7 +379,7 @@ impl Destination {
     /// Waits for the control connection; multifd channels that arrive first are kept.
     fn accept_control(
         &self,
-        listener: &Listener,
+        listener: TlsListener<'_>,
         parked: &mut Vec<(ChannelHello, Stream)>,
     ) -> Result<Stream, Error> {
         let give_up = self.config.wait_for_source.map(deadline_after);
@@ -386,7 +398,7 @@ impl Destination {
     /// source already ending its first round) is kept in `early` for later.
     fn accept_one(
         &self,
-        listener: &Listener,
+        (listener, tls): TlsListener<'_>,
         give_up: Option<Instant>,
         what: &'static str,
         mut control: Option<(&Mutex<ControlChannel>, &mut Vec<ControlMessage>)>,
@@ -436,6 +448,19 @@ impl Destination {
                 }
             }
         };
+        // The magic is inside TLS: the handshake comes first, within the setup deadline.
+        let stream = match tls {
+            Some(config) => {
+                tls::accept(stream, config, Instant::now() + self.config.connect_timeout).map_err(
+                    |source| Error::Tls {
+                        side: Side::Destination,
+                        link: Link::Listener,
+                        source,
+                    },
+                )?
+            }
+            None => stream,
+        };
         stream
             .set_read_timeout(Some(self.config.connect_timeout))
             .map_err(|error| listener_error("set read timeout", error))?;
@@ -457,6 +482,14 @@ impl Destination {
                     .map_err(|error| listener_error("set read timeout", error))?;
                 Ok(Incoming::Channel(hello, stream))
             }
+            other if tls.is_none() && tls::is_record_header(&first) => Err(Error::Tls {
+                side: Side::Destination,
+                link: Link::Listener,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{} (magic {other:#010x})", tls::PEER_USES_TLS),
+                ),
+            }),
             other => Err(Error::protocol(
                 Side::Destination,
                 Link::Listener,
@@ -632,7 +665,7 @@ impl Destination {
     /// Accepts connections until every channel of the migration has arrived.
     fn accept_channels(
         &self,
-        listener: &Listener,
+        listener: TlsListener<'_>,
         (control, early): (&Mutex<ControlChannel>, &mut Vec<ControlMessage>),
         hello: &Hello,
         parked: Vec<(ChannelHello, Stream)>,
@@ -807,6 +840,9 @@ fn source_aborted(reason: &str) -> Error {
         reason: format!("source aborted: {reason}"),
     }
 }
+
+/// The listener, and the TLS configuration its connections handshake with.
+type TlsListener<'a> = (&'a Listener, Option<&'a Arc<rustls::ServerConfig>>);
 
 enum Incoming {
     Control(Stream),

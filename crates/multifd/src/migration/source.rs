@@ -29,6 +29,7 @@ use crate::ram::{GuestMemory, RamBlock};
 use crate::send::{Batch, ChannelSettings, SendChannels};
 use crate::stats::{ChannelCounters, Counters, MigrationStats, Monitor};
 use crate::sync::{deadline_after, lock};
+use crate::tls::{self, TlsConfig};
 use crate::transport::{Address, Stream};
 
 /// How a source migrates.
@@ -69,6 +70,9 @@ pub struct SourceConfig {
     pub idle_timeout: Duration,
     /// End-to-end integrity of every packet (negotiated; see [`Integrity`]).
     pub integrity: Integrity,
+    /// TLS on every connection (`None`: plaintext). Each connection's handshake, the
+    /// channels' in parallel, must finish within [`SourceConfig::connect_timeout`].
+    pub tls: Option<TlsConfig>,
 }
 
 /// Default [`SourceConfig::device_chunk_size`]: 1 MiB makes the 288 bytes of packet and
@@ -93,6 +97,7 @@ impl Default for SourceConfig {
             max_bandwidth: None,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             integrity: Integrity::None,
+            tls: None,
         }
     }
 }
@@ -167,23 +172,60 @@ impl Source {
     ) -> Result<Self, Error> {
         let started = Instant::now();
         let offer = Offer::new(config, &memory, &devices)?;
+        let tls = match &config.tls {
+            Some(tls) => Some((tls.client()?, tls.server_name(address.host())?)),
+            None => None,
+        };
         let connect = |link| {
-            Stream::connect(address, config.connect_timeout)
-                .map_err(|error| Error::io(Side::Source, link, "connect", error))
+            let stream = Stream::connect(address, config.connect_timeout)
+                .map_err(|error| Error::io(Side::Source, link, "connect", error))?;
+            match &tls {
+                Some((client, name)) => {
+                    let deadline = Instant::now() + config.connect_timeout;
+                    tls::connect(stream, client, name.clone(), deadline).map_err(|source| {
+                        Error::Tls {
+                            side: Side::Source,
+                            link,
+                            source,
+                        }
+                    })
+                }
+                None => Ok(stream),
+            }
         };
         let mut control = ControlChannel::new(Side::Source, connect(Link::Control)?)?;
         let uuid = offer.negotiate(&mut control, &memory, config.connect_timeout)?;
-        let mut streams = Vec::with_capacity(usize::from(config.channels));
-        for id in 0..config.channels {
-            match open_channel(connect(Link::Channel(id)), uuid, id, config.idle_timeout) {
-                Ok(stream) => streams.push(stream),
-                Err(error) => {
-                    // Tell the destination now rather than leave it waiting for the channel.
-                    let _ = control.send(&ControlMessage::Abort(error.to_string()));
-                    return Err(error);
-                }
+        // In parallel: with TLS each channel's handshake costs a few round trips and
+        // signatures, which N channels should not pay one after another.
+        let opened = std::thread::scope(|scope| {
+            let connect = &connect;
+            let threads: Vec<_> = (0..config.channels)
+                .map(|id| {
+                    scope.spawn(move || {
+                        open_channel(connect(Link::Channel(id)), uuid, id, config.idle_timeout)
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|thread| {
+                    thread.join().unwrap_or_else(|_| {
+                        Err(Error::Internal {
+                            side: Side::Source,
+                            what: "a channel's connecting thread panicked".into(),
+                        })
+                    })
+                })
+                .collect::<Result<Vec<Stream>, Error>>()
+        });
+        let streams = match opened {
+            Ok(streams) => streams,
+            Err(error) => {
+                // Tell the destination now rather than leave it waiting for the channel.
+                let _ = control.send(&ControlMessage::Abort(error.to_string()));
+                return Err(error);
             }
-        }
+        };
         Self::start(config, memory, devices, (control, streams), started).inspect(
             |_| tracing::info!(uuid = %Uuid(uuid), channels = config.channels, "migration set up"),
         )

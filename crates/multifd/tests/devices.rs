@@ -289,53 +289,15 @@ fn delaying_proxy(
     delayed: u8,
     delay: std::time::Duration,
 ) -> multifd::Address {
-    use std::io::Read;
-    use std::net::{TcpListener, TcpStream};
-    let multifd::Address::Tcp(target) = target else {
-        panic!("the proxy forwards TCP only");
-    };
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
-    let address = listener.local_addr().expect("proxy address");
-    std::thread::spawn(move || {
-        for incoming in listener.incoming() {
-            let Ok(mut from_source) = incoming else {
-                return;
-            };
-            let mut to_destination = TcpStream::connect(&target).expect("connect through");
-            let mut back = to_destination.try_clone().expect("clone");
-            let mut to_source = from_source.try_clone().expect("clone");
-            std::thread::spawn(move || {
-                // Whatever the destination answers goes straight back.
-                let _ = std::io::copy(&mut back, &mut to_source);
-                let _ = to_source.shutdown(std::net::Shutdown::Both);
-            });
-            std::thread::spawn(move || {
-                let mut first = [0u8; multifd_wire::CHANNEL_HELLO_LEN];
-                if from_source.read_exact(&mut first[..4]).is_err() {
-                    return;
-                }
-                let mut sent = 4;
-                if first[..4] == multifd_wire::MULTIFD_MAGIC.to_be_bytes() {
-                    if from_source.read_exact(&mut first[4..]).is_err() {
-                        return;
-                    }
-                    sent = first.len();
-                }
-                let channel = multifd_wire::ChannelHello::decode(&first)
-                    .map(|hello| hello.channel)
-                    .ok();
-                if to_destination.write_all(&first[..sent]).is_err() {
-                    return;
-                }
-                if channel == Some(delayed) {
-                    std::thread::sleep(delay);
-                }
-                let _ = std::io::copy(&mut from_source, &mut to_destination);
-                let _ = to_destination.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
-    multifd::Address::Tcp(address.to_string())
+    relay(
+        &target,
+        move |channel, mut from_source, mut to_destination| {
+            if channel == Some(delayed) {
+                std::thread::sleep(delay);
+            }
+            let _ = std::io::copy(&mut from_source, &mut to_destination);
+        },
+    )
 }
 
 #[test]

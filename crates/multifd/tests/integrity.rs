@@ -5,7 +5,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
 
 use common::*;
 use multifd::{
@@ -70,57 +69,25 @@ fn migrations_with_crc32c_are_byte_exact() {
 
 /// A relay that flips one byte of channel 0's stream at `at` (counted after its hello).
 fn flipping_proxy(target: &Address, at: usize) -> Address {
-    let Address::Tcp(target) = target.clone() else {
-        panic!("the proxy forwards TCP only");
-    };
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
-    let address = listener.local_addr().expect("proxy address");
-    std::thread::spawn(move || {
-        for incoming in listener.incoming() {
-            let Ok(mut from_source) = incoming else {
-                return;
-            };
-            let mut to_destination = TcpStream::connect(&target).expect("connect through");
-            let mut back = to_destination.try_clone().expect("clone");
-            let mut to_source = from_source.try_clone().expect("clone");
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut back, &mut to_source);
-                let _ = to_source.shutdown(Shutdown::Both);
-            });
-            std::thread::spawn(move || {
-                let mut bytes = Vec::new();
-                let mut buffer = [0u8; 1 << 16];
-                let mut flip = None;
-                while let Ok(read) = from_source.read(&mut buffer) {
-                    if read == 0 {
-                        break;
-                    }
-                    bytes.clear();
-                    bytes.extend_from_slice(&buffer[..read]);
-                    let seen = flip.get_or_insert_with(|| {
-                        let hello = multifd_wire::ChannelHello::decode(
-                            &buffer[..read.min(multifd_wire::CHANNEL_HELLO_LEN)],
-                        );
-                        // Only channel 0 gets the flip; other streams count from past it.
-                        match hello {
-                            Ok(hello) if hello.channel == 0 => 0usize,
-                            _ => usize::MAX / 2,
-                        }
-                    });
-                    let target = multifd_wire::CHANNEL_HELLO_LEN + at;
-                    if *seen <= target && target < *seen + read {
-                        bytes[target - *seen] ^= 0x01;
-                    }
-                    *seen += read;
-                    if to_destination.write_all(&bytes).is_err() {
-                        break;
-                    }
+    relay(
+        target,
+        move |channel, mut from_source, mut to_destination| {
+            let mut buffer = [0u8; 1 << 16];
+            let mut seen = 0usize;
+            while let Ok(read) = from_source.read(&mut buffer) {
+                if read == 0 {
+                    break;
                 }
-                let _ = to_destination.shutdown(Shutdown::Write);
-            });
-        }
-    });
-    Address::Tcp(address.to_string())
+                if channel == Some(0) && (seen..seen + read).contains(&at) {
+                    buffer[at - seen] ^= 0x01;
+                }
+                seen += read;
+                if to_destination.write_all(&buffer[..read]).is_err() {
+                    break;
+                }
+            }
+        },
+    )
 }
 
 /// 5000 bytes into the payload of channel 0's first RAM packet (1344 bytes of packet at

@@ -513,3 +513,62 @@ pub fn fill_random(block: &RamBlock, seed: u64) {
         word.copy_from_slice(&state.to_le_bytes()[..word.len()]);
     }
 }
+
+/// A TCP relay in front of `target`: each connection's first bytes (the control magic, or
+/// a channel's whole hello) are forwarded as they are, then `forward` pumps the rest from
+/// the source to the destination, told which channel it is (`None` for the control
+/// connection). Whatever the destination answers goes straight back.
+pub fn relay(
+    target: &Address,
+    forward: impl Fn(Option<u8>, std::net::TcpStream, std::net::TcpStream) + Send + Sync + 'static,
+) -> Address {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let Address::Tcp(target) = target.clone() else {
+        panic!("the relay forwards TCP only");
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the relay");
+    let address = listener.local_addr().expect("relay address");
+    let forward = std::sync::Arc::new(forward);
+    std::thread::spawn(move || {
+        for incoming in listener.incoming() {
+            let Ok(mut from_source) = incoming else {
+                return;
+            };
+            let mut to_destination = TcpStream::connect(&target).expect("connect through");
+            let mut back = to_destination.try_clone().expect("clone");
+            let mut to_source = from_source.try_clone().expect("clone");
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut back, &mut to_source);
+                let _ = to_source.shutdown(Shutdown::Both);
+            });
+            let forward = std::sync::Arc::clone(&forward);
+            std::thread::spawn(move || {
+                let mut first = [0u8; multifd_wire::CHANNEL_HELLO_LEN];
+                if from_source.read_exact(&mut first[..4]).is_err() {
+                    return;
+                }
+                let mut sent = 4;
+                if first[..4] == multifd_wire::MULTIFD_MAGIC.to_be_bytes() {
+                    if from_source.read_exact(&mut first[4..]).is_err() {
+                        return;
+                    }
+                    sent = first.len();
+                }
+                let channel = multifd_wire::ChannelHello::decode(&first)
+                    .map(|hello| hello.channel)
+                    .ok();
+                if to_destination.write_all(&first[..sent]).is_err() {
+                    return;
+                }
+                forward(
+                    channel,
+                    from_source,
+                    to_destination.try_clone().expect("clone"),
+                );
+                let _ = to_destination.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    Address::Tcp(address.to_string())
+}

@@ -326,31 +326,7 @@ impl ChannelReceiver {
                         .map_err(|error| self.error_io("restart the decompressor", error))?;
                     ChannelCounters::add(&counters.uncompressed_packets, 1);
                 }
-                if settings.integrity == Integrity::Crc32c {
-                    checked.resize(ram.next_packet_size as usize, 0);
-                    (&self.stream)
-                        .read_exact(checked)
-                        .map_err(|error| self.error_io("mid-payload", error))?;
-                    self.check_ram_trailer(ram.packet_num, &[&packet[..length], checked])?;
-                    for (page, offset) in checked
-                        .chunks_exact(page_size as usize)
-                        .zip(ram.normal_offsets())
-                    {
-                        // SAFETY: a whole page inside the block (offsets checked above),
-                        // which stays mapped writable for the migration.
-                        unsafe { block.write_page(offset, page) };
-                    }
-                } else {
-                    iovecs.clear();
-                    for offset in ram.normal_offsets() {
-                        push_page(iovecs, 0, block.host_address(offset), page_size as usize);
-                    }
-                    // SAFETY: every iovec is a whole page inside the block (offsets checked
-                    // above), and the block stays mapped writable for the migration with no
-                    // Rust references into it (`RamBlock` contract).
-                    unsafe { self.stream.read_exact_raw(iovecs) }
-                        .map_err(|error| self.error_io("mid-payload", error))?;
-                }
+                self.receive_raw(&ram, &packet[..length], block, iovecs, checked)?;
             }
         }
         for offset in ram.normal_offsets() {
@@ -376,6 +352,42 @@ impl ChannelReceiver {
 
     /// Reads a compressed payload into the channel's buffer, inflates it (exactly
     /// `normal × page` bytes, or a violation) and copies the pages into guest memory.
+    /// Reads an uncompressed payload into guest memory: straight in with `readv`, or,
+    /// with the integrity extension, through `checked` so its checksum is verified before
+    /// any page is written.
+    fn receive_raw(
+        &self,
+        ram: &RamPacket<'_>,
+        packet: &[u8],
+        block: &RamBlock,
+        iovecs: &mut Vec<libc::iovec>,
+        checked: &mut Vec<u8>,
+    ) -> Result<(), Error> {
+        let page_size = self.settings.ram_limits.page_size as usize;
+        if self.settings.integrity == Integrity::Crc32c {
+            checked.resize(ram.next_packet_size as usize, 0);
+            (&self.stream)
+                .read_exact(checked)
+                .map_err(|error| self.error_io("mid-payload", error))?;
+            self.check_ram_trailer(ram.packet_num, &[packet, checked])?;
+            for (page, offset) in checked.chunks_exact(page_size).zip(ram.normal_offsets()) {
+                // SAFETY: a whole page inside the block (offsets checked by the caller),
+                // which stays mapped writable for the migration.
+                unsafe { block.write_page(offset, page) };
+            }
+            return Ok(());
+        }
+        iovecs.clear();
+        for offset in ram.normal_offsets() {
+            push_page(iovecs, 0, block.host_address(offset), page_size);
+        }
+        // SAFETY: every iovec is a whole page inside the block (offsets checked by the
+        // caller), and the block stays mapped writable for the migration with no Rust
+        // references into it (`RamBlock` contract).
+        unsafe { self.stream.read_exact_raw(iovecs) }
+            .map_err(|error| self.error_io("mid-payload", error))
+    }
+
     fn receive_compressed(
         &self,
         ram: &RamPacket<'_>,

@@ -48,7 +48,10 @@ struct BarrierState {
 /// Why the control side could not release a round.
 pub(crate) enum ReleaseError {
     Stopped,
-    TimedOut,
+    /// This channel (the first of those late) had not reached the round's SYNC in time.
+    TimedOut {
+        channel: u8,
+    },
 }
 
 impl SyncBarrier {
@@ -95,7 +98,10 @@ impl SyncBarrier {
         while !state.failed && state.synced.iter().any(|&synced| synced < round) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(ReleaseError::TimedOut);
+                let late = state.synced.iter().position(|&synced| synced < round);
+                return Err(ReleaseError::TimedOut {
+                    channel: late.unwrap_or_default() as u8,
+                });
             }
             state = wait_timeout(&self.changed, state, left);
         }

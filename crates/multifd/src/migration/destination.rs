@@ -769,10 +769,11 @@ impl Destination {
                     }
                     match barrier.release(round, self.config.round_timeout) {
                         Ok(()) => {}
-                        Err(ReleaseError::TimedOut) => {
-                            return Err(Error::Timeout {
+                        Err(ReleaseError::TimedOut { channel }) => {
+                            return Err(Error::Stalled {
                                 side: Side::Destination,
-                                what: "waiting for every channel's SYNC",
+                                link: Link::Channel(channel),
+                                context: "its SYNC never came within the round timeout",
                             })
                         }
                         Err(ReleaseError::Stopped) => {

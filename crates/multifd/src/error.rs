@@ -50,6 +50,13 @@ pub enum Violation {
     /// A second control connection.
     #[error("a second control connection")]
     DuplicateControl,
+    /// More channel connections than any migration opens arrived before a control
+    /// connection.
+    #[error("more than {max} channel connections before any control connection")]
+    TooManyEarlyChannels {
+        /// How many are kept.
+        max: usize,
+    },
     /// A channel id at or above the negotiated count.
     #[error("channel id {id} not below the channel count {count}")]
     ChannelIdOutOfRange {
@@ -291,6 +298,21 @@ pub enum Error {
         side: Side,
         /// What was awaited.
         what: &'static str,
+    },
+    /// A wait timed out while only connections that were not the migration's arrived
+    /// (a port probe, an HTTP request, a peer that never spoke, a failed TLS handshake):
+    /// the last of them is the source of this error.
+    #[error("{side}: timed out {what}; dropped {strays} stray connection(s), the last")]
+    TimeoutWithStrays {
+        /// Where.
+        side: Side,
+        /// What was awaited.
+        what: &'static str,
+        /// Connections dropped as strays during the wait.
+        strays: u64,
+        /// Why the last stray was dropped.
+        #[source]
+        last: Box<Error>,
     },
     /// A connection with work in flight made no progress for the idle timeout: the peer
     /// stopped reading or answering, or vanished.

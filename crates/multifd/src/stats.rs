@@ -259,6 +259,7 @@ impl Counters {
             device_chunks: devices.iter().map(|device| device.chunks).sum(),
             device_bytes: devices.iter().map(|device| device.bytes).sum(),
             peak_queued_device_bytes: self.peak_queued_device_bytes.load(Ordering::Relaxed),
+            stray_connections: 0,
             devices,
             channels,
         }
@@ -474,6 +475,9 @@ pub struct MigrationStats {
     pub drain_time: Option<Duration>,
     /// Device-state chunks over all devices.
     pub device_chunks: u64,
+    /// Destination: connections to the listener dropped as not the migration's (probes,
+    /// other protocols, failed TLS handshakes, channels of another migration).
+    pub stray_connections: u64,
     /// Device-state bytes over all devices, chunk headers excluded.
     pub device_bytes: u64,
     /// Destination: most device-state bytes queued at once, waiting for their load

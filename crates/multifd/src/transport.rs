@@ -166,6 +166,51 @@ impl Stream {
         }
     }
 
+    /// Fills `buffer` by `deadline`, however the peer paces its bytes: each read waits
+    /// only for the time left, so a peer trickling one byte at a time cannot stretch the
+    /// wait. EOF before the end is `UnexpectedEof`, the deadline `TimedOut`.
+    pub(crate) fn read_exact_by(&self, mut buffer: &mut [u8], deadline: Instant) -> io::Result<()> {
+        while !buffer.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            self.set_read_timeout(Some(left))?;
+            match (&*self).read(buffer) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(read) => buffer = &mut buffer[read..],
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                // A socket read timeout shows as `WouldBlock`: here it is the deadline.
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    return Err(io::ErrorKind::TimedOut.into())
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets the kernel notice a peer that vanished (a host that crashed, a network
+    /// partition) even while this side only waits: TCP keepalive probes an idle
+    /// connection, and `TCP_USER_TIMEOUT` drops one whose sent data stays unacknowledged
+    /// for `idle_timeout`. Unix sockets need neither: the kernel knows both ends.
+    pub(crate) fn set_liveness(&self, idle_timeout: Duration) -> io::Result<()> {
+        let socket = match self {
+            Self::Tcp(stream) => socket2::SockRef::from(stream),
+            Self::Tls(stream) => return stream.socket.set_liveness(idle_timeout),
+            Self::Unix(_) => return Ok(()),
+        };
+        // Probes start after a tenth of the idle timeout without traffic and repeat that
+        // often, so an unanswered peer is declared dead after about the idle timeout.
+        let probe = (idle_timeout / 10).max(Duration::from_secs(1));
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(probe)
+            .with_interval(probe)
+            .with_retries(KEEPALIVE_PROBES);
+        socket.set_tcp_keepalive(&keepalive)?;
+        socket.set_tcp_user_timeout(Some(idle_timeout))
+    }
+
     /// Writes every byte the iovecs describe, resuming after partial writes.
     ///
     /// # Safety
@@ -237,6 +282,11 @@ fn transfer_all(
     }
     Ok(())
 }
+
+/// Keepalive probes left unanswered before the kernel drops a connection: with a probe
+/// every tenth of the idle timeout after a tenth of it idle, nine probes end a dead
+/// connection at about the idle timeout.
+const KEEPALIVE_PROBES: u32 = 9;
 
 /// Linux's limit on iovecs per call.
 const IOV_MAX: usize = 1024;
@@ -312,6 +362,8 @@ pub(crate) enum Accepted {
     Connection(Stream),
     /// The watched connection has data or was closed.
     WatchReadable,
+    /// The wake descriptor became readable.
+    Woken,
     /// The deadline passed.
     TimedOut,
 }
@@ -362,11 +414,13 @@ impl Listener {
 
     /// Accepts one connection, waiting at most until `deadline`, unless `watch` (an
     /// established connection) becomes readable first: it then has a message for the
-    /// caller, or its peer closed it.
+    /// caller, or its peer closed it; or `wake` (a descriptor other threads write to)
+    /// becomes readable.
     pub(crate) fn accept_until(
         &self,
         deadline: Instant,
         watch: Option<&Stream>,
+        wake: BorrowedFd<'_>,
     ) -> io::Result<Accepted> {
         if watch.is_some_and(Stream::has_buffered_input) {
             return Ok(Accepted::WatchReadable);
@@ -383,11 +437,16 @@ impl Listener {
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         let millis = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-        // SAFETY: `polls` is a valid array of two pollfds that lives across the call; a
+        // SAFETY: `polls` is a valid array of three pollfds that lives across the call; a
         // negative descriptor is ignored by poll(2).
-        let ready = unsafe { libc::poll(polls.as_mut_ptr(), 2, millis) };
+        let ready = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, millis) };
         if ready < 0 {
             let error = io::Error::last_os_error();
             return if error.kind() == io::ErrorKind::Interrupted {
@@ -399,13 +458,18 @@ impl Listener {
         if polls[1].revents != 0 {
             return Ok(Accepted::WatchReadable);
         }
+        if polls[2].revents != 0 {
+            return Ok(Accepted::Woken);
+        }
         if polls[0].revents == 0 {
             return Ok(Accepted::TimedOut);
         }
         Ok(Accepted::Connection(match &self.inner {
             ListenerInner::Tcp(listener) => {
                 let (stream, _) = listener.accept()?;
-                stream.set_nodelay(true)?;
+                // A peer that reset the connection already makes this fail; reading from
+                // it then fails too, and that is where the connection is judged.
+                let _ = stream.set_nodelay(true);
                 Stream::Tcp(stream)
             }
             ListenerInner::Unix(listener, _) => Stream::Unix(listener.accept()?.0),
@@ -453,5 +517,54 @@ pub(crate) fn iovec(base: *const u8, length: usize) -> libc::iovec {
     libc::iovec {
         iov_base: base.cast_mut().cast(),
         iov_len: length,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn liveness_turns_on_keepalive_and_the_user_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("address")).expect("connect");
+        let stream = Stream::Tcp(client);
+        let socket = socket2::SockRef::from(&stream);
+        assert!(!socket.keepalive().expect("keepalive"));
+        stream
+            .set_liveness(Duration::from_secs(30))
+            .expect("liveness");
+        assert!(socket.keepalive().expect("keepalive"));
+        assert_eq!(
+            socket.tcp_user_timeout().expect("user timeout"),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            socket.keepalive_time().expect("keepalive time"),
+            Duration::from_secs(3)
+        );
+    }
+
+    #[test]
+    fn a_read_by_a_deadline_is_not_stretched_by_a_trickling_peer() {
+        let (mut writer, reader) = UnixStream::pair().expect("pair");
+        let trickle = std::thread::spawn(move || {
+            for byte in 0..20u8 {
+                if writer.write_all(&[byte]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let stream = Stream::Unix(reader);
+        let started = Instant::now();
+        let mut buffer = [0u8; 20];
+        let error = stream
+            .read_exact_by(&mut buffer, started + Duration::from_millis(300))
+            .expect_err("the deadline passes first");
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() < Duration::from_millis(400));
+        drop(stream);
+        trickle.join().expect("trickle");
     }
 }

@@ -36,9 +36,25 @@ struct Session {
 
 /// Starts a destination and lets a raw source through the handshake.
 fn handshake() -> Session {
+    handshake_with(quick_destination_config())
+}
+
+/// [`handshake`] with a destination that gives up waiting for channels after
+/// [`STRAY_WAIT`]: for connections the destination drops as strays, after which it waits
+/// on for the channels that never come.
+fn stray_session() -> Session {
+    let mut config = quick_destination_config();
+    config.connect_timeout = STRAY_WAIT;
+    handshake_with(config)
+}
+
+/// How long a [`stray_session`] waits for its channels.
+const STRAY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn handshake_with(config: multifd::DestinationConfig) -> Session {
     let (listener, address) = listener(false);
     let memory = GuestMemory::new(vec![block(BLOCK, BLOCK_LEN as usize)]).expect("memory");
-    let destination = spawn_destination(listener, quick_destination_config(), memory.clone());
+    let destination = spawn_destination(listener, config, memory.clone());
     let raw = RawSource::connect(
         &address,
         &raw_hello(u32::from(CHANNELS), UUID),
@@ -120,6 +136,20 @@ fn assert_violation(
     assert_eq!(error.violation(), Some(&expected), "{error}");
     assert!(reason.contains(reason_names), "{reason}");
     assert!(reason.contains(&expected.to_string()), "{reason}");
+}
+
+/// Asserts the destination dropped exactly one stray connection, then timed out waiting
+/// for `what`; returns why the stray was dropped.
+fn stray_error((error, _): (Error, String), what: &str) -> Error {
+    match error {
+        Error::TimeoutWithStrays {
+            side: Side::Destination,
+            what: waited,
+            strays: 1,
+            last,
+        } if waited == what => *last,
+        other => panic!("expected one stray and a timeout {what}, got {other:?}"),
+    }
 }
 
 /// Asserts the destination saw a channel close at `context`.
@@ -326,28 +356,37 @@ fn duplicate_channel_id() {
 }
 
 #[test]
-fn channel_uuid_mismatch() {
-    let mut session = handshake();
+fn a_channel_of_another_migration_is_a_stray() {
+    let mut session = stray_session();
     session.raw.open_channel(0);
     let other = *b"another-uuid-!!!";
     session.raw.open_channel_with(ChannelHello {
         uuid: other,
         channel: 1,
     });
-    assert_violation(
-        Link::Channel(1),
-        session.failure(),
-        Violation::UuidMismatch {
+    let stray = stray_error(session.failure(), "waiting for every channel");
+    assert!(
+        matches!(
+            stray,
+            Error::Protocol {
+                link: Link::Channel(1),
+                ..
+            }
+        ),
+        "{stray:?}"
+    );
+    assert_eq!(
+        stray.violation(),
+        Some(&Violation::UuidMismatch {
             expected: multifd::Uuid(UUID),
             received: multifd::Uuid(other),
-        },
-        "channel 1",
+        })
     );
 }
 
 #[test]
-fn channel_hello_with_wrong_version() {
-    let mut session = handshake();
+fn a_channel_hello_with_a_wrong_version_is_a_stray() {
+    let mut session = stray_session();
     let mut hello = ChannelHello {
         uuid: UUID,
         channel: 0,
@@ -355,30 +394,27 @@ fn channel_hello_with_wrong_version() {
     .encode();
     put_u32_at(&mut hello, 4, 7);
     session.raw.open_channel_bytes(&hello);
-    let (error, reason) = session.failure();
+    let stray = stray_error(session.failure(), "waiting for every channel");
     assert!(
         matches!(
-            error,
+            stray,
             Error::Wire {
                 side: Side::Destination,
                 link: Link::Listener,
                 ..
             }
         ),
-        "{error:?}"
+        "{stray:?}"
     );
     assert_eq!(
-        error.wire_error(),
+        stray.wire_error(),
         Some(&WireError::BadVersion {
             structure: "channel hello",
             value: 7,
             expected: MULTIFD_VERSION,
         })
     );
-    assert!(reason.contains("channel hello version 7"), "{reason}");
 }
-
-// --- RAM packet fields ------------------------------------------------------------------
 
 #[test]
 fn pages_alloc_above_the_negotiated_count() {
@@ -673,46 +709,53 @@ fn eof_mid_device_state_packet() {
 // --- connections and the control channel ------------------------------------------------
 
 #[test]
-fn unknown_connection_magic() {
+fn a_connection_with_an_unknown_magic_is_a_stray() {
     let (listener, address) = listener(false);
     let memory = GuestMemory::new(vec![block(BLOCK, BLOCK_LEN as usize)]).expect("memory");
-    let destination = spawn_destination(listener, quick_destination_config(), memory);
+    let mut config = quick_destination_config();
+    config.wait_for_source = Some(STRAY_WAIT);
+    let destination = spawn_destination(listener, config, memory);
     let mut stream = tcp_connect(&address);
     stream
         .write_all(&0x5245_4144u32.to_be_bytes())
         .expect("write");
     let error = join_within(destination, DEADLINE).expect_err("destination fails");
+    let Error::TimeoutWithStrays {
+        side: Side::Destination,
+        what: "waiting for a source",
+        strays: 1,
+        last,
+    } = &error
+    else {
+        panic!("expected a timeout after one stray, got {error:?}");
+    };
     assert!(
         matches!(
-            error,
+            **last,
             Error::Protocol {
                 side: Side::Destination,
                 link: Link::Listener,
                 ..
             }
         ),
-        "{error:?}"
+        "{last:?}"
     );
     assert_eq!(
-        error.violation(),
+        last.violation(),
         Some(&Violation::UnknownConnectionMagic(0x5245_4144))
     );
 }
 
 #[test]
-fn second_control_connection_while_channels_connect() {
-    let mut session = handshake();
+fn a_second_control_connection_is_a_stray() {
+    let mut session = stray_session();
     session.raw.open_channel(0);
     let mut second = tcp_connect(&session.raw.address);
     second
         .write_all(&multifd_wire::CONTROL_MAGIC.to_be_bytes())
         .expect("write");
-    assert_violation(
-        Link::Listener,
-        session.failure(),
-        Violation::DuplicateControl,
-        "listener",
-    );
+    let stray = stray_error(session.failure(), "waiting for every channel");
+    assert_eq!(stray.violation(), Some(&Violation::DuplicateControl));
 }
 
 /// A control frame header: type and length.

@@ -1,7 +1,7 @@
 //! The control channel's framing over a connection.
 
 use std::io::{self, Read, Write};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use multifd_wire::{ControlMessage, CONTROL_FRAME_HEADER_LEN, CONTROL_MAGIC};
 
@@ -15,6 +15,9 @@ pub(crate) struct ControlChannel {
     side: Side,
     stream: Stream,
     frame: Vec<u8>,
+    /// While set (during setup), every message must arrive whole by then, however the
+    /// peer paces its bytes; otherwise reads wait as long as the socket's read timeout.
+    deadline: Option<Instant>,
 }
 
 /// How long a control write may block: the peer reads its control channel promptly, so a
@@ -27,6 +30,7 @@ impl ControlChannel {
             side,
             stream,
             frame: Vec::new(),
+            deadline: None,
         };
         channel
             .stream
@@ -47,7 +51,13 @@ impl ControlChannel {
                 .try_clone()
                 .map_err(|error| self.io("clone", error))?,
             frame: Vec::new(),
+            deadline: self.deadline,
         })
+    }
+
+    /// Sets (or with `None` clears) the instant by which each message must have arrived.
+    pub(crate) fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
     }
 
     /// Reads and writes on the control channel run under a timeout (the setup deadline,
@@ -81,7 +91,7 @@ impl ControlChannel {
         let awaiting = |error| {
             Error::io_or_stalled(self.side, Link::Control, "while awaiting a message", error)
         };
-        (&self.stream).read_exact(start).map_err(awaiting)?;
+        read(&self.stream, start, self.deadline).map_err(awaiting)?;
         if !matches!(self.stream, Stream::Tls(_)) && tls::is_record_header(start) {
             return Err(Error::Tls {
                 side: self.side,
@@ -89,14 +99,25 @@ impl ControlChannel {
                 source: io::Error::new(io::ErrorKind::InvalidData, tls::PEER_USES_TLS),
             });
         }
-        (&self.stream).read_exact(rest).map_err(awaiting)?;
+        read(&self.stream, rest, self.deadline).map_err(awaiting)?;
         let length = ControlMessage::payload_len(&self.frame)
             .map_err(|error| Error::wire(self.side, Link::Control, error))?;
         self.frame.resize(CONTROL_FRAME_HEADER_LEN + length, 0);
-        (&self.stream)
-            .read_exact(&mut self.frame[CONTROL_FRAME_HEADER_LEN..])
-            .map_err(|error| self.io("mid-message", error))?;
+        read(
+            &self.stream,
+            &mut self.frame[CONTROL_FRAME_HEADER_LEN..],
+            self.deadline,
+        )
+        .map_err(|error| Error::io_or_stalled(self.side, Link::Control, "mid-message", error))?;
         ControlMessage::decode(&self.frame)
             .map_err(|error| Error::wire(self.side, Link::Control, error))
+    }
+}
+
+/// Fills `buffer`, by `deadline` when there is one.
+fn read(stream: &Stream, buffer: &mut [u8], deadline: Option<Instant>) -> io::Result<()> {
+    match deadline {
+        Some(deadline) => stream.read_exact_by(buffer, deadline),
+        None => (&*stream).read_exact(buffer),
     }
 }

@@ -1,6 +1,6 @@
 //! The destination end of a migration.
 
-use std::io::Read;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use multifd_wire::{
     BlockAnnouncement, ChannelHello, ControlMessage, DeviceAnnouncement, DeviceStateLimits,
     DeviceStateSettings, Hello, RamLimits, RejectCode, RejectReason, ZeroPageMode,
-    CHANNEL_HELLO_LEN, CONTROL_MAGIC, MULTIFD_MAGIC,
+    CHANNEL_HELLO_LEN,
 };
 
+use super::admission::{Admission, Identified};
 use super::control::ControlChannel;
 use super::{
     check_blocks, check_device_settings, check_devices, check_settings, expect, integrity_of,
@@ -29,7 +30,7 @@ use crate::ram::{GuestMemory, ReceivedPages};
 use crate::recv::{ChannelReceiver, ReceiveSettings, ReleaseError, SyncBarrier};
 use crate::stats::{ChannelCounters, Counters, MigrationStats, Monitor};
 use crate::sync::{deadline_after, lock};
-use crate::tls::{self, TlsConfig};
+use crate::tls::TlsConfig;
 use crate::transport::{Accepted, Listener, Stream};
 
 /// What a destination accepts. Settings left `None` are taken from the source.
@@ -118,6 +119,15 @@ const MAX_EARLY_MESSAGES: usize = 4;
 
 /// How often a destination waiting for connections checks for cancellation.
 const ACCEPT_POLL: Duration = Duration::from_millis(100);
+
+/// How long accepting pauses after a transient failure (out of descriptors): long enough
+/// not to spin on a listener that keeps failing, short against the setup deadline.
+const ACCEPT_RETRY: Duration = Duration::from_millis(10);
+
+/// Channel connections kept while no control connection has arrived: a source's channels
+/// (at most 255) may arrive before its control connection, and a flood of channel hellos
+/// must not exhaust the destination's descriptors.
+const MAX_PARKED: usize = 256;
 
 /// The receiving end: accepts one migration into memory the VMM maps.
 #[derive(Debug)]
@@ -209,9 +219,14 @@ impl Destination {
             .as_ref()
             .map(TlsConfig::server)
             .transpose()?;
-        let listener = (listener, tls.as_ref());
-        let mut parked = Vec::new();
-        let control = self.accept_control(listener, &mut parked)?;
+        let mut admission = Admission::new(
+            tls,
+            self.config.connect_timeout,
+            self.config.idle_timeout,
+            &self.failure,
+        )?;
+        let mut parked = VecDeque::new();
+        let control = self.accept_control(listener, &mut admission, &mut parked)?;
         let started = Instant::now();
         let connected = self.handshake(control, map_blocks, devices)?;
         let Connected {
@@ -252,8 +267,16 @@ impl Destination {
             .on_failure(move |_| control_clone.stream().shutdown());
 
         let mut early = Vec::new();
-        let streams =
-            self.accept_channels(listener, (&control, &mut early), &hello, parked, &counters)?;
+        let streams = self.accept_channels(
+            (listener, &mut admission),
+            (&control, &mut early),
+            &hello,
+            parked,
+            &counters,
+        )?;
+        let strays = admission.strays();
+        // Every channel is in: no connection is identified any more.
+        drop(admission);
         // Cloned before any channel thread runs: a failing channel's hook must find the
         // control lock free to send `Failed`.
         let reader = lock(&control).try_clone()?;
@@ -283,7 +306,12 @@ impl Destination {
             )
         };
         // On error, failing first stops the channel and load threads so they can be joined.
-        let result = result.map_err(|error| self.failure.first_error(error));
+        let result = result
+            .map(|stats| MigrationStats {
+                stray_connections: strays,
+                ..stats
+            })
+            .map_err(|error| self.failure.first_error(error));
         join_threads(receiving.threads);
         receiving.loaders.join();
         match result {
@@ -376,62 +404,72 @@ impl Destination {
         })
     }
 
-    /// Waits for the control connection; multifd channels that arrive first are kept.
+    /// Waits for the control connection; multifd channels that arrive first are parked,
+    /// at most [`MAX_PARKED`] (a newer one drops the oldest as a stray).
     fn accept_control(
         &self,
-        listener: TlsListener<'_>,
-        parked: &mut Vec<(ChannelHello, Stream)>,
+        listener: &Listener,
+        admission: &mut Admission,
+        parked: &mut VecDeque<(ChannelHello, Stream)>,
     ) -> Result<Stream, Error> {
         let give_up = self.config.wait_for_source.map(deadline_after);
         loop {
-            match self.accept_one(listener, give_up, "waiting for a source", None)? {
-                Incoming::Control(stream) => return Ok(stream),
-                Incoming::Channel(hello, stream) => parked.push((hello, stream)),
+            match self.accept_one((listener, admission), give_up, "waiting for a source", None)? {
+                Identified::Control(stream) => return Ok(stream),
+                Identified::Channel(hello, stream) => {
+                    if parked.len() >= MAX_PARKED {
+                        parked.pop_front();
+                        admission.stray(Error::protocol(
+                            Side::Destination,
+                            Link::Listener,
+                            Violation::TooManyEarlyChannels { max: MAX_PARKED },
+                        ));
+                    }
+                    parked.push_back((hello, stream));
+                }
             }
         }
     }
 
-    /// Accepts one connection and tells control from channel by its first bytes.
+    /// Waits for the next connection that identifies itself as a migration's (strays are
+    /// dropped by `admission` on the way).
     ///
     /// While waiting, messages on `control` are read as they come: the source's `Abort`
     /// or EOF (it gave up during setup) ends the wait at once; any other message (a
     /// source already ending its first round) is kept in `early` for later.
     fn accept_one(
         &self,
-        (listener, tls): TlsListener<'_>,
+        (listener, admission): (&Listener, &mut Admission),
         give_up: Option<Instant>,
         what: &'static str,
         mut control: Option<(&Mutex<ControlChannel>, &mut Vec<ControlMessage>)>,
-    ) -> Result<Incoming, Error> {
-        let listener_error =
-            |context, error| Error::io(Side::Destination, Link::Listener, context, error);
+    ) -> Result<Identified, Error> {
         let control_stream = control
             .as_ref()
             .map(|(control, _)| lock(control).stream().try_clone())
             .transpose()
             .map_err(|error| Error::io(Side::Destination, Link::Control, "clone", error))?;
-        let stream = loop {
+        loop {
             if self.failure.is_failed() {
                 return Err(Error::Cancelled {
                     side: Side::Destination,
                 });
             }
+            if let Some(identified) = admission.next_identified() {
+                return Ok(identified);
+            }
             let now = Instant::now();
             if give_up.is_some_and(|give_up| now >= give_up) {
-                return Err(Error::Timeout {
-                    side: Side::Destination,
-                    what,
-                });
+                return Err(admission.timed_out(what));
             }
             let slice_end =
                 give_up.map_or(now + ACCEPT_POLL, |give_up| give_up.min(now + ACCEPT_POLL));
-            match listener
-                .accept_until(slice_end, control_stream.as_ref())
-                .map_err(|error| listener_error("accept", error))?
-            {
-                Accepted::Connection(stream) => break stream,
-                Accepted::TimedOut => {}
-                Accepted::WatchReadable => {
+            let accepted =
+                listener.accept_until(slice_end, control_stream.as_ref(), admission.wake_fd());
+            match accepted {
+                Ok(Accepted::Connection(stream)) => admission.admit(stream)?,
+                Ok(Accepted::TimedOut | Accepted::Woken) => {}
+                Ok(Accepted::WatchReadable) => {
                     if let Some((control, early)) = control.as_mut() {
                         match lock(control).receive()? {
                             ControlMessage::Abort(reason) => return Err(source_aborted(&reason)),
@@ -446,55 +484,21 @@ impl Destination {
                         }
                     }
                 }
+                // Out of descriptors or buffers, or a connection reset while queued: the
+                // listener still works once some are free.
+                Err(error) if is_transient_accept_error(&error) => {
+                    tracing::warn!("accept: {error}");
+                    std::thread::sleep(ACCEPT_RETRY);
+                }
+                Err(error) => {
+                    return Err(Error::io(
+                        Side::Destination,
+                        Link::Listener,
+                        "accept",
+                        error,
+                    ))
+                }
             }
-        };
-        // The magic is inside TLS: the handshake comes first, within the setup deadline.
-        let stream = match tls {
-            Some(config) => {
-                tls::accept(stream, config, Instant::now() + self.config.connect_timeout).map_err(
-                    |source| Error::Tls {
-                        side: Side::Destination,
-                        link: Link::Listener,
-                        source,
-                    },
-                )?
-            }
-            None => stream,
-        };
-        stream
-            .set_read_timeout(Some(self.config.connect_timeout))
-            .map_err(|error| listener_error("set read timeout", error))?;
-        let mut first = [0u8; CHANNEL_HELLO_LEN];
-        (&stream)
-            .read_exact(&mut first[..4])
-            .map_err(|error| listener_error("read connection magic", error))?;
-        let magic = u32::from_be_bytes([first[0], first[1], first[2], first[3]]);
-        match magic {
-            CONTROL_MAGIC => Ok(Incoming::Control(stream)),
-            MULTIFD_MAGIC => {
-                (&stream)
-                    .read_exact(&mut first[4..])
-                    .map_err(|error| listener_error("read channel hello", error))?;
-                let hello = ChannelHello::decode(&first)
-                    .map_err(|error| Error::wire(Side::Destination, Link::Listener, error))?;
-                stream
-                    .set_read_timeout(None)
-                    .map_err(|error| listener_error("set read timeout", error))?;
-                Ok(Incoming::Channel(hello, stream))
-            }
-            other if tls.is_none() && tls::is_record_header(&first) => Err(Error::Tls {
-                side: Side::Destination,
-                link: Link::Listener,
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("{} (magic {other:#010x})", tls::PEER_USES_TLS),
-                ),
-            }),
-            other => Err(Error::protocol(
-                Side::Destination,
-                Link::Listener,
-                Violation::UnknownConnectionMagic(other),
-            )),
         }
     }
 
@@ -507,6 +511,8 @@ impl Destination {
         registered: LoadDevices,
     ) -> Result<Connected, Error> {
         let mut control = ControlChannel::new(Side::Destination, stream)?;
+        // The whole handshake, not each read, runs against the setup deadline.
+        control.set_deadline(Some(deadline_after(self.config.connect_timeout)));
         let unexpected = |message: &ControlMessage| {
             Error::protocol(
                 Side::Destination,
@@ -551,6 +557,7 @@ impl Destination {
         match verdict {
             Ok(memory) => {
                 control.send(&ControlMessage::Welcome)?;
+                control.set_deadline(None);
                 control.stream().set_read_timeout(None).map_err(|error| {
                     Error::io(Side::Destination, Link::Control, "set read timeout", error)
                 })?;
@@ -662,36 +669,41 @@ impl Destination {
         )
     }
 
-    /// Accepts connections until every channel of the migration has arrived.
+    /// Accepts connections until every channel of the migration has arrived. Channels of
+    /// another migration and further control connections are strays; a channel of this
+    /// migration with a bad id is the source's error.
     fn accept_channels(
         &self,
-        listener: TlsListener<'_>,
+        (listener, admission): (&Listener, &mut Admission),
         (control, early): (&Mutex<ControlChannel>, &mut Vec<ControlMessage>),
         hello: &Hello,
-        parked: Vec<(ChannelHello, Stream)>,
+        parked: VecDeque<(ChannelHello, Stream)>,
         counters: &Counters,
     ) -> Result<Vec<Stream>, Error> {
         let count = hello.channels as u8;
         let mut streams: Vec<Option<Stream>> = (0..count).map(|_| None).collect();
         let mut pending = parked.into_iter();
         let give_up = deadline_after(self.config.connect_timeout);
+        // A control message the source sends meanwhile must arrive whole by then too.
+        lock(control).set_deadline(Some(give_up));
         while streams.iter().any(Option::is_none) {
             let (channel, stream) = match pending.next() {
                 Some(parked) => parked,
                 None => {
                     match self.accept_one(
-                        listener,
+                        (listener, &mut *admission),
                         Some(give_up),
                         "waiting for every channel",
                         Some((control, &mut *early)),
                     )? {
-                        Incoming::Channel(channel, stream) => (channel, stream),
-                        Incoming::Control(_) => {
-                            return Err(Error::protocol(
+                        Identified::Channel(channel, stream) => (channel, stream),
+                        Identified::Control(_) => {
+                            admission.stray(Error::protocol(
                                 Side::Destination,
                                 Link::Listener,
                                 Violation::DuplicateControl,
-                            ))
+                            ));
+                            continue;
                         }
                     }
                 }
@@ -700,10 +712,11 @@ impl Destination {
                 Error::protocol(Side::Destination, Link::Channel(channel.channel), violation)
             };
             if channel.uuid != hello.uuid {
-                return Err(violation(Violation::UuidMismatch {
+                admission.stray(violation(Violation::UuidMismatch {
                     expected: Uuid(hello.uuid),
                     received: Uuid(channel.uuid),
                 }));
+                continue;
             }
             let slot = streams
                 .get_mut(usize::from(channel.channel))
@@ -731,6 +744,7 @@ impl Destination {
             );
             *slot = Some(stream);
         }
+        lock(control).set_deadline(None);
         Ok(streams.into_iter().flatten().collect())
     }
 
@@ -843,11 +857,13 @@ fn source_aborted(reason: &str) -> Error {
 }
 
 /// The listener, and the TLS configuration its connections handshake with.
-type TlsListener<'a> = (&'a Listener, Option<&'a Arc<rustls::ServerConfig>>);
-
-enum Incoming {
-    Control(Stream),
-    Channel(ChannelHello, Stream),
+/// Whether a failed `accept` leaves the listener usable: the process or system is out
+/// of descriptors or memory for now, or the connection was reset while it was queued.
+fn is_transient_accept_error(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::ECONNABORTED)
+    )
 }
 
 /// Puts the registered devices in the order the source announced them; rejects any

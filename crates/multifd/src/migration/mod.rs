@@ -7,6 +7,7 @@
 //! destination's `Completed`, whose totals must match. Until then the source's memory is
 //! only read, so a failed migration leaves the source VM intact.
 
+mod admission;
 mod control;
 mod destination;
 mod source;

@@ -179,6 +179,9 @@ impl Source {
         let connect = |link| {
             let stream = Stream::connect(address, config.connect_timeout)
                 .map_err(|error| Error::io(Side::Source, link, "connect", error))?;
+            stream
+                .set_liveness(config.idle_timeout)
+                .map_err(|error| Error::io(Side::Source, link, "keepalive", error))?;
             match &tls {
                 Some((client, name)) => {
                     let deadline = Instant::now() + config.connect_timeout;
@@ -751,7 +754,11 @@ impl Offer {
                 .map_err(|error| Error::io(Side::Source, Link::Control, "set read timeout", error))
         };
         set_timeout(control, Some(timeout))?;
-        match control.receive() {
+        // A destination trickling its answer cannot stretch the setup deadline either.
+        control.set_deadline(Some(deadline_after(timeout)));
+        let answer = control.receive();
+        control.set_deadline(None);
+        match answer {
             Ok(ControlMessage::Welcome) => {}
             Ok(ControlMessage::Reject(reason)) => {
                 return Err(Error::Rejected {

@@ -481,9 +481,10 @@ pub fn threads_named(prefixes: &[&str]) -> Vec<String> {
     names
 }
 
-/// Names of the engine's own threads (send, receive, source control, device save and
-/// device load threads).
-pub const ENGINE_THREADS: [&str; 5] = [
+/// Names of the engine's own threads (send, receive, source control, device save,
+/// device load and connection-identifying threads).
+pub const ENGINE_THREADS: [&str; 6] = [
+    "multifd-admit",
     "multifd-send-",
     "multifd-recv-",
     "multifd-source-",

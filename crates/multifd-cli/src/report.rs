@@ -126,6 +126,7 @@ pub fn to_json(stats: &MigrationStats) -> Value {
         "device_bytes": stats.device_bytes,
         "device_chunks": stats.device_chunks,
         "peak_queued_device_bytes": stats.peak_queued_device_bytes,
+        "stray_connections": stats.stray_connections,
         "devices": stats.devices.iter().map(|device| json!({
             "idstr": device.id.idstr,
             "instance_id": device.id.instance_id,
@@ -191,6 +192,12 @@ pub fn table(stats: &MigrationStats) -> String {
         out += &format!(
             "switchover to completion (downtime proxy): {:.3} s\n",
             switchover.as_secs_f64()
+        );
+    }
+    if stats.stray_connections > 0 {
+        out += &format!(
+            "{} stray connection(s) to the listener dropped (not this migration's)\n",
+            stats.stray_connections
         );
     }
     if !stats.devices.is_empty() {

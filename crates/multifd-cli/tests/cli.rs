@@ -621,9 +621,15 @@ fn recv_into_the_file_send_is_reading_keeps_it_intact() {
 fn an_error_and_its_cause_are_printed_once() {
     use std::io::Write;
     let directory = tempfile::tempdir().expect("temp dir");
+    // A stray connection does not end recv's wait; its error ends the wait's timeout.
     let recv = start_recv(
         directory.path(),
-        &["--ram", &arg("pc.ram", &directory.path().join("ram.copy"))],
+        &[
+            "--ram",
+            &arg("pc.ram", &directory.path().join("ram.copy")),
+            "--timeout",
+            "1",
+        ],
     );
     let mut stray =
         std::os::unix::net::UnixStream::connect(directory.path().join("migration.sock"))
@@ -740,7 +746,8 @@ fn tls_on_one_end_only_is_a_one_line_error_on_both_ends() {
     let certificates = tempfile::tempdir().expect("temp dir");
     multifd_cli::tls::generate_certificates(certificates.path()).expect("certificates");
     let tls_dir = certificates.path().to_str().expect("utf-8 path");
-    let (sent, received, _) = migrate_with(&["--tls-dir", tls_dir], &[]);
+    // recv drops the plaintext connection as a stray and reports it when its wait ends.
+    let (sent, received, _) = migrate_with(&["--tls-dir", tls_dir, "--timeout", "2"], &[]);
     for (output, says) in [
         (
             &sent,

@@ -99,6 +99,23 @@ pub struct Totals {
     pub device_bytes: u64,
 }
 
+impl std::fmt::Display for Totals {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            formatter,
+            "{} packets, {} normal and {} zero pages, {} payload bytes, {} rounds, \
+             {} device chunks of {} bytes",
+            self.packets,
+            self.normal_pages,
+            self.zero_pages,
+            self.payload_bytes,
+            self.rounds,
+            self.device_chunks,
+            self.device_bytes
+        )
+    }
+}
+
 /// Why a destination refused a migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectCode {
@@ -122,6 +139,9 @@ pub enum RejectCode {
     RamBlocks,
     /// Devices that the destination does not have.
     Devices,
+    /// A code this version does not know (from a newer peer); the detail text still says
+    /// why.
+    Unrecognized(u32),
 }
 
 impl RejectCode {
@@ -139,18 +159,24 @@ impl RejectCode {
     ];
 
     fn to_wire(self) -> u32 {
-        Self::ALL.iter().position(|&code| code == self).unwrap_or(0) as u32 + 1
+        match self {
+            Self::Unrecognized(value) => value,
+            known => {
+                Self::ALL
+                    .iter()
+                    .position(|&code| code == known)
+                    .unwrap_or(0) as u32
+                    + 1
+            }
+        }
     }
 
-    fn from_wire(value: u32) -> Result<Self, WireError> {
+    fn from_wire(value: u32) -> Self {
         value
             .checked_sub(1)
             .and_then(|index| Self::ALL.get(index as usize))
             .copied()
-            .ok_or(WireError::InvalidValue {
-                field: "reject code",
-                value: value.into(),
-            })
+            .unwrap_or(Self::Unrecognized(value))
     }
 }
 
@@ -285,7 +311,7 @@ impl ControlMessage {
             ABORT => Self::Abort(payload.string("abort reason")?),
             WELCOME => Self::Welcome,
             REJECT => Self::Reject(RejectReason {
-                code: RejectCode::from_wire(payload.u32()?)?,
+                code: RejectCode::from_wire(payload.u32()?),
                 detail: payload.string("reject detail")?,
             }),
             COMPLETED => Self::Completed(read_totals(&mut payload)?),

@@ -434,6 +434,17 @@ impl Error {
                 context,
             };
         }
+        // The kernel could not touch guest memory it was given: a file-backed block whose
+        // file shrank, or whose filesystem could not allocate a page.
+        let source = if source.raw_os_error() == Some(libc::EFAULT) {
+            io::Error::new(
+                source.kind(),
+                "guest memory could not be read or written (EFAULT): a memory file shrank \
+                 or its disk is full",
+            )
+        } else {
+            source
+        };
         Self::Io {
             side,
             link,

@@ -394,9 +394,11 @@ impl Listener {
             Address::Tcp(host_port) => {
                 ListenerInner::Tcp(TcpListener::bind(host_port.as_str()).map_err(bind_error)?)
             }
-            Address::Unix(path) => {
-                ListenerInner::Unix(UnixListener::bind(path).map_err(bind_error)?, path.clone())
-            }
+            Address::Unix(path) => ListenerInner::Unix(
+                UnixListener::bind(path)
+                    .map_err(|error| bind_error(explain_unix_bind(path, error)))?,
+                path.clone(),
+            ),
         };
         Ok(Self { inner })
     }
@@ -484,6 +486,22 @@ impl Listener {
     }
 }
 
+/// Says why a Unix socket path is taken: a socket file left behind by a process that
+/// was killed (nobody accepts on it) needs removing; a live one belongs to another
+/// process.
+fn explain_unix_bind(path: &std::path::Path, error: io::Error) -> io::Error {
+    if error.kind() != io::ErrorKind::AddrInUse {
+        return error;
+    }
+    let why = match UnixStream::connect(path) {
+        Err(refused) if refused.kind() == io::ErrorKind::ConnectionRefused => {
+            "nobody listens on it: a socket file left by a process that was killed; remove it"
+        }
+        _ => "another process listens on it",
+    };
+    io::Error::new(error.kind(), format!("{} exists, {why}", path.display()))
+}
+
 impl Drop for Listener {
     fn drop(&mut self) {
         if let ListenerInner::Unix(_, path) = &self.inner {
@@ -523,6 +541,27 @@ pub(crate) fn iovec(base: *const u8, length: usize) -> libc::iovec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stale_unix_socket_file_is_explained() {
+        let directory = std::env::temp_dir().join(format!("multifd-stale-{}", std::process::id()));
+        std::fs::create_dir_all(&directory).expect("directory");
+        let path = directory.join("stale.sock");
+        // A socket file whose listener is gone, as a killed process leaves it.
+        drop(UnixListener::bind(&path).expect("bind"));
+        let error = Listener::bind(&Address::Unix(path.clone())).expect_err("taken");
+        let message = error.to_string();
+        assert!(message.contains("nobody listens on it"), "{message}");
+        assert!(message.contains("remove it"), "{message}");
+        let live = Listener::bind(&Address::Unix(directory.join("live.sock"))).expect("bind");
+        let Address::Unix(live_path) = live.address() else {
+            panic!("unix")
+        };
+        let error = Listener::bind(&Address::Unix(live_path)).expect_err("taken");
+        assert!(error.to_string().contains("another process"), "{error}");
+        drop(live);
+        std::fs::remove_dir_all(&directory).expect("clean up");
+    }
 
     #[test]
     fn liveness_turns_on_keepalive_and_the_user_timeout() {

@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -226,6 +227,47 @@ fn protocol_version_mismatch() {
     };
     let reason = raw_rejected(hello, announced(), Vec::new(), RejectCode::Version);
     assert!(reason.detail.contains("protocol version 2"), "{reason:?}");
+}
+
+/// A `Hello` whose compression or zero-page field holds a value this version does not
+/// know: the destination cannot decode it, and still answers `Reject` saying why.
+#[test]
+fn an_undecodable_hello_is_rejected_with_the_reason() {
+    // Offsets in the frame: 8-byte frame header, then version (4), uuid (16), channels,
+    // page size, packet size (4 each), compression (4), level (4), zero-page mode (4).
+    for (offset, value, code, says) in [
+        (40, 0x99u32, RejectCode::Compression, "compression"),
+        (48, 7, RejectCode::ZeroPage, "zero-page mode"),
+    ] {
+        let (address, destination) = destination(DestinationConfig::default());
+        let mut frame = Vec::new();
+        ControlMessage::Hello(raw_hello(2, [7; 16]))
+            .encode(&mut frame)
+            .expect("encode");
+        frame[offset..offset + 4].copy_from_slice(&value.to_be_bytes());
+        let mut raw_control = tcp_connect(&address);
+        raw_control
+            .write_all(&multifd_wire::CONTROL_MAGIC.to_be_bytes())
+            .expect("magic");
+        raw_control.write_all(&frame).expect("hello");
+        let mut header = [0u8; multifd_wire::CONTROL_FRAME_HEADER_LEN];
+        raw_control.read_exact(&mut header).expect("answer");
+        let length = ControlMessage::payload_len(&header).expect("length");
+        let mut answer = header.to_vec();
+        answer.resize(header.len() + length, 0);
+        raw_control
+            .read_exact(&mut answer[header.len()..])
+            .expect("answer payload");
+        match ControlMessage::decode(&answer) {
+            Ok(ControlMessage::Reject(reason)) => {
+                assert_eq!(reason.code, code, "{reason:?}");
+                assert!(reason.detail.contains(says), "{reason:?}");
+            }
+            other => panic!("expected Reject, got {other:?}"),
+        }
+        let error = join_within(destination, DEADLINE).expect_err("destination fails");
+        assert!(error.wire_error().is_some(), "{error:?}");
+    }
 }
 
 fn zstd(level: i32) -> CompressionSettings {

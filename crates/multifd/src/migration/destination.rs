@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use multifd_wire::{
     BlockAnnouncement, ChannelHello, ControlMessage, DeviceAnnouncement, DeviceStateLimits,
-    DeviceStateSettings, Hello, RamLimits, RejectCode, RejectReason, ZeroPageMode,
+    DeviceStateSettings, Hello, RamLimits, RejectCode, RejectReason, WireError, ZeroPageMode,
     CHANNEL_HELLO_LEN,
 };
 
@@ -520,9 +520,20 @@ impl Destination {
                 Violation::UnexpectedMessage(message.name()),
             )
         };
-        let hello = match control.receive()? {
-            ControlMessage::Hello(hello) => hello,
-            other => return Err(unexpected(&other)),
+        let hello = match control.receive() {
+            Ok(ControlMessage::Hello(hello)) => hello,
+            Ok(other) => return Err(unexpected(&other)),
+            Err(error) => {
+                // A `Hello` this side cannot read (a newer source's settings) is refused
+                // as any other mismatch is, so the source learns why.
+                if let Some(wire) = error.wire_error() {
+                    let _ = control.send(&ControlMessage::Reject(RejectReason {
+                        code: reject_code(wire),
+                        detail: format!("unreadable Hello: {wire}"),
+                    }));
+                }
+                return Err(error);
+            }
         };
         let blocks = match control.receive()? {
             ControlMessage::RamBlocks(blocks) => blocks,
@@ -811,8 +822,8 @@ impl Destination {
                     let received = counters.totals();
                     if sent != received {
                         return Err(violation(Violation::TotalsMismatch {
-                            source_totals: format!("{sent:?}"),
-                            destination_totals: format!("{received:?}"),
+                            source_totals: sent.to_string(),
+                            destination_totals: received.to_string(),
                         }));
                     }
                     barrier.finish(released).map_err(|channel| {
@@ -857,6 +868,18 @@ fn source_aborted(reason: &str) -> Error {
 }
 
 /// The listener, and the TLS configuration its connections handshake with.
+/// The reject code for a `Hello` that did not decode.
+fn reject_code(error: &WireError) -> RejectCode {
+    match error {
+        WireError::UnknownCompression(_) => RejectCode::Compression,
+        WireError::InvalidValue {
+            field: "zero-page mode",
+            ..
+        } => RejectCode::ZeroPage,
+        _ => RejectCode::Version,
+    }
+}
+
 /// Whether a failed `accept` leaves the listener usable: the process or system is out
 /// of descriptors or memory for now, or the connection was reset while it was queued.
 fn is_transient_accept_error(error: &std::io::Error) -> bool {

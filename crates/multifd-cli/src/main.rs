@@ -271,6 +271,13 @@ fn recv(args: &RecvArgs) -> Result<()> {
             path: &device.path,
         });
     outputs::check(&ram.chain(devices).collect::<Vec<_>>())?;
+    let default_chunk = u64::from(multifd::DEFAULT_DEVICE_CHUNK_SIZE);
+    anyhow::ensure!(
+        args.devices.is_empty() || args.max_queued_device_bytes >= default_chunk,
+        "--max-queued-device-bytes {} is below one device-state chunk of the default size \
+         ({default_chunk} bytes): a source sending default chunks would be refused",
+        args.max_queued_device_bytes
+    );
     let compression = args
         .compress
         .map(|method| CompressionSettings::new(method.into(), args.level))

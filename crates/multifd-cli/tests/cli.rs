@@ -483,7 +483,7 @@ fn recv_refuses_bad_outputs_at_startup() {
     let missing = arg("pc.ram", &directory.path().join("no/such/dir/a.copy"));
     let as_directory = arg("pc.ram", directory.path());
     let device = |name: &str| format!("{name}={}", directory.path().join("d.copy").display());
-    let cases: [(Vec<String>, &str); 7] = [
+    let cases: [(Vec<String>, &str); 8] = [
         (
             vec![
                 "--ram".into(),
@@ -532,6 +532,17 @@ fn recv_refuses_bad_outputs_at_startup() {
                 "0".into(),
             ],
             "--channels",
+        ),
+        (
+            vec![
+                "--ram".into(),
+                file("pc.ram"),
+                "--device".into(),
+                device("net0"),
+                "--max-queued-device-bytes".into(),
+                "4096".into(),
+            ],
+            "--max-queued-device-bytes 4096 is below one device-state chunk",
         ),
     ];
     for (extra, expected) in cases {

@@ -44,6 +44,13 @@ pub enum Violation {
         /// Rounds the source ended.
         rounds: u64,
     },
+    /// A channel had a packet in flight (partly read, or waiting unread) when the source
+    /// declared completion: data outside the totals the source confirmed.
+    #[error("channel {channel} has a packet in flight at completion")]
+    PacketAfterCompletion {
+        /// The channel.
+        channel: u8,
+    },
     /// The first four bytes of a connection are neither the control nor the multifd magic.
     #[error("connection magic {0:#010x} is neither control nor multifd")]
     UnknownConnectionMagic(u32),

@@ -40,6 +40,8 @@ struct BarrierState {
     synced: Vec<u64>,
     /// Rounds released so far.
     released: u64,
+    /// Per channel: a packet has begun arriving and is not fully handled yet.
+    mid_packet: Vec<bool>,
     /// Completion confirmed: a connection closing at a packet boundary is expected.
     finishing: bool,
     failed: bool,
@@ -59,6 +61,7 @@ impl SyncBarrier {
         let barrier = Arc::new(Self {
             state: Mutex::new(BarrierState {
                 synced: vec![0; usize::from(channels)],
+                mid_packet: vec![false; usize::from(channels)],
                 released: 0,
                 finishing: false,
                 failed: false,
@@ -83,6 +86,8 @@ impl SyncBarrier {
     fn arrive(&self, channel: u8) -> bool {
         let mut state = self.lock();
         state.synced[usize::from(channel)] += 1;
+        // The SYNC is read whole: the channel waits here at a packet boundary.
+        state.mid_packet[usize::from(channel)] = false;
         let round = state.synced[usize::from(channel)];
         self.changed.notify_all();
         while !state.failed && !state.finishing && state.released < round {
@@ -113,14 +118,27 @@ impl SyncBarrier {
         Ok(())
     }
 
+    /// Channel `channel` has begun reading a packet (`true`) or handled one (`false`).
+    fn set_mid_packet(&self, channel: u8, mid_packet: bool) {
+        self.lock().mid_packet[usize::from(channel)] = mid_packet;
+    }
+
     /// The source completed after `rounds` rounds: from now on channels may see their
     /// connection close, and a channel waiting at a later SYNC is let go. Refused, with the
-    /// channel, if a channel already sent a SYNC past `rounds`: the source sent more than
-    /// it declared.
-    pub(crate) fn finish(&self, rounds: u64) -> Result<(), u8> {
+    /// channel, if a channel already sent a SYNC past `rounds`, or is in the middle of a
+    /// packet: the source sent more than it declared.
+    pub(crate) fn finish(&self, rounds: u64) -> Result<(), Violation> {
         let mut state = self.lock();
         if let Some(channel) = state.synced.iter().position(|&synced| synced > rounds) {
-            return Err(channel as u8);
+            return Err(Violation::SyncPastLastRound {
+                channel: channel as u8,
+                rounds,
+            });
+        }
+        if let Some(channel) = state.mid_packet.iter().position(|&mid| mid) {
+            return Err(Violation::PacketAfterCompletion {
+                channel: channel as u8,
+            });
         }
         state.finishing = true;
         self.changed.notify_all();
@@ -240,7 +258,7 @@ impl ChannelReceiver {
                         context: "between packets",
                     })
                 }
-                Ok(_) => {}
+                Ok(_) => self.barrier.set_mid_packet(self.id, true),
                 Err(_) if self.barrier.finishing() => return Ok(()),
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(error) => return Err(self.error_io("read packet header", error)),
@@ -261,6 +279,7 @@ impl ChannelReceiver {
                 }
                 PacketKind::DeviceState => self.receive_device_state(&mut packet)?,
             }
+            self.barrier.set_mid_packet(self.id, false);
         }
     }
 

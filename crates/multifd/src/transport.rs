@@ -137,6 +137,26 @@ impl Stream {
         }
     }
 
+    /// Whether bytes have arrived that nobody has read yet (EOF does not count).
+    pub(crate) fn has_pending_data(&self) -> bool {
+        if self.has_buffered_input() {
+            return true;
+        }
+        let mut byte = 0u8;
+        let fd = self.as_fd().as_raw_fd();
+        // SAFETY: `byte` is a valid one-byte buffer for the call; MSG_PEEK leaves the data
+        // queued and MSG_DONTWAIT never blocks.
+        let peeked = unsafe {
+            libc::recv(
+                fd,
+                (&raw mut byte).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        peeked > 0
+    }
+
     /// Ends the sending direction: the peer reads EOF once it has read everything sent.
     pub(crate) fn shutdown_write(&self) {
         // As in `shutdown`: a closed connection has nothing left to end.

@@ -112,10 +112,11 @@ impl Default for DestinationConfig {
     }
 }
 
-/// Control messages a source may send before the destination has accepted every channel
-/// (a source whose channels are connected may already end its first round and complete);
-/// more during setup is a misbehaving source, not worth buffering.
-const MAX_EARLY_MESSAGES: usize = 4;
+/// Control messages a source may send before the destination has accepted every channel.
+/// A source does not wait for the destination between rounds, so one with a small guest
+/// may end several rounds and complete while its channels are still being identified;
+/// each message kept is a few dozen bytes, and past this many the source is misbehaving.
+const MAX_EARLY_MESSAGES: usize = 1024;
 
 /// How often a destination waiting for connections checks for cancellation.
 const ACCEPT_POLL: Duration = Duration::from_millis(100);
@@ -816,6 +817,14 @@ impl Destination {
                     }
                 }
                 ControlMessage::Complete(sent) => {
+                    barrier.finish(released).map_err(violation)?;
+                    // Bytes already queued on a channel but not yet read are a packet
+                    // the source did not declare, as one half read is.
+                    if let Some(channel) = shutdowns.iter().position(Stream::has_pending_data) {
+                        return Err(violation(Violation::PacketAfterCompletion {
+                            channel: channel as u8,
+                        }));
+                    }
                     // Every channel delivered its last SYNC before the last `RoundEnd`, so
                     // every device chunk has arrived: a hole now is a missing chunk.
                     loaders.complete(&self.failure)?;
@@ -826,12 +835,6 @@ impl Destination {
                             destination_totals: received.to_string(),
                         }));
                     }
-                    barrier.finish(released).map_err(|channel| {
-                        violation(Violation::SyncPastLastRound {
-                            channel,
-                            rounds: released,
-                        })
-                    })?;
                     lock(control).send(&ControlMessage::Completed(received))?;
                     for stream in shutdowns {
                         stream.shutdown();

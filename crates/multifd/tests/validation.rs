@@ -888,9 +888,9 @@ fn totals_mismatch_at_complete() {
         Link::Control,
         session.failure(),
         Violation::TotalsMismatch {
-            source_totals: format!("{claimed:?}"),
-            destination_totals: format!("{received:?}"),
+            source_totals: claimed.to_string(),
+            destination_totals: received.to_string(),
         },
-        "totals differ",
+        "totals differ: source 2 packets, 5 normal and 0 zero pages",
     );
 }

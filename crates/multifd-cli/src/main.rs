@@ -113,6 +113,10 @@ struct RecvArgs {
     /// is created.
     #[arg(long, value_name = "BYTES", default_value_t = multifd::DEFAULT_MAX_GUEST_BYTES)]
     max_guest_bytes: u64,
+    /// Refuse a source whose channels would need more receive buffers than this, in bytes
+    /// (packet, decompression and checking buffers over all channels).
+    #[arg(long, value_name = "BYTES", default_value_t = multifd::DEFAULT_MAX_RECEIVE_BUFFER_BYTES)]
+    max_receive_buffer_bytes: u64,
     /// Accept only this many channels (1 to 255).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
     channels: Option<u8>,
@@ -289,6 +293,7 @@ fn recv(args: &RecvArgs) -> Result<()> {
     config.wait_for_source = args.timeout.map(Duration::from_secs);
     config.max_queued_device_bytes = args.max_queued_device_bytes;
     config.max_guest_bytes = args.max_guest_bytes;
+    config.max_receive_buffer_bytes = args.max_receive_buffer_bytes;
     config.integrity = args.integrity.map(Into::into);
     config.tls = args.tls.config();
     // `create_for_receiving` maps new files.

@@ -156,7 +156,7 @@ pub use ids::{DeviceId, Link, Side, Uuid};
 pub use integrity::Integrity;
 pub use migration::{
     Destination, DestinationConfig, Source, SourceConfig, DEFAULT_DEVICE_CHUNK_SIZE,
-    DEFAULT_MAX_GUEST_BYTES, DEFAULT_MAX_QUEUED_DEVICE_BYTES,
+    DEFAULT_MAX_GUEST_BYTES, DEFAULT_MAX_QUEUED_DEVICE_BYTES, DEFAULT_MAX_RECEIVE_BUFFER_BYTES,
 };
 pub use multifd_wire::{
     BlockAnnouncement, Compression, RejectCode, RejectReason, WireError, ZeroPageMode,

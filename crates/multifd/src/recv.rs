@@ -12,8 +12,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use multifd_wire::{
-    DeviceStateChunkHeader, DeviceStateLimits, DeviceStatePacket, PacketHeader, PacketKind,
-    RamLimits, RamPacket, DEVICE_STATE_CHUNK_HEADER_LEN, DEVICE_STATE_PACKET_LEN,
+    Compression, DeviceStateChunkHeader, DeviceStateLimits, DeviceStatePacket, PacketHeader,
+    PacketKind, RamLimits, RamPacket, DEVICE_STATE_CHUNK_HEADER_LEN, DEVICE_STATE_PACKET_LEN,
     PACKET_HEADER_LEN, RAM_PACKET_FIXED_LEN,
 };
 
@@ -161,6 +161,26 @@ pub(crate) struct ReceiveSettings {
     pub(crate) roles: ChannelRoles,
     /// Whether every packet carries a CRC32C trailer.
     pub(crate) integrity: Integrity,
+}
+
+/// The bytes one receive thread allocates for `limits` before any packet arrives, or
+/// grows to: the packet buffer, the decompressor's input and output, and the staging
+/// buffer for pages checked against a CRC32C trailer. The destination bounds their total
+/// over all channels before it starts any.
+pub(crate) fn channel_buffer_bytes(limits: &RamLimits, integrity: Integrity) -> u64 {
+    let packet_bytes = u64::from(limits.max_pages) * u64::from(limits.page_size);
+    let mut bytes = RamPacket::wire_len(limits.max_pages) as u64;
+    if limits.compression != Compression::None {
+        bytes += limits
+            .compression
+            .max_payload(packet_bytes)
+            .unwrap_or(packet_bytes)
+            + packet_bytes;
+    }
+    if integrity == Integrity::Crc32c {
+        bytes += packet_bytes;
+    }
+    bytes
 }
 
 /// One channel's receive thread.

@@ -229,6 +229,42 @@ fn protocol_version_mismatch() {
     assert!(reason.detail.contains("protocol version 2"), "{reason:?}");
 }
 
+/// 255 channels of 16 MiB zstd packets would make the destination allocate about 8 GiB
+/// of receive buffers before any page arrived: refused at the handshake, while QEMU's
+/// 512 KiB packets fit at any channel count.
+#[test]
+fn receive_buffers_beyond_the_cap_are_rejected() {
+    let hello = multifd_wire::Hello {
+        packet_size: 16 << 20,
+        compression: Compression::Zstd,
+        compression_level: 1,
+        // The extension zstd packets carry (0x200).
+        extensions: 0x200,
+        ..raw_hello(255, [9; 16])
+    };
+    let reason = raw_rejected(hello, announced(), Vec::new(), RejectCode::ChannelCount);
+    assert!(
+        reason
+            .detail
+            .contains("255 channels of 16777216-byte packets need"),
+        "{reason:?}"
+    );
+    assert!(reason.detail.contains("receive buffers"), "{reason:?}");
+
+    let (address, destination) = destination(DestinationConfig::default());
+    let hello = multifd_wire::Hello {
+        compression: Compression::Zstd,
+        compression_level: 1,
+        // The extension zstd packets carry (0x200).
+        extensions: 0x200,
+        ..raw_hello(255, [9; 16])
+    };
+    let mut raw = RawSource::announce(&address, &hello, announced(), Vec::new());
+    assert_eq!(raw.receive(), ControlMessage::Welcome);
+    drop(raw);
+    join_within(destination, DEADLINE).expect_err("the source vanished");
+}
+
 /// A `Hello` whose compression or zero-page field holds a value this version does not
 /// know: the destination cannot decode it, and still answers `Reject` saying why.
 #[test]

@@ -27,7 +27,9 @@ use crate::failure::{join_threads, CancelHandle, Failure};
 use crate::ids::{DeviceId, Link, Side, Uuid};
 use crate::integrity::Integrity;
 use crate::ram::{GuestMemory, ReceivedPages};
-use crate::recv::{ChannelReceiver, ReceiveSettings, ReleaseError, SyncBarrier};
+use crate::recv::{
+    channel_buffer_bytes, ChannelReceiver, ReceiveSettings, ReleaseError, SyncBarrier,
+};
 use crate::stats::{ChannelCounters, Counters, MigrationStats, Monitor};
 use crate::sync::{deadline_after, lock};
 use crate::tls::TlsConfig;
@@ -70,6 +72,11 @@ pub struct DestinationConfig {
     /// Most guest memory a source may announce, over all blocks, checked before
     /// `map_blocks` is asked for any of it (see [`DEFAULT_MAX_GUEST_BYTES`]).
     pub max_guest_bytes: u64,
+    /// Most bytes the receive threads of all channels together may allocate for packet,
+    /// decompression and checking buffers (they grow with the channel count and packet
+    /// size a source asks for); a source asking for more is rejected before any is
+    /// allocated (see [`DEFAULT_MAX_RECEIVE_BUFFER_BYTES`]).
+    pub max_receive_buffer_bytes: u64,
     /// Required integrity; `None` takes the source's.
     pub integrity: Option<Integrity>,
     /// TLS on every connection (`None`: plaintext). Each connection's handshake runs
@@ -82,6 +89,12 @@ pub struct DestinationConfig {
 /// map or track more than that (its page-tracking bitmap is then at most 32 MiB). A VMM
 /// with larger guests raises it.
 pub const DEFAULT_MAX_GUEST_BYTES: u64 = 1 << 40;
+
+/// Default [`DestinationConfig::max_receive_buffer_bytes`]: 1 GiB. QEMU's defaults (512
+/// KiB packets) need about 1 MiB per channel even with compression and CRC32C, so any
+/// channel count fits; a source asking for 255 channels of 16 MiB compressed packets
+/// would need 8 GiB.
+pub const DEFAULT_MAX_RECEIVE_BUFFER_BYTES: u64 = 1 << 30;
 
 /// Default [`DestinationConfig::max_queued_device_bytes`]. A device whose load keeps up
 /// has about one chunk per channel queued (the reorder window: a few MiB with 1 MiB chunks,
@@ -106,6 +119,7 @@ impl Default for DestinationConfig {
             memory_zeroed: false,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_guest_bytes: DEFAULT_MAX_GUEST_BYTES,
+            max_receive_buffer_bytes: DEFAULT_MAX_RECEIVE_BUFFER_BYTES,
             integrity: None,
             tls: None,
         }
@@ -353,12 +367,7 @@ impl Destination {
         let settings = Arc::new(ReceiveSettings {
             received: ReceivedPages::new(&memory, hello.page_size, self.config.memory_zeroed),
             memory,
-            ram_limits: RamLimits {
-                max_pages: hello.packet_size / hello.page_size,
-                page_size: hello.page_size,
-                compression: hello.compression,
-                extensions: hello.extensions,
-            },
+            ram_limits: ram_limits(hello),
             device_limits: DeviceStateLimits {
                 max_payload: device_settings.max_payload,
                 // The negotiated extensions (lz4, raw fallback) concern page payloads;
@@ -551,6 +560,7 @@ impl Destination {
         let mut devices = None;
         let verdict = self
             .negotiate(&hello)
+            .and_then(|()| self.check_receive_buffers(&hello))
             .and_then(|()| check_blocks(&blocks, hello.page_size))
             .and_then(|()| self.check_guest_size(&blocks))
             .and_then(|()| self.check_device_settings(&device_settings, hello.channels))
@@ -610,6 +620,25 @@ impl Destination {
             });
         }
         Ok(())
+    }
+
+    /// Refuses settings whose receive buffers over all channels exceed this destination's
+    /// cap.
+    fn check_receive_buffers(&self, hello: &Hello) -> Result<(), RejectReason> {
+        let per_channel = channel_buffer_bytes(&ram_limits(hello), integrity_of(hello.extensions));
+        let total = per_channel.saturating_mul(u64::from(hello.channels));
+        let cap = self.config.max_receive_buffer_bytes;
+        if total <= cap {
+            return Ok(());
+        }
+        Err(RejectReason {
+            code: RejectCode::ChannelCount,
+            detail: format!(
+                "{} channels of {}-byte packets need {total} bytes of receive buffers, more \
+                 than this destination's {cap}",
+                hello.channels, hello.packet_size
+            ),
+        })
     }
 
     /// Refuses an announcement larger in total than this destination takes.
@@ -871,6 +900,16 @@ fn source_aborted(reason: &str) -> Error {
 }
 
 /// The listener, and the TLS configuration its connections handshake with.
+/// What a RAM packet may hold under the settings `hello` proposes.
+fn ram_limits(hello: &Hello) -> RamLimits {
+    RamLimits {
+        max_pages: hello.packet_size / hello.page_size,
+        page_size: hello.page_size,
+        compression: hello.compression,
+        extensions: hello.extensions,
+    }
+}
+
 /// The reject code for a `Hello` that did not decode.
 fn reject_code(error: &WireError) -> RejectCode {
     match error {

@@ -27,6 +27,7 @@ use crate::ram::name_problem;
 
 pub use destination::{
     Destination, DestinationConfig, DEFAULT_MAX_GUEST_BYTES, DEFAULT_MAX_QUEUED_DEVICE_BYTES,
+    DEFAULT_MAX_RECEIVE_BUFFER_BYTES,
 };
 pub use source::{Source, SourceConfig, DEFAULT_DEVICE_CHUNK_SIZE};
 

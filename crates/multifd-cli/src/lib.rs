@@ -9,6 +9,7 @@ pub mod image;
 pub mod output;
 pub mod outputs;
 pub mod ram_files;
+pub mod shrink_guard;
 pub mod tls;
 
 use clap::ValueEnum;

@@ -73,6 +73,10 @@ struct SendArgs {
     /// Dedicate the last K channels to device state (RAM uses the others); 0 shares them.
     #[arg(long, value_name = "K", default_value_t = 0)]
     device_channels: u8,
+    /// Most wire bytes per second over all channels together (default: unlimited), to
+    /// leave the rest of the link to other traffic.
+    #[arg(long, value_name = "BYTES_PER_SECOND", value_parser = clap::value_parser!(u64).range(1..))]
+    max_bandwidth: Option<u64>,
     #[command(flatten)]
     settings: Settings,
     /// Zero-page handling: detect zero pages in the channel threads, or send every page.
@@ -217,6 +221,7 @@ fn send(args: &SendArgs) -> Result<()> {
     config.compression = CompressionSettings::new(args.compress.into(), args.level)?;
     config.integrity = args.integrity.into();
     config.tls = args.tls.config();
+    config.max_bandwidth = args.max_bandwidth;
     let memory = ram_files::map_for_sending(&args.ram)?;
     let devices = device_files::open_for_sending(&args.devices)?;
     let result = send_all(

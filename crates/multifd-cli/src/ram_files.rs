@@ -33,7 +33,8 @@ impl FromStr for RamFile {
     }
 }
 
-/// Maps each file read-only as the block of its name, in argument order.
+/// Maps each file read-only as the block of its name, in argument order, guarded
+/// against the file shrinking during the send (see [`crate::shrink_guard`]).
 pub fn map_for_sending(files: &[RamFile]) -> Result<GuestMemory> {
     let blocks = files
         .iter()
@@ -43,7 +44,9 @@ pub fn map_for_sending(files: &[RamFile]) -> Result<GuestMemory> {
             Ok(RamBlock::map_file(&file.name, &handle, false)?)
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(GuestMemory::new(blocks)?)
+    let memory = GuestMemory::new(blocks)?;
+    crate::shrink_guard::guard(&memory)?;
+    Ok(memory)
 }
 
 /// Creates a new file (in `outputs`, renamed into place on success) for every announced

@@ -655,6 +655,44 @@ fn an_error_and_its_cause_are_printed_once() {
     assert_eq!(stderr.matches("0xdeadbeef").count(), 1, "{stderr}");
 }
 
+/// An image file truncated by another process while `send` reads it: pages past its new
+/// end would raise `SIGBUS`. `send` survives, refuses to declare completion, and both
+/// ends exit 1 with an error naming the block; no process dies of a signal.
+#[test]
+fn an_image_truncated_during_the_send_is_an_error_not_a_signal() {
+    let directory = tempfile::tempdir().expect("temp dir");
+    let (ram, copy) = (
+        directory.path().join("ram.img"),
+        directory.path().join("ram.copy"),
+    );
+    image(&ram, 64 * 256, 3);
+    let recv = start_recv(directory.path(), &["--ram", &arg("pc.ram", &copy)]);
+    // 64 MiB at 32 MiB/s: the send is still reading the image two seconds in.
+    let send = spawn(
+        multifd()
+            .args(["send", "--to", &socket(directory.path())])
+            .args(["--ram", &arg("pc.ram", &ram)])
+            .args(["--channels", "1", "--max-bandwidth", "33554432"]),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&ram)
+        .expect("open the image")
+        .set_len(1 << 20)
+        .expect("truncate");
+    let (sent, received) = finish_pair(send, recv);
+    for (output, side) in [(&sent, "send"), (&received, "recv")] {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{side}: {stderr}");
+        assert!(
+            stderr.contains("shrank to 1048576 bytes"),
+            "{side}: {stderr}"
+        );
+    }
+    assert!(!copy.exists(), "a failed recv leaves no output");
+}
+
 /// A destination disk too small for the announced memory is a clear error before the
 /// migration starts, not a `SIGBUS` when a compressed page is written into the mapped
 /// file. Runs `recv` in a private mount namespace with a 1 MiB tmpfs as its output

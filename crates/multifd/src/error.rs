@@ -298,6 +298,17 @@ pub enum Error {
         /// The peer's message.
         reason: String,
     },
+    /// The file mapped as a RAM block shrank during the migration: the pages past its new
+    /// end could not be read.
+    #[error("ramblock {block:?}: its file shrank to {now} bytes during the migration (the block has {length})")]
+    BlockFileShrank {
+        /// The block.
+        block: String,
+        /// The block's length.
+        length: u64,
+        /// The file's length now.
+        now: u64,
+    },
     /// Something did not happen in time.
     #[error("{side}: timed out {what}")]
     Timeout {

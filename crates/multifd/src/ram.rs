@@ -26,6 +26,9 @@ pub struct RamBlock {
     /// Keeps the memory's owner (a mapping the engine was handed, a vm-memory region)
     /// alive for as long as the block is used.
     _owner: Option<Arc<dyn Any + Send + Sync>>,
+    /// The file a block from [`RamBlock::map_file`] maps, to check that it still covers
+    /// the block: past a file's end a mapping has no pages.
+    file: Option<Arc<File>>,
 }
 
 // SAFETY: a RamBlock is a pointer into memory that the VMM keeps mapped for the block's
@@ -51,6 +54,7 @@ impl RamBlock {
             length,
             writable: true,
             _owner: None,
+            file: None,
         }
     }
 
@@ -74,6 +78,7 @@ impl RamBlock {
             length,
             writable,
             _owner: Some(owner),
+            file: None,
         }
     }
 
@@ -110,7 +115,35 @@ impl RamBlock {
             MmapOptions::new().map_raw_read_only(file)
         }
         .map_err(map_error)?;
-        Self::owning(name, mapping, writable)
+        let file = file.try_clone().map_err(map_error)?;
+        let mut block = Self::owning(name, mapping, writable)?;
+        block.file = Some(Arc::new(file));
+        Ok(block)
+    }
+
+    /// Checks that a block from [`RamBlock::map_file`] is still wholly backed by its file.
+    /// A file that shrank while mapped (truncated by another process) has no pages past
+    /// its new end: the kernel fails reads of them, and a process touching them gets
+    /// `SIGBUS`. A source checks this before it declares completion, so a migration that
+    /// read such pages fails instead of delivering zeros.
+    pub fn check_file(&self) -> Result<(), Error> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        let now = file.metadata().map_err(|source| {
+            Error::Config(format!(
+                "ramblock {:?}: cannot stat its file: {source}",
+                self.name
+            ))
+        })?;
+        if now.len() < self.length {
+            return Err(Error::BlockFileShrank {
+                block: self.name.clone(),
+                length: self.length,
+                now: now.len(),
+            });
+        }
+        Ok(())
     }
 
     /// Whether the block may be written, as a destination needs.
@@ -301,5 +334,27 @@ impl ReceivedPages {
         let span = page / self.pages_per_span;
         let bit = 1u64 << (span % 64);
         self.blocks[block][(span / 64) as usize].fetch_or(bit, Ordering::Relaxed) & bit != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_memory_file_that_shrank_is_named() {
+        let file = tempfile::tempfile().expect("file");
+        file.set_len(64 << 10).expect("size");
+        let block = RamBlock::map_file("pc.ram", &file, false).expect("map");
+        block.check_file().expect("whole");
+        file.set_len(4096).expect("truncate");
+        match block.check_file() {
+            Err(error @ Error::BlockFileShrank { .. }) => assert_eq!(
+                error.to_string(),
+                "ramblock \"pc.ram\": its file shrank to 4096 bytes during the migration \
+                 (the block has 65536)"
+            ),
+            other => panic!("expected BlockFileShrank, got {other:?}"),
+        }
     }
 }

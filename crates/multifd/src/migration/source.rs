@@ -499,6 +499,15 @@ impl Source {
             self.end_round()?;
         }
         self.counters.drained();
+        // Every page has been read: a file that shrank meanwhile made some unreadable.
+        if let Err(error) = self
+            .memory
+            .blocks()
+            .iter()
+            .try_for_each(RamBlock::check_file)
+        {
+            return Err(self.fail(error));
+        }
         let totals = self.counters.totals();
         self.send_control(&ControlMessage::Complete(totals))?;
         let received = self.wait_for_completed()?;

@@ -530,3 +530,28 @@ impl fmt::Display for Printable<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn efault_says_what_it_means() {
+        let error = Error::io(
+            Side::Source,
+            Link::Channel(2),
+            "write packet",
+            io::Error::from_raw_os_error(libc::EFAULT),
+        );
+        let message = error.to_string();
+        assert!(
+            message.starts_with("source channel 2: write packet: "),
+            "{message}"
+        );
+        assert!(
+            message.contains("a memory file shrank or its disk is full"),
+            "{message}"
+        );
+        assert!(!message.contains("Bad address"), "{message}");
+    }
+}

@@ -77,6 +77,11 @@ struct SendArgs {
     /// leave the rest of the link to other traffic.
     #[arg(long, value_name = "BYTES_PER_SECOND", value_parser = clap::value_parser!(u64).range(1..))]
     max_bandwidth: Option<u64>,
+    /// Send uncompressed pages with MSG_ZEROCOPY (TCP only; not with --compress, --tls-dir
+    /// or --integrity): the kernel reads the image instead of copying it. On loopback the
+    /// kernel copies anyway.
+    #[arg(long)]
+    zero_copy: bool,
     #[command(flatten)]
     settings: Settings,
     /// Zero-page handling: detect zero pages in the channel threads, or send every page.
@@ -222,6 +227,7 @@ fn send(args: &SendArgs) -> Result<()> {
     config.integrity = args.integrity.into();
     config.tls = args.tls.config();
     config.max_bandwidth = args.max_bandwidth;
+    config.zero_copy = args.zero_copy;
     let memory = ram_files::map_for_sending(&args.ram)?;
     let devices = device_files::open_for_sending(&args.devices)?;
     let result = send_all(

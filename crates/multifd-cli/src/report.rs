@@ -105,6 +105,8 @@ pub fn to_json(stats: &MigrationStats) -> Value {
         "compression_ratio": stats.compression_ratio(),
         "codec_seconds": stats.codec_time.as_secs_f64(),
         "uncompressed_packets": stats.uncompressed_packets,
+        "zero_copy_sends": stats.channel_totals().zero_copy_sends,
+        "zero_copy_copied": stats.channel_totals().zero_copy_copied,
         "page_size": stats.page_size,
         "rounds": stats.rounds,
         "pages_per_round": stats.pages_per_round,
@@ -192,6 +194,12 @@ pub fn table(stats: &MigrationStats) -> String {
         out += &format!(
             "switchover to completion (downtime proxy): {:.3} s\n",
             switchover.as_secs_f64()
+        );
+    }
+    if total.zero_copy_sends > 0 {
+        out += &format!(
+            "zero-copy: {} page sends, {} of them copied by the kernel after all\n",
+            total.zero_copy_sends, total.zero_copy_copied
         );
     }
     if stats.stray_connections > 0 {

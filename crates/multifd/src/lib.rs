@@ -141,6 +141,7 @@ mod stats;
 mod sync;
 mod tls;
 mod transport;
+mod zero_copy;
 mod zero_page;
 
 pub use compress::CompressionSettings;

@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use multifd_wire::{
     DeviceStatePacket, Flags, RamPacketFields, ZeroPageMode, DEVICE_STATE_CHUNK_HEADER_LEN,
@@ -33,8 +33,9 @@ use crate::ids::{DeviceId, Link, Side};
 use crate::integrity::{checksum, Integrity, TRAILER_LEN};
 use crate::ram::GuestMemory;
 use crate::stats::{ChannelCounters, Counters};
-use crate::sync::{lock, wait};
+use crate::sync::{deadline_after, lock, wait};
 use crate::transport::{iovec, push_page, Stream};
+use crate::zero_copy::ZeroCopy;
 use crate::zero_page::is_zero_page;
 
 /// A packet's worth of work: pages of one block, or one device-state chunk.
@@ -93,6 +94,10 @@ pub(crate) struct ChannelSettings {
     pub(crate) bandwidth: Option<BandwidthLimit>,
     /// Whether every packet carries a CRC32C trailer.
     pub(crate) integrity: Integrity,
+    /// Whether uncompressed pages go out with `MSG_ZEROCOPY` (see [`crate::zero_copy`]).
+    pub(crate) zero_copy: bool,
+    /// How long the kernel may take to finish a round's zero-copy sends.
+    pub(crate) idle_timeout: Duration,
 }
 
 #[derive(Default)]
@@ -230,6 +235,7 @@ impl SendChannels {
                     charged: 0,
                     copied: Vec::new(),
                     trailer: [0; TRAILER_LEN],
+                    zero_copy: settings.zero_copy.then(ZeroCopy::default),
                 };
                 let shared = Arc::clone(&shared);
                 let runner = Arc::clone(failure);
@@ -366,6 +372,8 @@ struct ChannelSender {
     copied: Vec<u8>,
     /// The CRC32C trailer of the packet being sent.
     trailer: [u8; TRAILER_LEN],
+    /// With zero-copy: the sends the kernel has yet to finish.
+    zero_copy: Option<ZeroCopy>,
 }
 
 impl ChannelSender {
@@ -465,6 +473,14 @@ impl ChannelSender {
     }
 
     fn send_sync(&mut self) -> std::io::Result<()> {
+        if let Some(zero_copy) = &mut self.zero_copy {
+            // Nothing of the round may still be in flight once its SYNC is sent.
+            zero_copy.wait_all(&self.stream, deadline_after(self.settings.idle_timeout))?;
+            let (sends, copied) = zero_copy.finished();
+            let counters = &self.counters.channels[usize::from(self.id)];
+            counters.zero_copy_sends.store(sends, Ordering::Relaxed);
+            counters.zero_copy_copied.store(copied, Ordering::Relaxed);
+        }
         self.normal.clear();
         self.zero.clear();
         self.header.clear();
@@ -565,11 +581,30 @@ impl ChannelSender {
             );
             iovecs.push(iovec(self.trailer.as_ptr(), TRAILER_LEN));
         }
-        // SAFETY: the header iovec points to `self.header`, untouched during the call; page
-        // iovecs point inside the block (whole pages, checked when queued), which stays
-        // mapped for the migration, or into the compressor's buffers, untouched until the
-        // next packet. Guest writes during the copy are allowed.
-        unsafe { self.stream.write_all_raw(iovecs)? };
+        match &mut self.zero_copy {
+            // Only guest pages go zero-copy: the header is copied, the pages follow.
+            Some(zero_copy) if iovecs.len() > 1 => {
+                let (header, pages) = iovecs.split_at_mut(1);
+                // SAFETY: the header iovec points to `self.header`, untouched during the
+                // call.
+                unsafe { self.stream.write_all_raw(header)? };
+                // SAFETY: the page iovecs point inside the block (whole pages, checked when
+                // queued), which stays mapped for the migration, past the wait for every
+                // notification at the round's SYNC. Guest writes meanwhile are allowed.
+                unsafe {
+                    zero_copy.send(
+                        &self.stream,
+                        pages,
+                        deadline_after(self.settings.idle_timeout),
+                    )?;
+                }
+            }
+            // SAFETY: the header iovec points to `self.header`, untouched during the call;
+            // page iovecs point inside the block (whole pages, checked when queued), which
+            // stays mapped for the migration, or into the compressor's buffers, untouched
+            // until the next packet. Guest writes during the copy are allowed.
+            _ => unsafe { self.stream.write_all_raw(iovecs)? },
+        }
         let trailer = self.trailer_len();
         let counters = self.counters();
         ChannelCounters::add(

@@ -25,6 +25,8 @@ pub(crate) struct ChannelCounters {
     pub(crate) raw_payload_bytes: AtomicU64,
     pub(crate) uncompressed_packets: AtomicU64,
     pub(crate) codec_nanos: AtomicU64,
+    pub(crate) zero_copy_sends: AtomicU64,
+    pub(crate) zero_copy_copied: AtomicU64,
 }
 
 impl ChannelCounters {
@@ -46,6 +48,8 @@ impl ChannelCounters {
             raw_payload_bytes: read(&self.raw_payload_bytes),
             uncompressed_packets: read(&self.uncompressed_packets),
             codec_time: Duration::from_nanos(read(&self.codec_nanos)),
+            zero_copy_sends: read(&self.zero_copy_sends),
+            zero_copy_copied: read(&self.zero_copy_copied),
         }
     }
 }
@@ -381,6 +385,11 @@ pub struct ChannelStats {
     /// Time spent compressing (source: copying pages out of guest memory included) or
     /// decompressing (destination: copying pages into guest memory included).
     pub codec_time: Duration,
+    /// Source with zero-copy: page sends the kernel finished without copying them, plus
+    /// those it copied anyway (see `zero_copy_copied`).
+    pub zero_copy_sends: u64,
+    /// Source with zero-copy: page sends the kernel copied after all (always on loopback).
+    pub zero_copy_copied: u64,
 }
 
 impl ChannelStats {
@@ -399,6 +408,8 @@ impl ChannelStats {
             raw_payload_bytes: sum(|channel| channel.raw_payload_bytes),
             uncompressed_packets: sum(|channel| channel.uncompressed_packets),
             codec_time: channels.iter().map(|channel| channel.codec_time).sum(),
+            zero_copy_sends: sum(|channel| channel.zero_copy_sends),
+            zero_copy_copied: sum(|channel| channel.zero_copy_copied),
         }
     }
 

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::ValueEnum;
 use multifd::{
-    Address, CompressionSettings, Destination, DestinationConfig, Error, GuestMemory, Link,
-    Listener, RamBlock, Source, SourceConfig, TlsConfig,
+    Address, CompressionSettings, Destination, DestinationConfig, Error, GuestMemory, Integrity,
+    Link, Listener, RamBlock, Source, SourceConfig, TlsConfig,
 };
 use serde_json::{json, Value};
 
@@ -84,6 +84,52 @@ pub struct RunArgs {
     /// throwaway certificates (over loopback only).
     #[arg(long)]
     pub tls: bool,
+    /// Measure every configuration with the CRC32C integrity trailer too, beside plain.
+    #[arg(long)]
+    pub integrity: bool,
+    /// Measure every uncompressed configuration with zero-copy sends too, beside plain.
+    #[arg(long)]
+    pub zero_copy: bool,
+}
+
+/// How the packets of one configuration travel, beside the compression.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Plain packets over plaintext sockets.
+    Plain,
+    /// Over mutual TLS 1.3.
+    Tls,
+    /// With a CRC32C trailer on every packet.
+    Crc32c,
+    /// Pages sent with `MSG_ZEROCOPY`.
+    ZeroCopy,
+}
+
+impl Transport {
+    /// The variants `args` asks for, plain first.
+    fn selected(args: &RunArgs) -> Vec<Self> {
+        let mut selected = vec![Self::Plain];
+        for (wanted, transport) in [
+            (args.tls, Self::Tls),
+            (args.integrity, Self::Crc32c),
+            (args.zero_copy, Self::ZeroCopy),
+        ] {
+            if wanted {
+                selected.push(transport);
+            }
+        }
+        selected
+    }
+
+    /// The suffix of the table's first column; also the JSON `transport` value.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Plain => "plain",
+            Self::Tls => "tls",
+            Self::Crc32c => "crc32c",
+            Self::ZeroCopy => "zero-copy",
+        }
+    }
 }
 
 /// Parses `METHOD` or `METHOD:LEVEL`.
@@ -108,17 +154,17 @@ pub struct Configuration {
     pub compression: CompressionSettings,
     /// Channel count.
     pub channels: u8,
-    /// Over mutual TLS 1.3.
-    pub tls: bool,
+    /// How the packets travel.
+    pub transport: Transport,
 }
 
 impl Configuration {
-    /// The compression, and `+tls` over TLS, as the table's first column shows them.
+    /// The compression, and `+tls`, `+crc32c` or `+zero-copy`, as the table's first column
+    /// shows them.
     fn label(&self) -> String {
-        if self.tls {
-            format!("{} +tls", self.compression)
-        } else {
-            self.compression.to_string()
+        match self.transport {
+            Transport::Plain => self.compression.to_string(),
+            other => format!("{} +{}", self.compression, other.name()),
         }
     }
 }
@@ -226,17 +272,25 @@ impl Bench {
             None
         };
         let certificates = certificates.as_ref().map(tempfile::TempDir::path);
-        let transports: &[bool] = if args.tls { &[false, true] } else { &[false] };
+        let transports = Transport::selected(args);
         let configurations: Vec<Configuration> = args
             .compress
             .iter()
             .flat_map(|&compression| {
+                let transports = &transports;
                 args.channels.iter().flat_map(move |&channels| {
-                    transports.iter().map(move |&tls| Configuration {
-                        compression,
-                        channels,
-                        tls,
-                    })
+                    transports
+                        .iter()
+                        .map(move |&transport| Configuration {
+                            compression,
+                            channels,
+                            transport,
+                        })
+                        // Zero-copy sends pages as they are in memory: no compression.
+                        .filter(|configuration| {
+                            configuration.transport != Transport::ZeroCopy
+                                || configuration.compression == CompressionSettings::NONE
+                        })
                 })
             })
             .collect();
@@ -247,7 +301,7 @@ impl Bench {
             Configuration {
                 compression: CompressionSettings::NONE,
                 channels: first,
-                tls: false,
+                transport: Transport::Plain,
             },
             certificates,
         )?;
@@ -265,8 +319,11 @@ impl Bench {
                 if repeat % 2 == 0 {
                     ours[index].push(self.run(configuration, certificates)?);
                 }
-                // Baselines speak plaintext only.
-                if let Some(side) = baseline.as_deref_mut().filter(|_| !configuration.tls) {
+                // Baselines run the plain variant only.
+                if let Some(side) = baseline
+                    .as_deref_mut()
+                    .filter(|_| configuration.transport == Transport::Plain)
+                {
                     theirs[index].extend(side.run(configuration)?);
                 }
                 if repeat % 2 == 1 {
@@ -290,7 +347,7 @@ impl Bench {
     /// of this process meanwhile. A TLS run uses the certificates in `certificates`.
     fn run(&self, configuration: Configuration, certificates: Option<&Path>) -> Result<Figures> {
         let tls = certificates
-            .filter(|_| configuration.tls)
+            .filter(|_| configuration.transport == Transport::Tls)
             .map(TlsConfig::new);
         match &self.target {
             Target::Loopback { prealloc } => self.over_loopback(configuration, tls, *prealloc),
@@ -335,6 +392,12 @@ impl Bench {
         config.channels = configuration.channels;
         config.compression = configuration.compression;
         config.tls = tls;
+        config.integrity = if configuration.transport == Transport::Crc32c {
+            Integrity::Crc32c
+        } else {
+            Integrity::None
+        };
+        config.zero_copy = configuration.transport == Transport::ZeroCopy;
         let (mut source, started, cpu_before) = connect(address, &config, &memory)?;
         source.queue_block(0)?;
         let stats = source.complete()?;
@@ -430,7 +493,7 @@ impl Bench {
                 let mut run = json!({
                     "compression": row.configuration.compression.to_string(),
                     "channels": row.configuration.channels,
-                    "tls": row.configuration.tls,
+                    "transport": row.configuration.transport.name(),
                     "ours": figures(&row.ours),
                 });
                 if let Some(key) = baseline {

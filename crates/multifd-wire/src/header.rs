@@ -36,6 +36,10 @@ impl Flags {
     /// packet: every packet on every channel is followed by a 4-byte big-endian CRC32C
     /// (Castagnoli) of the packet and its payload exactly as sent.
     pub const CRC32C: u32 = 0x400;
+    /// Extension (local memory), negotiated in `Hello.extensions` only and never set in a
+    /// packet: source and destination share a host, and the source hands its RAM blocks
+    /// over as file descriptors on the Unix control connection instead of sending pages.
+    pub const LOCAL_MEMORY: u32 = 0x800;
 
     /// Whether the SYNC bit is set.
     pub fn is_sync(self) -> bool {

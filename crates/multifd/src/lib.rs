@@ -132,6 +132,7 @@ mod error;
 mod failure;
 mod ids;
 mod integrity;
+mod local_memory;
 mod migration;
 mod precopy;
 mod ram;

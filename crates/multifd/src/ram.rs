@@ -121,6 +121,11 @@ impl RamBlock {
         Ok(block)
     }
 
+    /// The file a block from [`RamBlock::map_file`] maps.
+    pub(crate) fn file(&self) -> Option<&File> {
+        self.file.as_deref()
+    }
+
     /// Checks that a block from [`RamBlock::map_file`] is still wholly backed by its file.
     /// A file that shrank while mapped (truncated by another process) has no pages past
     /// its new end: the kernel fails reads of them, and a process touching them gets

@@ -2,13 +2,13 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use multifd_wire::{
     BlockAnnouncement, ChannelHello, ControlMessage, DeviceAnnouncement, DeviceStateLimits,
-    DeviceStateSettings, Hello, RamLimits, RejectCode, RejectReason, WireError, ZeroPageMode,
-    CHANNEL_HELLO_LEN,
+    DeviceStateSettings, Flags, Hello, RamLimits, RejectCode, RejectReason, WireError,
+    ZeroPageMode, CHANNEL_HELLO_LEN,
 };
 
 use super::admission::{Admission, Identified};
@@ -26,7 +26,8 @@ use crate::error::{Error, Violation};
 use crate::failure::{join_threads, CancelHandle, Failure};
 use crate::ids::{DeviceId, Link, Side, Uuid};
 use crate::integrity::Integrity;
-use crate::ram::{GuestMemory, ReceivedPages};
+use crate::local_memory;
+use crate::ram::{GuestMemory, RamBlock, ReceivedPages};
 use crate::recv::{
     channel_buffer_bytes, ChannelReceiver, ReceiveSettings, ReleaseError, SyncBarrier,
 };
@@ -152,6 +153,8 @@ pub struct Destination {
     monitor: Monitor,
     /// Set by the first `run`: a destination carries one migration.
     used: AtomicBool,
+    /// The memory a local source handed over.
+    local_memory: OnceLock<GuestMemory>,
 }
 
 /// The connections of a migration whose handshake succeeded.
@@ -172,6 +175,7 @@ impl Destination {
             failure: Failure::new(),
             monitor: Monitor::default(),
             used: AtomicBool::new(false),
+            local_memory: OnceLock::new(),
         }
     }
 
@@ -569,10 +573,14 @@ impl Destination {
                 Ok(())
             })
             .and_then(|()| {
-                let memory = map_blocks(&blocks).map_err(|detail| RejectReason {
-                    code: RejectCode::RamBlocks,
-                    detail,
-                })?;
+                let memory = if hello.extensions & Flags::LOCAL_MEMORY != 0 {
+                    self.map_local_memory(control.stream(), &blocks)?
+                } else {
+                    map_blocks(&blocks).map_err(|detail| RejectReason {
+                        code: RejectCode::RamBlocks,
+                        detail,
+                    })?
+                };
                 check_mapped_blocks(&blocks, &memory, hello.page_size)?;
                 Ok(memory)
             });
@@ -620,6 +628,55 @@ impl Destination {
             });
         }
         Ok(())
+    }
+
+    /// Maps the memory a local source hands over (see [`crate::local_memory`]): one
+    /// descriptor per announced block, each exactly the block's size.
+    fn map_local_memory(
+        &self,
+        stream: &Stream,
+        blocks: &[BlockAnnouncement],
+    ) -> Result<GuestMemory, RejectReason> {
+        let refuse = |detail: String| RejectReason {
+            code: RejectCode::RamBlocks,
+            detail,
+        };
+        let files = local_memory::receive(
+            stream,
+            blocks.len(),
+            deadline_after(self.config.connect_timeout),
+        )
+        .map_err(|error| refuse(format!("local memory: {error}")))?;
+        let mapped = blocks
+            .iter()
+            .zip(&files)
+            .map(|(block, file)| {
+                let length = file
+                    .metadata()
+                    .map_err(|error| refuse(format!("local memory {:?}: {error}", block.name)))?
+                    .len();
+                if length != block.length {
+                    return Err(refuse(format!(
+                        "local memory {:?}: a descriptor of {length} bytes for a block of {}",
+                        block.name, block.length
+                    )));
+                }
+                RamBlock::map_file(block.name.as_str(), file, true)
+                    .map_err(|error| refuse(error.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let memory = GuestMemory::new(mapped).map_err(|error| refuse(error.to_string()))?;
+        // The caller maps nothing itself: it takes the memory from here.
+        let _ = self.local_memory.set(memory.clone());
+        Ok(memory)
+    }
+
+    /// The memory a local migration handed over (see [`SourceConfig::local_memory`]),
+    /// once the handshake accepted it; `None` for a migration that sent pages.
+    ///
+    /// [`SourceConfig::local_memory`]: crate::SourceConfig::local_memory
+    pub fn local_memory(&self) -> Option<GuestMemory> {
+        self.local_memory.get().cloned()
     }
 
     /// Refuses settings whose receive buffers over all channels exceed this destination's

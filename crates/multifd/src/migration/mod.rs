@@ -99,16 +99,17 @@ pub(crate) fn check_settings(hello: &Hello) -> Result<(), RejectReason> {
     if let Err(detail) = compression.check() {
         return reject(RejectCode::Compression, detail);
     }
-    let extensions = hello.extensions & !Flags::CRC32C;
+    let extensions = hello.extensions & !(Flags::CRC32C | Flags::LOCAL_MEMORY);
     if extensions != compression.extensions() {
         return reject(
             RejectCode::Extensions,
             format!(
                 "extensions {:#x}, {compression} uses exactly {:#x} (and optionally {:#x}, \
-                 crc32c integrity)",
+                 crc32c integrity, and {:#x}, local memory)",
                 hello.extensions,
                 compression.extensions(),
-                Flags::CRC32C
+                Flags::CRC32C,
+                Flags::LOCAL_MEMORY
             ),
         );
     }

@@ -1,6 +1,7 @@
 //! The source end of a migration.
 
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use multifd_wire::{
     BlockAnnouncement, ChannelHello, Compression, ControlMessage, DeviceAnnouncement,
-    DeviceStateSettings, Hello, Totals, ZeroPageMode, DEVICE_STATE_CHUNK_HEADER_LEN,
+    DeviceStateSettings, Flags, Hello, Totals, ZeroPageMode, DEVICE_STATE_CHUNK_HEADER_LEN,
     PROTOCOL_VERSION,
 };
 
@@ -26,6 +27,7 @@ use crate::error::{Error, Violation};
 use crate::failure::{join_threads, CancelHandle, Failure, PEER_REASON_GRACE};
 use crate::ids::{DeviceId, Link, Side, Uuid};
 use crate::integrity::Integrity;
+use crate::local_memory::{self, MAX_LOCAL_BLOCKS};
 use crate::ram::{GuestMemory, RamBlock};
 use crate::send::{Batch, ChannelSettings, SendChannels};
 use crate::stats::{ChannelCounters, Counters, MigrationStats, Monitor};
@@ -71,6 +73,12 @@ pub struct SourceConfig {
     /// copies anyway). Needs TCP, and refused with compression, TLS and integrity, which
     /// all need the bytes in this process's buffers.
     pub zero_copy: bool,
+    /// Local migration: hand every RAM block over as its file descriptor on a Unix
+    /// control socket (`SCM_RIGHTS`) instead of sending pages; the destination maps the
+    /// same memory, so queued pages are not sent and only device state moves. Every
+    /// block must come from [`RamBlock::map_file`] (a memfd, a tmpfs or hugetlbfs file),
+    /// and once the destination confirmed, the source must not run the guest again.
+    pub local_memory: bool,
     /// How long a connection with work in flight may make no progress before the
     /// migration fails with [`Error::Stalled`]: a channel write that moves no byte (a
     /// destination that stopped reading), or the wait for the destination's `Completed`.
@@ -103,6 +111,7 @@ impl Default for SourceConfig {
             sequential_device_save: false,
             max_bandwidth: None,
             zero_copy: false,
+            local_memory: false,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             integrity: Integrity::None,
             tls: None,
@@ -153,6 +162,8 @@ pub struct Source {
     device_chunk_size: u32,
     sequential_device_save: bool,
     idle_timeout: Duration,
+    /// The destination maps this memory itself: pages are never sent.
+    local_memory: bool,
 }
 
 /// How often a source waiting for `Completed` looks whether the migration failed
@@ -180,6 +191,11 @@ impl Source {
     ) -> Result<Self, Error> {
         let started = Instant::now();
         let offer = Offer::new(config, &memory, &devices)?;
+        if config.local_memory && !matches!(address, Address::Unix(_)) {
+            return Err(Error::Config(format!(
+                "local memory needs a unix: address, not {address}"
+            )));
+        }
         let tls = match &config.tls {
             Some(tls) => Some((tls.client()?, tls.server_name(address.host())?)),
             None => None,
@@ -343,6 +359,7 @@ impl Source {
             save_threads: Vec::new(),
             device_chunk_size: config.device_chunk_size,
             sequential_device_save: config.sequential_device_save,
+            local_memory: config.local_memory,
             idle_timeout: config.idle_timeout,
         })
     }
@@ -377,6 +394,10 @@ impl Source {
         let page_size = u64::from(self.page_size);
         if !offset.is_multiple_of(page_size) || offset >= length {
             return Err(Error::PageOutOfRange { block, offset });
+        }
+        if self.local_memory {
+            // The destination maps the same memory: there is nothing to send.
+            return Ok(());
         }
         if self.batch.block != block && !self.batch.offsets.is_empty()
             || self.batch.offsets.len() == self.pages_per_packet as usize
@@ -723,6 +744,27 @@ fn check_zero_copy(config: &SourceConfig) -> Result<(), Error> {
     )))
 }
 
+/// Local memory hands blocks over as their files, on the same host.
+fn check_local_memory(config: &SourceConfig, memory: &GuestMemory) -> Result<(), Error> {
+    if config.tls.is_some() {
+        return Err(Error::Config(
+            "local memory needs no TLS: both ends share the host".into(),
+        ));
+    }
+    if memory.blocks().len() > MAX_LOCAL_BLOCKS {
+        return Err(Error::Config(format!(
+            "local memory hands over at most {MAX_LOCAL_BLOCKS} blocks"
+        )));
+    }
+    match memory.blocks().iter().find(|block| block.file().is_none()) {
+        Some(block) => Err(Error::Config(format!(
+            "local memory: ramblock {:?} is not a mapped file (a memfd or a file on tmpfs)",
+            block.name()
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// What the source proposes in the handshake, checked before anything is sent.
 struct Offer {
     hello: Hello,
@@ -753,10 +795,19 @@ impl Offer {
             compression: config.compression.method,
             compression_level: config.compression.level,
             zero_page: config.zero_page,
-            extensions: config.compression.extensions() | integrity_extension(config.integrity),
+            extensions: config.compression.extensions()
+                | integrity_extension(config.integrity)
+                | if config.local_memory {
+                    Flags::LOCAL_MEMORY
+                } else {
+                    0
+                },
         };
         check_settings(&hello).map_err(|reason| Error::Config(reason.detail))?;
         check_zero_copy(config)?;
+        if config.local_memory {
+            check_local_memory(config, memory)?;
+        }
         memory.check_layout(config.page_size)?;
         let devices: Vec<DeviceAnnouncement> = devices
             .iter()
@@ -791,6 +842,7 @@ impl Offer {
     ) -> Result<[u8; 16], Error> {
         let uuid = self.hello.uuid;
         control.send_magic()?;
+        let local_memory = self.hello.extensions & Flags::LOCAL_MEMORY != 0;
         control.send(&ControlMessage::Hello(self.hello))?;
         control.send(&ControlMessage::RamBlocks(
             memory
@@ -804,6 +856,16 @@ impl Offer {
         ))?;
         control.send(&ControlMessage::Devices(self.devices))?;
         control.send(&ControlMessage::DeviceSettings(self.device_settings))?;
+        if local_memory {
+            let files: Vec<_> = memory
+                .blocks()
+                .iter()
+                .filter_map(|block| block.file().map(AsFd::as_fd))
+                .collect();
+            local_memory::send(control.stream(), &files).map_err(|error| {
+                Error::io(Side::Source, Link::Control, "hand over memory", error)
+            })?;
+        }
         let set_timeout = |control: &ControlChannel, timeout| {
             control
                 .stream()

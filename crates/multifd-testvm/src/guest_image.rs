@@ -101,6 +101,8 @@ const DATA_SELECTOR: u16 = 0x10;
 /// Flat 4 GiB segments: base 0, limit 0xfffff in 4 KiB units, 32-bit, present, ring 0;
 /// code is execute/read, data read/write.
 const GDT: [u64; 3] = [0, 0x00cf_9a00_0000_ffff, 0x00cf_9200_0000_ffff];
+/// CR0's CD (bit 30) and NW (bit 29): set at reset, caching disabled.
+const CR0_CACHE_DISABLE: u32 = 0x6000_0000;
 /// COM1's transmit register.
 pub const COM1: u16 = 0x3f8;
 /// The "fast A20" gate (system control port A); bit 1 enables A20. Bit 0 resets the
@@ -327,6 +329,9 @@ fn real_mode_code() -> Result<Vec<u8>, Error> {
     a.out(u32::from(SYSTEM_CONTROL_A), al)?;
     a.lgdt(ptr(address(GDT_DESCRIPTOR_OFFSET)))?;
     a.mov(eax, cr0)?;
+    // Caches on (CD and NW clear, as after a reset they are set and nothing here runs a
+    // BIOS that clears them), protection on.
+    a.and(eax, !CR0_CACHE_DISABLE)?;
     a.or(eax, 1)?;
     a.mov(cr0, eax)?;
     a.jmp_far(CODE_SELECTOR, address(PROTECTED_OFFSET))?;

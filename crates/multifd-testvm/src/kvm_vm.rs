@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_msr_entry, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use multifd::{
     DeviceError, DeviceId, GuestMemory, KvmDirtyLog, KvmDirtyLogMode, KvmSlot, LoadDevice,
@@ -48,6 +48,11 @@ pub const TICK: Duration = crate::vcpu::SLICE;
 /// Where KVM puts the three pages of its real-mode TSS on Intel hosts: just below the
 /// 4 GiB boundary, above any RAM this VMM maps (at most 3 GiB), as is customary.
 const TSS_ADDRESS: usize = 0xfffb_d000;
+/// IA32_MTRR_DEF_TYPE, and the value that enables the MTRRs (bit 11) with write-back
+/// (type 6) as the default memory type. At reset the MTRRs are off, which makes all
+/// memory uncacheable wherever the hypervisor honours the guest's memory types.
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+const MTRR_ENABLE_WRITE_BACK: u64 = 0x806;
 /// The default frame buffer: 256 MiB of device state, as the issue asks.
 pub const DEFAULT_FRAME_BUFFER: u64 = 256 << 20;
 
@@ -147,6 +152,16 @@ impl KvmVm {
             regs.rax = u64::from(VCPU_MAGIC);
             regs.rbx = index as u64;
             vcpu.set_regs(&regs).map_err(kvm_error("KVM_SET_REGS"))?;
+            // What a BIOS would have done: MTRRs on, memory write-back by default.
+            let mtrr = Msrs::from_entries(&[kvm_msr_entry {
+                index: MSR_MTRR_DEF_TYPE,
+                data: MTRR_ENABLE_WRITE_BACK,
+                ..Default::default()
+            }])
+            .map_err(|error| Error::State(format!("MSR list: {error:?}")))?;
+            if vcpu.set_msrs(&mtrr).map_err(kvm_error("KVM_SET_MSRS"))? != 1 {
+                return Err(Error::State("KVM refused IA32_MTRR_DEF_TYPE".into()));
+            }
         }
         vm.control.resume();
         Ok(vm)

@@ -1,7 +1,8 @@
 //! The self-checking guest in the KVM VMM: it boots and checks itself; its check catches a
 //! page corrupted from the host; it keeps passing its checks after live migrations with 1
 //! and 2 vCPUs (and 20 in a row); its vCPU state survives a save/load round trip register
-//! by register; and a page the migration loses is the exact page it reports.
+//! by register; a page the migration loses is the exact page it reports; and the same
+//! image boots under a BIOS in QEMU (when QEMU is installed).
 //!
 //! Without `/dev/kvm` the tests print `SKIPPED` and pass, unless `MULTIFD_REQUIRE_KVM=1`.
 #![cfg(target_arch = "x86_64")]
@@ -11,7 +12,8 @@ use std::time::Duration;
 
 use multifd::Address;
 use multifd_testvm::{
-    GuestProgress, KvmFault, KvmMigration, KvmMigrationReport, KvmVm, VcpuState, VmConfig,
+    GuestImage, GuestProgress, KvmFault, KvmMigration, KvmMigrationReport, KvmVm, SerialLine,
+    VcpuState, VmConfig,
 };
 
 /// Guest passes are milliseconds (unpaced) to a quarter second (paced); this bounds any
@@ -307,5 +309,76 @@ fn twenty_ping_pong_migrations_in_a_row() {
         downtimes[10],
         downtimes[19],
         progress.passes
+    );
+}
+
+/// Kills and reaps QEMU however the test ends.
+struct Qemu(std::process::Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_same_image_boots_under_a_bios_in_qemu() {
+    if !kvm_available() {
+        return;
+    }
+    let directory = tempfile::tempdir().expect("tempdir");
+    let mut image = GuestImage::new(16 << 20);
+    image.write_bytes = 64;
+    // Patched for 2 vCPUs: under a BIOS the image still runs one.
+    image.vcpus = 2;
+    let disk = directory.path().join("guest.img");
+    std::fs::write(&disk, image.build().expect("image")).expect("write the image");
+    let serial = directory.path().join("serial.log");
+    let qemu = std::process::Command::new("qemu-system-x86_64")
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-accel", "kvm", "-machine", "pc", "-smp", "1", "-m", "16M"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-drive")
+        .arg(format!("file={},format=raw", disk.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let _qemu = match qemu {
+        Ok(child) => Qemu(child),
+        Err(error) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: qemu-system-x86_64 does not start ({error})"
+            );
+            return;
+        }
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    let log = loop {
+        let log = std::fs::read_to_string(&serial).unwrap_or_default();
+        let passes = log
+            .lines()
+            .filter_map(SerialLine::parse)
+            .filter(|line| matches!(line, SerialLine::Pass { vcpu: 0, .. }))
+            .count();
+        if passes >= 3 || std::time::Instant::now() >= deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let lines: Vec<SerialLine> = log.lines().filter_map(SerialLine::parse).collect();
+    assert!(
+        lines.iter().take(3).eq([1, 2, 3]
+            .map(|pass| SerialLine::Pass { vcpu: 0, pass })
+            .iter()),
+        "QEMU's serial log: {log:?}"
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|line| matches!(line, SerialLine::Mismatch(_))),
+        "{log:?}"
     );
 }

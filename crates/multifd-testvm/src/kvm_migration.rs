@@ -95,8 +95,10 @@ impl KvmMigration {
         let start = Instant::now();
         let incoming = KvmVm::incoming(vm.config())?;
         let listener = Listener::bind(&self.address)?;
+        let destination = destination(&self.destination);
+        let cancel = destination.cancel_handle();
         let (sent, received) = thread::scope(|scope| {
-            let destination = scope.spawn(|| receive(&incoming, &listener, &self.destination));
+            let destination = scope.spawn(|| receive_on(&destination, &incoming, &listener));
             let sent = send_with_fault(
                 vm,
                 &self.address,
@@ -106,6 +108,10 @@ impl KvmMigration {
                 self.fault,
                 progress,
             );
+            if sent.is_err() {
+                // The source may have failed before it could tell the destination.
+                cancel.cancel();
+            }
             let received = destination
                 .join()
                 .unwrap_or_else(|_| Err(Error::Guest("the destination thread panicked".into())));
@@ -173,10 +179,23 @@ pub fn receive(
     listener: &Listener,
     config: &DestinationConfig,
 ) -> Result<MigrationStats, Error> {
+    receive_on(&destination(config), vm, listener)
+}
+
+/// A destination for a fresh [`KvmVm::incoming`]: its memfd starts zeroed.
+fn destination(config: &DestinationConfig) -> Destination {
     let mut config = config.clone();
     config.memory_zeroed = true;
+    Destination::new(config)
+}
+
+fn receive_on(
+    destination: &Destination,
+    vm: &KvmVm,
+    listener: &Listener,
+) -> Result<MigrationStats, Error> {
     let memory = vm.memory();
-    let stats = Destination::new(config).run_with_devices(
+    let stats = destination.run_with_devices(
         listener,
         |blocks| map_blocks(blocks, memory),
         vm.load_devices(),

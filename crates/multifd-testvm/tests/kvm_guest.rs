@@ -382,3 +382,68 @@ fn the_same_image_boots_under_a_bios_in_qemu() {
         "{log:?}"
     );
 }
+
+#[test]
+fn the_throttle_slows_the_guest_and_a_stop_still_stops_it() {
+    if !kvm_available() {
+        return;
+    }
+    use multifd::VmControl;
+    let vm = KvmVm::start(&config(4, 1, 0)).expect("start the VM");
+    vm.wait_for_passes(&GuestProgress::default(), 1, WAIT)
+        .expect("passes");
+    let passes_in = |span: Duration| {
+        let before = vm.progress().passes[0];
+        std::thread::sleep(span);
+        vm.progress().passes[0] - before
+    };
+    let span = Duration::from_millis(1000);
+    let full = passes_in(span);
+    let mut control = vm.control();
+    control.throttle(80);
+    let throttled = passes_in(span);
+    let started = std::time::Instant::now();
+    control.stop().expect("stop while throttled");
+    let stop_time = started.elapsed();
+    let _ = writeln!(
+        std::io::stderr(),
+        "throttle: {full} passes/s at full speed, {throttled} at 80%, stop in {stop_time:?}"
+    );
+    assert!(full >= 10, "the unthrottled guest makes progress: {full}");
+    assert!(
+        throttled * 2 < full,
+        "80% throttle: {throttled} passes against {full}"
+    );
+    assert!(stop_time < Duration::from_secs(1), "{stop_time:?}");
+    control.resume();
+    let resumed = passes_in(span);
+    assert!(
+        resumed * 2 > full,
+        "full speed again: {resumed} against {full}"
+    );
+    assert_clean(&vm, &vm.progress());
+}
+
+#[test]
+fn a_failed_migration_leaves_the_guest_running_on_the_source() {
+    if !kvm_available() {
+        return;
+    }
+    let directory = tempfile::tempdir().expect("tempdir");
+    let vm = KvmVm::start(&config(16, 1, 64)).expect("start the VM");
+    vm.wait_for_passes(&GuestProgress::default(), 1, WAIT)
+        .expect("passes");
+    let mut migration = KvmMigration::new(unix_address(&directory, "failed.sock"));
+    // Never within a zero downtime limit, and out of time at once: cancelled.
+    migration.precopy.downtime_limit = Duration::ZERO;
+    migration.precopy.timeout = Some(Duration::ZERO);
+    let error = migration
+        .migrate(&vm, &mut |_| {})
+        .expect_err("the migration is cancelled");
+    assert!(error.to_string().contains("timeout"), "{error}");
+    assert!(vm.is_running());
+    let progress = vm
+        .wait_for_passes(&vm.progress(), 2, WAIT)
+        .expect("the guest runs on");
+    assert_clean(&vm, &progress);
+}

@@ -24,6 +24,8 @@
 //! * After each pass it prints `P<v> <pass>\n` (pass in hex). Every byte written to the
 //!   port is a VM exit, so the lines are as short as they can be and there is no status
 //!   register polling (QEMU's UART and ours take a byte at any time).
+//! * After `passes` passes the vCPU halts, unless `passes` is 0 (it never does). One
+//!   pass makes an idle guest: it fills its memory once, then stops writing.
 //! * Pacing: after every `batch` pages the vCPU spins on `rdtsc` until `pace` TSC ticks
 //!   have passed since the end of its previous batch (0: no pacing). A vCPU then dirties
 //!   `batch × 4 KiB` every `pace` ticks, whatever W is; [`GuestImage`] computes `pace` from
@@ -45,13 +47,14 @@
 //! |---------|-----------------------------------------------------------|
 //! | 0x000   | 16-bit code (entry point, 0x7c00)                         |
 //! | 0x040   | 32-bit code                                               |
-//! | 0x1b0   | GDT: null, code (0x08), data (0x10)                       |
-//! | 0x1c8   | GDT descriptor (`lgdt` operand: limit, base)              |
-//! | 0x1d0   | `end`: first address past the range, page-aligned         |
-//! | 0x1d4   | `words`: W / 4, the 32-bit words checked per page (2–1024)|
-//! | 0x1d8   | `pace`: TSC ticks per batch per vCPU (0 = unpaced)        |
-//! | 0x1dc   | `batch`: pages between two pacing waits (≥ 1)             |
-//! | 0x1e0   | `vcpus`: vCPUs the VMM starts (1–4)                       |
+//! | 0x1c0   | GDT: null, code (0x08), data (0x10)                       |
+//! | 0x1d8   | GDT descriptor (`lgdt` operand: limit, base)              |
+//! | 0x1e0   | `end`: first address past the range, page-aligned         |
+//! | 0x1e4   | `words`: W / 4, the 32-bit words checked per page (2–1024)|
+//! | 0x1e8   | `pace`: TSC ticks per batch per vCPU (0 = unpaced)        |
+//! | 0x1ec   | `batch`: pages between two pacing waits (≥ 1)             |
+//! | 0x1f0   | `vcpus`: vCPUs the VMM starts (1–4)                       |
+//! | 0x1f4   | `passes`: passes before the vCPU halts (0 = never)        |
 //! | 0x1fe   | boot signature 0x55 0xaa                                  |
 
 use iced_x86::code_asm::{
@@ -82,19 +85,21 @@ pub const MAX_END: u64 = 3 << 30;
 /// Where the 32-bit code starts in the sector: past the 16-bit code (checked).
 const PROTECTED_OFFSET: usize = 0x40;
 /// Where the GDT is in the sector (8-byte aligned, as the processor prefers).
-const GDT_OFFSET: usize = 0x1b0;
+const GDT_OFFSET: usize = 0x1c0;
 /// Where the GDT descriptor is in the sector.
-const GDT_DESCRIPTOR_OFFSET: usize = 0x1c8;
+const GDT_DESCRIPTOR_OFFSET: usize = 0x1d8;
 /// Offsets of the patched parameters (see the module's table).
-pub const END_OFFSET: usize = 0x1d0;
+pub const END_OFFSET: usize = 0x1e0;
 /// Offset of `words` (W / 4).
-pub const WORDS_OFFSET: usize = 0x1d4;
+pub const WORDS_OFFSET: usize = 0x1e4;
 /// Offset of `pace`.
-pub const PACE_OFFSET: usize = 0x1d8;
+pub const PACE_OFFSET: usize = 0x1e8;
 /// Offset of `batch`.
-pub const BATCH_OFFSET: usize = 0x1dc;
+pub const BATCH_OFFSET: usize = 0x1ec;
 /// Offset of `vcpus`.
-pub const VCPUS_OFFSET: usize = 0x1e0;
+pub const VCPUS_OFFSET: usize = 0x1f0;
+/// Offset of `passes`.
+pub const PASSES_OFFSET: usize = 0x1f4;
 /// Code and data selectors (GDT entries 1 and 2).
 const CODE_SELECTOR: u16 = 0x08;
 const DATA_SELECTOR: u16 = 0x10;
@@ -142,6 +147,15 @@ pub struct GuestParameters {
     pub batch: u32,
     /// vCPUs the VMM starts.
     pub vcpus: u32,
+    /// Passes before each vCPU halts; 0 never.
+    pub passes: u32,
+}
+
+impl GuestParameters {
+    /// Pages checked and written in one pass, over all vCPUs.
+    pub fn pages_per_pass(&self) -> u64 {
+        (u64::from(self.end).saturating_sub(FIRST_ADDRESS)) / PAGE_SIZE
+    }
 }
 
 /// Builds the boot sector from a memory size, a write size W, a dirty rate and a TSC
@@ -168,6 +182,8 @@ pub struct GuestImage {
     pub vcpus: u8,
     /// Pages between two pacing waits.
     pub batch: u32,
+    /// Passes before each vCPU halts; 0 (the default) never. 1 makes an idle guest.
+    pub passes: u32,
 }
 
 impl GuestImage {
@@ -180,6 +196,7 @@ impl GuestImage {
             tsc_hz: 0,
             vcpus: 1,
             batch: DEFAULT_BATCH,
+            passes: 0,
         }
     }
 
@@ -234,6 +251,7 @@ impl GuestImage {
             pace,
             batch: self.batch,
             vcpus: u32::from(self.vcpus),
+            passes: self.passes,
         })
     }
 
@@ -292,6 +310,7 @@ pub fn boot_sector(parameters: &GuestParameters) -> Result<[u8; SECTOR], Error> 
         (PACE_OFFSET, parameters.pace),
         (BATCH_OFFSET, parameters.batch),
         (VCPUS_OFFSET, parameters.vcpus),
+        (PASSES_OFFSET, parameters.passes),
     ] {
         sector[offset..][..4].copy_from_slice(&value.to_le_bytes());
     }
@@ -450,7 +469,11 @@ fn protected_mode_code() -> Result<Vec<u8>, Error> {
     a.call(field)?;
     a.mov(al, u32::from(b'\n'))?;
     a.call(putc)?;
-    a.add(var(PASS), 1u32)?;
+    a.mov(eax, var(PASS))?;
+    a.cmp(eax, dword_ptr(address(PASSES_OFFSET)))?;
+    a.je(halt)?;
+    a.inc(eax)?;
+    a.mov(var(PASS), eax)?;
     a.jmp(pass)?;
 
     // "E<v> <address> <found> <expected>\n": `edi` is past the differing word, `eax`
@@ -544,6 +567,11 @@ mod tests {
         assert_eq!(word(&sector, WORDS_OFFSET), 16);
         assert_eq!(word(&sector, BATCH_OFFSET), DEFAULT_BATCH);
         assert_eq!(word(&sector, VCPUS_OFFSET), 2);
+        assert_eq!(word(&sector, PASSES_OFFSET), 0);
+        assert_eq!(
+            image.parameters().unwrap().pages_per_pass(),
+            (63 << 20) / 4096
+        );
         // 16 pages × 4 KiB × 2 vCPUs at 100 MiB/s: 1.25 ms of a 2 GHz TSC.
         assert_eq!(word(&sector, PACE_OFFSET), 2_500_000);
         // The code starts with `cli` and jumps far to the 32-bit code.
@@ -560,10 +588,11 @@ mod tests {
         let mut other = GuestImage::new(128 << 20);
         other.write_bytes = 4096;
         other.vcpus = 4;
+        other.passes = 1;
         let right = other.build().unwrap();
         assert!((0..SECTOR)
             .filter(|&i| left[i] != right[i])
-            .all(|i| (END_OFFSET..VCPUS_OFFSET + 4).contains(&i)));
+            .all(|i| (END_OFFSET..PASSES_OFFSET + 4).contains(&i)));
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //!   CPUID (with its own APIC id). A started VM puts them at 0x7c00 in real mode with
 //!   the register convention the sector expects (`EAX` = [`VCPU_MAGIC`], `EBX` = index);
 //!   an incoming VM creates them paused, to be loaded from a migration.
-//! - **No irqchip, no PIT**: the guest runs with interrupts off and only halts after an
-//!   error, so `HLT` exits to the VMM, which parks the vCPU. Without an in-kernel irqchip
+//! - **No irqchip, no PIT**: the guest runs with interrupts off and only halts for good
+//!   (after an error, or after its last pass), so `HLT` exits to the VMM, which parks the
+//!   vCPU. Without an in-kernel irqchip
 //!   there is no LAPIC state either.
 //! - **Devices**: COM1 ([`crate::serial`]), and a frame buffer ([`FrameBuffer`]) that a
 //!   housekeeping thread redraws from the guest's pass counters every [`TICK`].
@@ -68,6 +69,8 @@ pub struct VmConfig {
     pub write_bytes: u32,
     /// Bytes per second the guest dirties over all vCPUs; 0 runs it unpaced.
     pub dirty_rate: u64,
+    /// Passes before each vCPU halts; 0 (the default) never.
+    pub passes: u32,
     /// Size of the frame buffer device, a multiple of 64 KiB.
     pub frame_buffer: u64,
     /// A file the serial lines are appended to, besides the in-memory log.
@@ -82,6 +85,7 @@ impl VmConfig {
             vcpus,
             write_bytes: 8,
             dirty_rate: 0,
+            passes: 0,
             frame_buffer: DEFAULT_FRAME_BUFFER,
             serial: None,
         }
@@ -128,6 +132,7 @@ impl KvmVm {
         image.dirty_rate = config.dirty_rate;
         image.tsc_hz = vm.tsc_hz;
         image.vcpus = config.vcpus;
+        image.passes = config.passes;
         let sector = image.build()?;
         let ram = &vm.memory.blocks()[0];
         // SAFETY: the sector's 512 bytes at 0x7c00 lie inside the block (at least 1 MiB,
@@ -338,7 +343,7 @@ impl KvmVm {
         self.control.failures()
     }
 
-    /// Which vCPUs halted (after a self-check error, or a failure).
+    /// Which vCPUs halted (after a self-check error, their last pass, or a failure).
     pub fn halted_vcpus(&self) -> Vec<bool> {
         self.control.halted()
     }

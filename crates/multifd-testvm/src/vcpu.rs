@@ -2,8 +2,9 @@
 //!
 //! Each vCPU runs `KVM_RUN` in a loop on its own thread and handles the exits itself:
 //! port I/O goes to the serial port ([`crate::serial`]), `HLT` parks the vCPU for good
-//! (the guest only halts after reporting an error, with interrupts off: there is no
-//! irqchip to wake it), anything else is recorded as a failure and parks it too.
+//! (the guest only halts after reporting an error or after its last pass, with
+//! interrupts off: there is no irqchip to wake it), anything else is recorded as a
+//! failure and parks it too.
 //!
 //! **Stopping.** [`RunControl::stop`] sets `paused` and kicks every vCPU thread with a
 //! real-time signal whose handler does nothing: a thread inside `KVM_RUN` returns with

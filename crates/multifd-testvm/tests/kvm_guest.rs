@@ -116,6 +116,23 @@ fn the_guest_boots_and_checks_itself_on_every_vcpu() {
 }
 
 #[test]
+fn a_guest_with_a_pass_count_halts_after_it() {
+    if !kvm_available() {
+        return;
+    }
+    let mut config = config(8, 2, 0);
+    config.passes = 3;
+    let vm = KvmVm::start(&config).expect("start the VM");
+    let progress = vm
+        .wait_for_passes(&GuestProgress::default(), 3, WAIT)
+        .expect("three passes");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(vm.progress().passes, vec![3, 3]);
+    assert_eq!(vm.halted_vcpus(), vec![true, true]);
+    assert_clean(&vm, &progress);
+}
+
+#[test]
 fn a_page_corrupted_from_the_host_is_reported_exactly() {
     if !kvm_available() {
         return;

@@ -26,7 +26,7 @@ use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_msr_entry, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -38,7 +38,7 @@ use multifd::{
 use crate::frame_buffer::{FrameBuffer, LoadFrameBuffer, SaveFrameBuffer};
 use crate::guest_image::{GuestImage, LOAD_ADDRESS, MAX_END, PAGE_SIZE, VCPU_MAGIC};
 use crate::serial::{GuestProgress, LoadSerial, SaveSerial, Serial};
-use crate::vcpu::{run_vcpu, RunControl};
+use crate::vcpu::{run_vcpu, RunControl, KICK_INTERVAL, STOP_TIMEOUT};
 use crate::vcpu_state::{saveable_msrs, VcpuState, VmState};
 use crate::Error;
 
@@ -566,9 +566,20 @@ impl KvmVm {
 impl Drop for KvmVm {
     fn drop(&mut self) {
         self.control.quit();
+        let deadline = Instant::now() + STOP_TIMEOUT;
         for thread in self.threads.drain(..) {
-            // A thread only panics on a bug, already printed by the panic hook.
-            let _ = thread.join();
+            // A vCPU inside KVM_RUN only sees `quit` once kicked out; a kick can be lost
+            // just before it enters, so repeat until the thread is gone.
+            while !thread.is_finished() && Instant::now() < deadline {
+                self.control.kick_thread(&thread);
+                std::thread::sleep(KICK_INTERVAL);
+            }
+            if thread.is_finished() {
+                // A thread only panics on a bug, already printed by the panic hook.
+                let _ = thread.join();
+            }
+            // Else it is stuck past every bound: leave it detached rather than hang. Its
+            // vCPU fd keeps the VM alive; with the memory unmapped, KVM_RUN fails.
         }
     }
 }

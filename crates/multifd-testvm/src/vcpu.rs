@@ -137,6 +137,14 @@ impl RunControl {
         }
     }
 
+    /// Kicks one thread that the caller has not joined yet (shutting down).
+    pub(crate) fn kick_thread<T>(&self, thread: &std::thread::JoinHandle<T>) {
+        use std::os::unix::thread::JoinHandleExt;
+        // SAFETY: the thread is not joined (the caller holds its handle), so its pthread
+        // handle is valid; the signal's handler is installed and does nothing.
+        unsafe { libc::pthread_kill(thread.as_pthread_t(), self.signal) };
+    }
+
     /// Stops every vCPU and the housekeeping thread; returns once all are parked.
     pub(crate) fn stop(&self) -> Result<(), Error> {
         let deadline = Instant::now() + STOP_TIMEOUT;

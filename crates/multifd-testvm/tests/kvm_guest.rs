@@ -464,3 +464,23 @@ fn a_failed_migration_leaves_the_guest_running_on_the_source() {
         .expect("the guest runs on");
     assert_clean(&vm, &progress);
 }
+
+#[test]
+fn a_guest_that_never_exits_still_stops_and_shuts_down_at_once() {
+    if !kvm_available() {
+        return;
+    }
+    // 1 MiB/s over 15 MiB: a pass (and its serial line, the only exit) every 15 s.
+    let vm = KvmVm::start(&config(16, 2, 1)).expect("start the VM");
+    std::thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    vm.pause().expect("pause");
+    let paused = started.elapsed();
+    vm.resume();
+    std::thread::sleep(Duration::from_millis(100));
+    let started = std::time::Instant::now();
+    drop(vm);
+    let dropped = started.elapsed();
+    assert!(paused < Duration::from_secs(1), "pause took {paused:?}");
+    assert!(dropped < Duration::from_secs(1), "drop took {dropped:?}");
+}

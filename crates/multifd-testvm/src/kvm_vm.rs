@@ -10,8 +10,8 @@
 //!   an incoming VM creates them paused, to be loaded from a migration.
 //! - **No irqchip, no PIT**: the guest runs with interrupts off and only halts for good
 //!   (after an error, or after its last pass), so `HLT` exits to the VMM, which parks the
-//!   vCPU. Without an in-kernel irqchip
-//!   there is no LAPIC state either.
+//!   vCPU. Without an in-kernel irqchip there is no LAPIC, PIC, IOAPIC or PIT state to
+//!   migrate either.
 //! - **Devices**: COM1 ([`crate::serial`]), and a frame buffer ([`FrameBuffer`]) that a
 //!   housekeeping thread redraws from the guest's pass counters every [`TICK`].
 //! - **Migration**: the guest's state moves as devices — `("cpu", n)` per vCPU, `("vm", 0)`
@@ -95,7 +95,6 @@ impl VmConfig {
 /// A running (or incoming) KVM guest; dropping it stops and joins its threads.
 pub struct KvmVm {
     config: VmConfig,
-    kvm: Kvm,
     vm: Arc<VmFd>,
     memory: GuestMemory,
     memory_file: File,
@@ -137,7 +136,7 @@ impl KvmVm {
         let ram = &vm.memory.blocks()[0];
         // SAFETY: the sector's 512 bytes at 0x7c00 lie inside the block (at least 1 MiB,
         // checked by `create`), which stays mapped while `vm` lives; no vCPU runs yet
-        // (they wait for `boot`), so nothing else touches these bytes.
+        // (they stay parked until the `resume` below), so nothing else touches these bytes.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 sector.as_ptr(),
@@ -219,8 +218,9 @@ impl KvmVm {
             userspace_addr: memory.blocks()[0].as_ptr() as u64,
         };
         // SAFETY: the region is the whole block, a shared mapping of the memfd that
-        // `memory` keeps alive; the VM is dropped (and its vCPU threads joined) before
-        // the last clone of `memory` held by this struct.
+        // `memory` keeps mapped. Only running vCPUs touch guest memory, and they all run
+        // on this struct's threads, which `drop` joins before the fields (and so this
+        // mapping) go; a thread that cannot be joined leaks the mapping instead.
         unsafe { vm.set_user_memory_region(region) }
             .map_err(kvm_error("KVM_SET_USER_MEMORY_REGION"))?;
         let supported = kvm
@@ -254,7 +254,6 @@ impl KvmVm {
         let serial = Arc::new(Serial::new(vcpus.len(), serial_file));
         let mut vm = Self {
             config: config.clone(),
-            kvm,
             vm,
             memory,
             memory_file,
@@ -556,11 +555,6 @@ impl KvmVm {
                 .read_volatile()
         })
     }
-
-    /// The KVM handle (for capability checks).
-    pub fn kvm(&self) -> &Kvm {
-        &self.kvm
-    }
 }
 
 impl Drop for KvmVm {
@@ -577,9 +571,12 @@ impl Drop for KvmVm {
             if thread.is_finished() {
                 // A thread only panics on a bug, already printed by the panic hook.
                 let _ = thread.join();
+            } else {
+                // Stuck past every bound: leave it detached rather than hang, and leave
+                // guest RAM mapped for good so that a vCPU still in KVM_RUN never writes
+                // into memory the process reuses.
+                std::mem::forget(self.memory.clone());
             }
-            // Else it is stuck past every bound: leave it detached rather than hang. Its
-            // vCPU fd keeps the VM alive; with the memory unmapped, KVM_RUN fails.
         }
     }
 }

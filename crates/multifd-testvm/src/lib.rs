@@ -12,6 +12,33 @@
 //! [`VmState`]) with a large [`FrameBuffer`] device, and [`KvmMigration`] live-migrates
 //! it to a second VM over real sockets, where the guest's own checks prove that every
 //! page arrived.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use multifd_testvm::{GuestProgress, KvmMigration, KvmVm, VmConfig};
+//!
+//! # fn main() -> Result<(), multifd_testvm::Error> {
+//! let mut config = VmConfig::new(1 << 30, 2); // 1 GiB, 2 vCPUs
+//! config.write_bytes = 64; // checked per page and pass
+//! config.dirty_rate = 100 << 20; // bytes per second, over all vCPUs
+//! config.frame_buffer = 16 << 20;
+//! let vm = KvmVm::start(&config)?;
+//! vm.wait_for_passes(&GuestProgress::default(), 2, Duration::from_secs(30))?;
+//!
+//! let mut migration = KvmMigration::new("tcp:127.0.0.1:4444".parse()?);
+//! migration.source.channels = 4;
+//! migration.precopy.downtime_limit = Duration::from_millis(300);
+//! let (moved, report) = migration.migrate(&vm, &mut |progress| println!("{}", progress.phase))?;
+//! println!("{} rounds, downtime {:?}", report.precopy.rounds.len(), report.precopy.downtime);
+//! // The guest goes on where it stopped; its checks keep passing.
+//! let after = moved.wait_for_passes(&report.before, 2, Duration::from_secs(30))?;
+//! assert!(after.errors.is_empty());
+//! # Ok(()) }
+//! ```
+//!
+//! Between two processes, the source calls [`send`] on its running VM and the destination
+//! [`receive`] on a [`KvmVm::incoming`] one; [`GuestImage`] writes the same guest as a
+//! disk image for QEMU.
 
 mod devices;
 mod frame_buffer;

@@ -113,6 +113,11 @@ impl FrameBuffer {
         (self.rows * ROW_SIZE) as u64
     }
 
+    /// The bytes of a stream carrying every row once (records with their prefixes).
+    pub fn stream_bytes(&self) -> u64 {
+        (self.rows * (RECORD_PREFIX + ROW_SIZE)) as u64
+    }
+
     /// The buffer's generation (redraws so far, carried over a migration).
     pub fn generation(&self) -> u64 {
         self.lock().generation

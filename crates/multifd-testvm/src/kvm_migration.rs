@@ -48,7 +48,8 @@ pub struct KvmMigration {
     /// Downtime limit, auto-converge, timeout.
     pub precopy: PrecopyConfig,
     /// The destination's limits and timeouts (`memory_zeroed` is set: its RAM is a
-    /// fresh memfd).
+    /// fresh memfd; `max_queued_device_bytes` is raised to the VM's device state if
+    /// below).
     pub destination: DestinationConfig,
     /// How KVM's dirty log is harvested.
     pub dirty_log_mode: KvmDirtyLogMode,
@@ -95,7 +96,7 @@ impl KvmMigration {
         let start = Instant::now();
         let incoming = KvmVm::incoming(vm.config())?;
         let listener = Listener::bind(&self.address)?;
-        let destination = destination(&self.destination);
+        let destination = destination(&self.destination, &incoming);
         let cancel = destination.cancel_handle();
         let (sent, received) = thread::scope(|scope| {
             let destination = scope.spawn(|| receive_on(&destination, &incoming, &listener));
@@ -179,13 +180,19 @@ pub fn receive(
     listener: &Listener,
     config: &DestinationConfig,
 ) -> Result<MigrationStats, Error> {
-    receive_on(&destination(config), vm, listener)
+    receive_on(&destination(config, vm), vm, listener)
 }
 
-/// A destination for a fresh [`KvmVm::incoming`]: its memfd starts zeroed.
-fn destination(config: &DestinationConfig) -> Destination {
+/// A destination for a fresh [`KvmVm::incoming`]: its memfd starts zeroed, and the cap
+/// on queued device state admits the VM's whole device state (the frame buffer arrives
+/// faster than its rows are checked and copied when the channels outrun one loading
+/// thread; queuing it all is what the VM would hold anyway).
+fn destination(config: &DestinationConfig, vm: &KvmVm) -> Destination {
     let mut config = config.clone();
     config.memory_zeroed = true;
+    config.max_queued_device_bytes = config
+        .max_queued_device_bytes
+        .max(vm.max_device_state_bytes());
     Destination::new(config)
 }
 

@@ -477,6 +477,12 @@ impl KvmVm {
         devices
     }
 
+    /// The most device state a migration of this VM moves: the frame buffer in records,
+    /// and at most 1 MiB for each other device (vCPUs, VM, serial port).
+    pub fn max_device_state_bytes(&self) -> u64 {
+        self.frame_buffer.stream_bytes() + (self.vcpus.len() as u64 + 2) * MAX_STATE as u64
+    }
+
     /// The destination side of [`KvmVm::save_devices`]: each loads straight into this
     /// (paused) VM.
     pub fn load_devices(&self) -> LoadDevices {
@@ -646,9 +652,10 @@ struct LoadVcpu {
     state: Vec<u8>,
 }
 
-/// The most state bytes a `cpu` or `vm` device may send: an encoded vCPU is about 6 KiB;
+/// The most state bytes a `cpu`, `vm` or `serial` device may send: an encoded vCPU is
+/// about 6 KiB, the serial port a few bytes per vCPU and error;
 /// 1 MiB bounds what a garbled stream makes the destination buffer.
-const MAX_STATE: usize = 1 << 20;
+pub(crate) const MAX_STATE: usize = 1 << 20;
 
 fn collect(state: &mut Vec<u8>, chunk: &[u8]) -> Result<(), DeviceError> {
     if state.len() + chunk.len() > MAX_STATE {

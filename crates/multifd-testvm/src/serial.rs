@@ -360,13 +360,9 @@ pub(crate) struct LoadSerial {
     pub(crate) state: Vec<u8>,
 }
 
-/// The most serial state a source may send: 4 vCPUs' lines and thousands of errors fit
-/// easily; a garbled stream cannot make the destination buffer more.
-const MAX_STATE: usize = 1 << 20;
-
 impl multifd::LoadDevice for LoadSerial {
     fn load_state(&mut self, chunk: &[u8]) -> Result<(), multifd::DeviceError> {
-        if self.state.len() + chunk.len() > MAX_STATE {
+        if self.state.len() + chunk.len() > crate::kvm_vm::MAX_STATE {
             return Err("serial state too large".into());
         }
         self.state.extend_from_slice(chunk);

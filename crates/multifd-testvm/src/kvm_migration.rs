@@ -16,7 +16,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use multifd::{
-    Address, BlockAnnouncement, Destination, DestinationConfig, DirtyLog, GuestMemory,
+    Address, BlockAnnouncement, Destination, DestinationConfig, DirtyLog, GuestMemory, KvmDirtyLog,
     KvmDirtyLogMode, Listener, MigrationStats, Precopy, PrecopyConfig, PrecopyProgress,
     PrecopyStats, Source, SourceConfig,
 };
@@ -155,7 +155,10 @@ fn send_with_fault(
     progress: &mut dyn FnMut(&PrecopyProgress),
 ) -> Result<PrecopyStats, Error> {
     let connection = Source::connect_with_devices(address, source, vm.memory(), vm.save_devices())?;
-    let mut dirty = vm.dirty_log(mode)?;
+    let mut dirty = FreshDirtyLog {
+        pages: vm.memory().blocks()[0].len() / PAGE_SIZE,
+        inner: vm.dirty_log(mode)?,
+    };
     let mut control = vm.control();
     let driver = Precopy::new(precopy.clone());
     let stats = match fault {
@@ -225,6 +228,39 @@ fn map_blocks(blocks: &[BlockAnnouncement], memory: GuestMemory) -> Result<Guest
             ram.name(),
             ram.len()
         )),
+    }
+}
+
+/// KVM's dirty log, with nothing set when the precopy driver starts.
+///
+/// With `KVM_DIRTY_LOG_INITIALLY_SET` the first harvest after `start` reports every page
+/// (that harvest is what write-protects them). The precopy driver starts the log, sends
+/// every page in round 0 and only then harvests, so that first harvest would make round 1
+/// send the whole guest again. `start` therefore harvests once at once and drops the
+/// result: round 0, queued after it, carries every page as it is from then on, and any
+/// later write is logged.
+struct FreshDirtyLog {
+    inner: KvmDirtyLog,
+    /// Pages of the VM's single block.
+    pages: u64,
+}
+
+impl DirtyLog for FreshDirtyLog {
+    fn start(&mut self) -> std::io::Result<()> {
+        self.inner.start()?;
+        if self.inner.initially_set() {
+            let mut everything = vec![0u64; self.pages.div_ceil(64) as usize];
+            self.inner.harvest(0, &mut everything)?;
+        }
+        Ok(())
+    }
+
+    fn harvest(&mut self, block: usize, bitmap: &mut [u64]) -> std::io::Result<()> {
+        self.inner.harvest(block, bitmap)
+    }
+
+    fn stop(&mut self) -> std::io::Result<()> {
+        self.inner.stop()
     }
 }
 

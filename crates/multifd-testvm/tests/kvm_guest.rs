@@ -197,6 +197,13 @@ fn live_migration(vcpus: u8, address: Address) {
     let (destination, report) = migrate_and_check(&vm, &migration);
     assert!(!report.precopy.rounds.is_empty());
     assert!(report.precopy.migration.bytes >= 1 << 20);
+    // After round 0 only what the guest dirtied moves, never the whole guest again.
+    let pages = (64 << 20) / 4096;
+    assert_eq!(report.precopy.rounds[0].pages_sent, pages);
+    for round in &report.precopy.rounds[1..] {
+        assert!(round.pages_sent < pages / 2, "{round:?}");
+    }
+    assert!(report.precopy.final_pages < pages / 2);
     assert!(
         report.precopy.downtime < Duration::from_secs(2),
         "{report:?}"
@@ -267,7 +274,18 @@ fn vcpu_state_round_trips_register_by_register() {
                 assert_eq!(value_again, value, "MSR {msr:#x} of vCPU {index}");
             }
         }
-        assert!(VcpuState::decode(&saved.encode()[..100]).is_err());
+        let blob = saved.encode();
+        for length in (0..blob.len()).step_by(7) {
+            assert!(
+                VcpuState::decode(&blob[..length]).is_err(),
+                "{length} bytes"
+            );
+        }
+        for byte in [0, 4, 6, 8, 10] {
+            let mut garbled = blob.clone();
+            garbled[byte] ^= 0x10;
+            assert!(VcpuState::decode(&garbled).is_err(), "byte {byte} flipped");
+        }
     }
 }
 

@@ -79,8 +79,13 @@ impl FrameBuffer {
                 "frame buffer size {size} must be a non-zero multiple of {ROW_SIZE}"
             )));
         }
+        let mut bytes = vec![0u8; rows * ROW_SIZE];
+        // Touch every page now: the allocator hands out untouched zero pages, and
+        // faulting them in while rows arrive would slow the load that the switchover may
+        // wait for. (`black_box` keeps the compiler from proving the fill redundant.)
+        std::hint::black_box(&mut bytes).fill(0);
         let mut inner = Inner {
-            bytes: vec![0; rows * ROW_SIZE],
+            bytes,
             generations: vec![0; rows],
             dirty: vec![draw; rows],
             loaded: vec![false; rows],
@@ -204,27 +209,42 @@ impl FrameBuffer {
         let inner = &mut *inner;
         let record = RECORD_PREFIX + ROW_SIZE;
         let mut chunk = chunk;
-        while !chunk.is_empty() {
+        // A record cut by the previous chunk is completed first.
+        if !inner.partial.is_empty() {
             let take = (record - inner.partial.len()).min(chunk.len());
             inner.partial.extend_from_slice(&chunk[..take]);
             chunk = &chunk[take..];
             if inner.partial.len() < record {
-                break;
+                return Ok(());
             }
-            let (prefix, bytes) = inner.partial.split_at(RECORD_PREFIX);
-            let row = u32::from_le_bytes(prefix.try_into().unwrap_or_default()) as usize;
-            if row >= self.rows {
-                return Err(Error::State(format!(
-                    "frame buffer record for row {row} of {}",
-                    self.rows
-                )));
-            }
-            let generation = check_row(bytes, row)?;
-            inner.bytes[row * ROW_SIZE..][..ROW_SIZE].copy_from_slice(bytes);
-            inner.generations[row] = generation;
-            inner.loaded[row] = true;
+            let partial = std::mem::take(&mut inner.partial);
+            self.load_record(inner, &partial)?;
+            inner.partial = partial;
             inner.partial.clear();
         }
+        // Whole records straight from the chunk, without a copy.
+        let mut records = chunk.chunks_exact(record);
+        for whole in &mut records {
+            self.load_record(inner, whole)?;
+        }
+        inner.partial.extend_from_slice(records.remainder());
+        Ok(())
+    }
+
+    /// Checks one record (`RECORD_PREFIX + ROW_SIZE` bytes) and copies its row in.
+    fn load_record(&self, inner: &mut Inner, record: &[u8]) -> Result<(), Error> {
+        let (prefix, bytes) = record.split_at(RECORD_PREFIX);
+        let row = u32::from_le_bytes(prefix.try_into().unwrap_or_default()) as usize;
+        if row >= self.rows {
+            return Err(Error::State(format!(
+                "frame buffer record for row {row} of {}",
+                self.rows
+            )));
+        }
+        let generation = check_row(bytes, row)?;
+        inner.bytes[row * ROW_SIZE..][..ROW_SIZE].copy_from_slice(bytes);
+        inner.generations[row] = generation;
+        inner.loaded[row] = true;
         Ok(())
     }
 
@@ -282,11 +302,16 @@ fn digest(generations: &[u64]) -> u64 {
         })
 }
 
-/// splitmix64's output function: a cheap, well-mixed pattern word.
-fn mix(mut value: u64) -> u64 {
-    value = (value ^ (value >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    value = (value ^ (value >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    value ^ (value >> 31)
+/// The step between two pattern words: an odd constant (2^64 / φ), so the words of a
+/// row never repeat and every bit changes often. Each word is the previous one plus the
+/// step, one addition per 8 bytes, so checking a 256 MiB buffer costs little more than
+/// reading it (the destination checks every row as it arrives, and a backlog of rows
+/// still to check at the switchover would be downtime).
+const PATTERN_STEP: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// The pattern words of a row whose header digests to `seed`.
+fn pattern(seed: u64) -> impl Iterator<Item = u64> {
+    std::iter::successors(Some(seed), |word| Some(word.wrapping_add(PATTERN_STEP)))
 }
 
 /// Draws row `row` (exactly `ROW_SIZE` bytes) for `generation` and `passes`.
@@ -300,8 +325,8 @@ fn draw_row(bytes: &mut [u8], row: usize, generation: u64, passes: [u32; 4]) {
     }
     bytes[..HEADER].copy_from_slice(&header);
     let seed = digest_bytes(&header);
-    for (index, word) in bytes[HEADER..].chunks_exact_mut(8).enumerate() {
-        word.copy_from_slice(&mix(seed.wrapping_add(index as u64)).to_le_bytes());
+    for (word, value) in bytes[HEADER..].chunks_exact_mut(8).zip(pattern(seed)) {
+        word.copy_from_slice(&value.to_le_bytes());
     }
 }
 
@@ -322,13 +347,14 @@ fn check_row(bytes: &[u8], row: usize) -> Result<u64, Error> {
         )));
     }
     let seed = digest_bytes(header);
-    for (word, value) in bytes[HEADER..].chunks_exact(8).enumerate() {
-        if value != mix(seed.wrapping_add(word as u64)).to_le_bytes() {
-            return Err(Error::State(format!(
-                "frame buffer row {row}: byte {} does not match its header",
-                HEADER + 8 * word
-            )));
-        }
+    let matches = bytes[HEADER..]
+        .chunks_exact(8)
+        .zip(pattern(seed))
+        .all(|(word, value)| word == value.to_le_bytes());
+    if !matches {
+        return Err(Error::State(format!(
+            "frame buffer row {row}: its content does not match its header"
+        )));
     }
     Ok(u64::from_le_bytes(
         header[8..16].try_into().unwrap_or_default(),

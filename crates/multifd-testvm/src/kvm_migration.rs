@@ -8,17 +8,18 @@
 //! loaded everything: on any failure the precopy driver resumes it and the destination
 //! VM is dropped.
 //!
-//! A test-only fault ([`KvmFault`]) makes the source's dirty log lose one page in every
+//! Test-only faults ([`KvmFault`]): the source's dirty log loses one page in every
 //! harvest, so the destination keeps the copy from round 0 and the guest, running on
-//! there, must report that exact page as stale.
+//! there, must report that exact page as stale; or the destination refuses the VM state
+//! after the switchover, so the source must resume its stopped VM intact.
 
 use std::thread;
 use std::time::{Duration, Instant};
 
 use multifd::{
-    Address, BlockAnnouncement, Destination, DestinationConfig, DirtyLog, GuestMemory, KvmDirtyLog,
-    KvmDirtyLogMode, Listener, MigrationStats, Precopy, PrecopyConfig, PrecopyProgress,
-    PrecopyStats, Source, SourceConfig,
+    Address, BlockAnnouncement, Destination, DestinationConfig, DeviceError, DeviceId, DirtyLog,
+    GuestMemory, KvmDirtyLog, KvmDirtyLogMode, Listener, LoadDevice, MigrationStats, Precopy,
+    PrecopyConfig, PrecopyProgress, PrecopyStats, Source, SourceConfig,
 };
 
 use crate::guest_image::PAGE_SIZE;
@@ -35,6 +36,9 @@ pub enum KvmFault {
     /// surely matters, the first harvest (after round 0) waits until every vCPU finished
     /// two more passes — each rewrote the page after round 0 sent it.
     LoseDirtyPage(u64),
+    /// The destination refuses the `("vm", 0)` state once it has arrived: the migration
+    /// fails after the source stopped its VM, which must then run on where it was.
+    RefuseVmState,
 }
 
 /// How to migrate a [`KvmVm`] within this process.
@@ -99,7 +103,10 @@ impl KvmMigration {
         let destination = destination(&self.destination, &incoming);
         let cancel = destination.cancel_handle();
         let (sent, received) = thread::scope(|scope| {
-            let destination = scope.spawn(|| receive_on(&destination, &incoming, &listener));
+            let refuse = self.fault == Some(KvmFault::RefuseVmState);
+            let (destination, incoming, listener) = (&destination, &incoming, &listener);
+            let destination =
+                scope.spawn(move || receive_on(destination, incoming, listener, refuse));
             let sent = send_with_fault(
                 vm,
                 &self.address,
@@ -162,7 +169,9 @@ fn send_with_fault(
     let mut control = vm.control();
     let driver = Precopy::new(precopy.clone());
     let stats = match fault {
-        None => driver.run(connection, &mut dirty, &mut control, progress),
+        None | Some(KvmFault::RefuseVmState) => {
+            driver.run(connection, &mut dirty, &mut control, progress)
+        }
         Some(KvmFault::LoseDirtyPage(address)) => {
             let mut losing = LosingDirtyLog {
                 inner: &mut dirty,
@@ -183,7 +192,7 @@ pub fn receive(
     listener: &Listener,
     config: &DestinationConfig,
 ) -> Result<MigrationStats, Error> {
-    receive_on(&destination(config, vm), vm, listener)
+    receive_on(&destination(config, vm), vm, listener, false)
 }
 
 /// A destination for a fresh [`KvmVm::incoming`]: its memfd starts zeroed, and the cap
@@ -199,17 +208,25 @@ fn destination(config: &DestinationConfig, vm: &KvmVm) -> Destination {
     Destination::new(config)
 }
 
+/// Receives into `vm`, then resumes it; `refuse_vm_state` injects
+/// [`KvmFault::RefuseVmState`].
 fn receive_on(
     destination: &Destination,
     vm: &KvmVm,
     listener: &Listener,
+    refuse_vm_state: bool,
 ) -> Result<MigrationStats, Error> {
     let memory = vm.memory();
-    let stats = destination.run_with_devices(
-        listener,
-        |blocks| map_blocks(blocks, memory),
-        vm.load_devices(),
-    )?;
+    let mut devices = vm.load_devices();
+    if refuse_vm_state {
+        for (id, device) in &mut devices {
+            if *id == DeviceId::new("vm", 0) {
+                *device = Box::new(Refuse);
+            }
+        }
+    }
+    let stats =
+        destination.run_with_devices(listener, |blocks| map_blocks(blocks, memory), devices)?;
     vm.resume();
     Ok(stats)
 }
@@ -228,6 +245,19 @@ fn map_blocks(blocks: &[BlockAnnouncement], memory: GuestMemory) -> Result<Guest
             ram.name(),
             ram.len()
         )),
+    }
+}
+
+/// A device load that takes the state and refuses it (see [`KvmFault::RefuseVmState`]).
+struct Refuse;
+
+impl LoadDevice for Refuse {
+    fn load_state(&mut self, _chunk: &[u8]) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
+    fn load_config(&mut self, _config: &[u8]) -> Result<(), DeviceError> {
+        Err("refused by the test-only fault RefuseVmState".into())
     }
 }
 

@@ -502,3 +502,29 @@ fn a_guest_that_never_exits_still_stops_and_shuts_down_at_once() {
     assert!(paused < Duration::from_secs(1), "pause took {paused:?}");
     assert!(dropped < Duration::from_secs(1), "drop took {dropped:?}");
 }
+
+#[test]
+fn a_migration_failing_after_the_stop_resumes_the_guest_on_the_source() {
+    if !kvm_available() {
+        return;
+    }
+    let directory = tempfile::tempdir().expect("tempdir");
+    let vm = KvmVm::start(&config(32, 2, 128)).expect("start the VM");
+    vm.wait_for_passes(&GuestProgress::default(), 1, WAIT)
+        .expect("passes");
+    let mut migration = KvmMigration::new(unix_address(&directory, "refused.sock"));
+    migration.fault = Some(KvmFault::RefuseVmState);
+    let mut stopped = false;
+    let error = migration
+        .migrate(&vm, &mut |progress| {
+            stopped |= progress.phase == multifd::Phase::Switchover;
+        })
+        .expect_err("the destination refuses the VM state");
+    assert!(stopped, "the failure came after the stop");
+    assert!(error.to_string().contains("RefuseVmState"), "{error}");
+    assert!(vm.is_running());
+    let progress = vm
+        .wait_for_passes(&vm.progress(), 2, WAIT)
+        .expect("the guest runs on at the source");
+    assert_clean(&vm, &progress);
+}

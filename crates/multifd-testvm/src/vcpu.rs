@@ -282,6 +282,7 @@ pub(crate) fn run_vcpu(
         if !go_on {
             return;
         }
+        // After a pause the throttle's time slice starts afresh.
         if parked_before.elapsed() > SLICE {
             slice_start = Instant::now();
         }

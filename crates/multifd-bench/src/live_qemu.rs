@@ -2,25 +2,16 @@
 //! memory at a set rate, the baseline for our precopy driver (`multifd demo --guest
 //! threads --dirty-rate ...`).
 //!
-//! The guest is [`crate::boot_guest`]: a boot sector that fills its RAM above 1 MiB, then
-//! increments one byte of every page pass after pass, pausing a `delay` loop after every
-//! [`BATCH`] pages, and writes a mark to its serial port after each pass.
-//!
-//! **Calibration.** The dirty rate is pages incremented per second × 4 KiB. A guest that
-//! dirties only [`CALIBRATION_SPAN`] boots alone, unpaced once, then with a trial delay;
-//! its passes are timed from serial mark to serial mark. A paced batch takes the unpaced
-//! batch's time plus the delay's, so the measured rate gives the time of one delay-loop
-//! iteration and the delay for the target (the delay is adjusted in proportion to the
-//! time it must add), and the guest boots again until the rate is within
-//! [`CALIBRATION_TOLERANCE`] (at most [`CALIBRATION_ATTEMPTS`] boots; the closest is kept
-//! and its rate reported). A target above the unpaced rate runs unpaced. The paced rate
-//! depends on the delay, not on the span, and a short span gives a mark every few hundred
-//! milliseconds even at 100 MiB/s. QEMU's `calc-dirty-rate` is not used: its
-//! sampling counts each page once however often it was written (a guest sweeping its
-//! memory within the measurement reads as memory size / time), and its dirty-bitmap mode
-//! slows the guest with write faults as dirty logging does. An unpaced guest is timed
-//! the same way over its whole memory during the run's warm-up, so its achieved rate is
-//! that of the migrated guest.
+//! The guest is `multifd_testvm`'s self-checking boot sector
+//! ([`multifd_testvm::guest_image`]), the same one our VMM runs: after a filling pass it
+//! checks and rewrites the first W bytes of every page above 1 MiB pass after pass,
+//! prints `P0 <pass>` on its serial port after each and `E0 <address> <found> <expected>`
+//! (then halts) if a page does not hold what it wrote on the previous pass, which fails
+//! the run. Its dirty rate is paced in TSC ticks: the image gets the rate and the host's
+//! TSC frequency ([`multifd_testvm::host_tsc_hz`], which a QEMU/KVM guest's TSC runs at),
+//! so no calibration boot is needed. The rate actually kept is measured from the pass
+//! lines during the warm-up (a guest may be slower than its target: `unpaced` is as fast
+//! as the vCPU goes).
 //!
 //! **Migration.** A source QEMU (`-accel kvm`, one vCPU, no devices but COM1 to a file
 //! and the boot disk) runs the guest; a destination waits with `-incoming defer`. Both get
@@ -30,13 +21,13 @@
 //! `migrate` to the destination over loopback TCP and `query-migrate` is polled until
 //! `completed` or `failed`; past the deadline the migration is cancelled (`migrate_cancel`)
 //! and the guest must still be running on the source. After completion the destination's
-//! guest must be running and (unless idle, halted) write a new pass mark: a guest that
+//! guest must be running and (unless idle, halted) write a new pass line: a guest that
 //! stopped would mean a broken migration, and the run fails.
 //!
 //! Reported from the source's `query-migrate`: `total-time`, `downtime`, `setup-time`,
 //! `ram.dirty-sync-count` (rounds), `ram.transferred`, `ram.mbps`; while polling, the last
 //! non-zero `ram.dirty-pages-rate` (the rate the guest kept under dirty logging, lower
-//! than the calibrated one when write faults slow it; QEMU zeroes it at completion) and
+//! than the one measured before when write faults slow it; QEMU zeroes it at completion) and
 //! the highest `cpu-throttle-percentage`.
 
 use std::fmt;
@@ -52,43 +43,21 @@ use multifd_cli::GIB;
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
-use crate::boot_guest::{boot_sector, GuestParameters, FIRST_DIRTY_ADDRESS, PAGE_SIZE, PASS_MARK};
+use multifd_testvm::guest_image::{GuestImage, GuestParameters, FIRST_ADDRESS, PAGE_SIZE};
+use multifd_testvm::{host_tsc_hz, SerialLine};
+
 use crate::devices::parse_size_or_zero;
 use crate::qemu_baseline::MAX_BANDWIDTH;
 use crate::qemu_process::{option_path, qemu_version, work_directory, Qemu, QEMU};
 
 const MIB: f64 = (1u64 << 20) as f64;
 
-/// Pages between two delays: 256 KiB, so at 100 MiB/s the guest pauses every 2.5 ms, far
-/// finer than a precopy round (hundreds of milliseconds), and its rate is even within one.
-const BATCH: u32 = 64;
-/// The range the calibration guest dirties: 32 MiB is a pass every 0.3 s at 100 MiB/s, so
-/// a measurement takes about a second at every target rate.
-const CALIBRATION_SPAN: u32 = 32 << 20;
-/// How close to the target a calibrated rate must be: the guest's own rate varies by a
-/// few percent from boot to boot on a shared two-core host.
-const CALIBRATION_TOLERANCE: f64 = 0.05;
-/// Boots per target rate at most: the delay scales about linearly with the rate, so two
-/// usually do.
-const CALIBRATION_ATTEMPTS: usize = 4;
-/// The first guess of a delay-loop iteration's time, pessimistic: a nested KVM guest
-/// (this project's CI host) runs about one iteration per microsecond, hardware thousands.
-/// Too high a guess only makes the first trial faster than the target, quick to measure;
-/// later trials and targets use the measured time.
-const INITIAL_SECONDS_PER_ITERATION: f64 = 1e-6;
-/// The share of a batch's time the delay must take for its iterations to be timed: below
-/// it the delay is lost in the guest's own jitter, and the next trial spins 10 times more.
-const MEASURABLE_DELAY_SHARE: f64 = 0.1;
-/// The shortest time passes are timed over.
-const MEASURE_WINDOW: Duration = Duration::from_secs(1);
 /// How long the guest may take for one pass before the run fails, at least: its first pass
 /// touches every page of up to 3 GiB for the first time, which host page faults make slow
 /// (10 s for 2 GiB in a nested KVM guest). A paced pass may take twice its expected time.
 const PASS_TIMEOUT: Duration = Duration::from_secs(60);
-/// The slowest paced target: slower, a calibration pass takes more than half a minute.
-const MIN_RATE: u64 = 1 << 20;
-/// How often the serial log is read: marks are timed to 1 ms, a thousandth of
-/// [`MEASURE_WINDOW`].
+/// How often the serial log is read: passes are timed to 1 ms, a two-thousandth of the
+/// [`WARM_UP`] they are timed over.
 const SERIAL_POLL: Duration = Duration::from_millis(1);
 /// How long the guest runs after filling its memory before the migration starts.
 const WARM_UP: Duration = Duration::from_secs(2);
@@ -115,6 +84,10 @@ pub struct LiveQemuArgs {
         value_parser = parse_rate
     )]
     rates: Vec<Rate>,
+    /// W: bytes the guest checks and writes at the start of every page (a multiple of 4
+    /// from 8 to 4096).
+    #[arg(long, default_value_t = 8)]
+    write_bytes: u32,
     /// Multifd channel counts, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [4u32],
           value_parser = clap::value_parser!(u32).range(1..=255))]
@@ -167,17 +140,9 @@ impl fmt::Display for Rate {
     }
 }
 
-/// A delay and the rate it gave.
-#[derive(Debug, Clone, Copy)]
-struct Pacing {
-    delay: u32,
-    /// Bytes per second, measured.
-    rate: f64,
-}
-
 pub fn run(args: &LiveQemuArgs) -> Result<()> {
     ensure!(
-        args.memory > u64::from(FIRST_DIRTY_ADDRESS)
+        args.memory > FIRST_ADDRESS
             && args.memory <= MAX_MEMORY
             && args.memory.is_multiple_of(1 << 20),
         "--memory must be whole MiB, above 1 MiB and at most 3 GiB"
@@ -185,28 +150,16 @@ pub fn run(args: &LiveQemuArgs) -> Result<()> {
     let Some(version) = qemu_version()? else {
         bail!("{QEMU} is not installed");
     };
-    ensure!(
-        args.rates
-            .iter()
-            .all(|&rate| !matches!(rate, Rate::Paced(rate) if rate < MIN_RATE)),
-        "paced rates must be at least 1M"
-    );
-    let mut calibration = Calibration::new(args.memory);
+    let tsc_hz = host_tsc_hz();
+    // Every image is built before the first boot, so a bad rate or W fails at once.
+    for &rate in &args.rates {
+        image(args, rate, tsc_hz).parameters()?;
+    }
     let mut runs = Vec::new();
     for &rate in &args.rates {
-        let pacing = match rate {
-            Rate::Paced(target) => {
-                let pacing = calibration.pace(target)?;
-                if pacing.is_none() {
-                    eprintln!("calibration: {rate} is beyond the unpaced guest: it runs unpaced");
-                }
-                pacing
-            }
-            Rate::Idle | Rate::Unpaced => None,
-        };
         for &channels in &args.channels {
             for _ in 0..args.repeat {
-                let run = migrate(args, rate, pacing, channels)?;
+                let run = migrate(args, rate, tsc_hz, channels)?;
                 if !args.json {
                     eprintln!("{}", run.summary());
                 }
@@ -222,120 +175,43 @@ pub fn run(args: &LiveQemuArgs) -> Result<()> {
                 "memory": args.memory,
                 "downtime_limit_ms": args.downtime_limit_ms,
                 "timeout_seconds": args.timeout,
-                "batch_pages": BATCH,
+                "batch_pages": multifd_testvm::guest_image::DEFAULT_BATCH,
+                "write_bytes": args.write_bytes,
+                "tsc_hz": tsc_hz,
                 "runs": runs.iter().map(Run::json).collect::<Vec<_>>(),
             })
         );
     } else {
         print_table(&runs);
         println!(
-            "{version}; guest {} MiB, downtime limit {} ms; rates in MiB/s, delay 0 unpaced; MiB/s = ram.mbps; \
-             dirty = the last ram.dirty-pages-rate, the guest's rate under dirty logging \
-             (QEMU updates it once a second)",
+            "{version}; guest {} MiB, W {} bytes, downtime limit {} ms; rates in MiB/s, pace in TSC \
+             ticks per batch (0 unpaced); MiB/s = ram.mbps; dirty = the last ram.dirty-pages-rate, \
+             the guest's rate under dirty logging (QEMU updates it once a second)",
             args.memory >> 20,
+            args.write_bytes,
             args.downtime_limit_ms
         );
     }
     Ok(())
 }
 
-/// Finds delays for target rates. A paced batch takes the unpaced batch's time plus
-/// `delay` iterations of the delay loop, so the iteration's time is what is estimated,
-/// carried from one boot to the next.
-struct Calibration {
-    memory: u64,
-    /// The calibration guest's unpaced rate, in bytes per second, once measured.
-    unpaced: Option<f64>,
-    seconds_per_iteration: f64,
-}
-
-impl Calibration {
-    fn new(memory: u64) -> Self {
-        Self {
-            memory,
-            unpaced: None,
-            seconds_per_iteration: INITIAL_SECONDS_PER_ITERATION,
-        }
+/// The guest for `rate`: paced at it, unpaced, or (idle) one filling pass then halted.
+fn image(args: &LiveQemuArgs, rate: Rate, tsc_hz: u64) -> GuestImage {
+    let mut image = GuestImage::new(args.memory);
+    image.write_bytes = args.write_bytes;
+    image.tsc_hz = tsc_hz;
+    match rate {
+        Rate::Idle => image.passes = 1,
+        Rate::Paced(rate) => image.dirty_rate = rate,
+        Rate::Unpaced => {}
     }
-
-    /// The guest dirtying `CALIBRATION_SPAN` with this delay.
-    fn parameters(delay: u32) -> GuestParameters {
-        GuestParameters {
-            end: FIRST_DIRTY_ADDRESS + CALIBRATION_SPAN,
-            batch: BATCH,
-            delay,
-            passes: 0,
-        }
-    }
-
-    /// The delay that gives `target` bytes per second and the rate it gave, or `None`
-    /// when even the unpaced guest is slower than that.
-    fn pace(&mut self, target: u64) -> Result<Option<Pacing>> {
-        let target = target as f64;
-        let unpaced = match self.unpaced {
-            Some(unpaced) => unpaced,
-            None => {
-                let unpaced = measure_alone(self.memory, &Self::parameters(0), PASS_TIMEOUT)?;
-                eprintln!("calibration: unpaced {:.1} MiB/s", unpaced / MIB);
-                *self.unpaced.insert(unpaced)
-            }
-        };
-        if target >= unpaced {
-            return Ok(None);
-        }
-        let mut best: Option<Pacing> = None;
-        for _ in 0..CALIBRATION_ATTEMPTS {
-            let delay = self.delay_for(target, unpaced);
-            let parameters = Self::parameters(delay);
-            let rate = measure_alone(self.memory, &parameters, pass_timeout(&parameters, target))?;
-            eprintln!(
-                "calibration: delay {delay} gives {:.1} MiB/s (target {:.0})",
-                rate / MIB,
-                target / MIB
-            );
-            let batch_bytes = f64::from(BATCH) * f64::from(PAGE_SIZE);
-            let delay_seconds = batch_bytes / rate - batch_bytes / unpaced;
-            self.seconds_per_iteration =
-                if delay_seconds > MEASURABLE_DELAY_SHARE * batch_bytes / rate {
-                    delay_seconds / f64::from(delay)
-                } else {
-                    self.seconds_per_iteration / 10.0
-                };
-            let error = |pacing: &Pacing| (pacing.rate / target - 1.0).abs();
-            let pacing = Pacing { delay, rate };
-            if best.is_none_or(|best| error(&pacing) < error(&best)) {
-                best = Some(pacing);
-            }
-            if error(&pacing) <= CALIBRATION_TOLERANCE {
-                break;
-            }
-        }
-        Ok(best)
-    }
-
-    /// The delay for `target` bytes per second at the current iteration time, at least 1
-    /// (0 would be unpaced).
-    fn delay_for(&self, target: f64, unpaced: f64) -> u32 {
-        let batch_bytes = f64::from(BATCH) * f64::from(PAGE_SIZE);
-        let delay_seconds = batch_bytes / target - batch_bytes / unpaced;
-        // A float-to-int `as` saturates, which is the clamp wanted here.
-        ((delay_seconds / self.seconds_per_iteration).round() as u32).max(1)
-    }
-}
-
-/// Boots the guest alone, waits for its filling pass and returns the dirty rate it then
-/// keeps, in bytes per second, each pass taking at most `pass_timeout`.
-fn measure_alone(memory: u64, parameters: &GuestParameters, pass_timeout: Duration) -> Result<f64> {
-    let workdir = work_directory()?;
-    let mut guest = Guest::boot("calibration", workdir.path(), memory, parameters, false)?;
-    guest.serial.wait_for_marks(1, PASS_TIMEOUT)?;
-    guest.dirty_rate(parameters, MEASURE_WINDOW, pass_timeout)
+    image
 }
 
 /// How long a pass at `rate` bytes per second may take: twice its expected time, and at
 /// least [`PASS_TIMEOUT`].
 fn pass_timeout(parameters: &GuestParameters, rate: f64) -> Duration {
-    let expected = parameters.pages_per_pass() as f64 * f64::from(PAGE_SIZE) / rate;
+    let expected = parameters.pages_per_pass() as f64 * PAGE_SIZE as f64 / rate;
     Duration::try_from_secs_f64(2.0 * expected)
         .map_or(Duration::MAX, |timeout| timeout.max(PASS_TIMEOUT))
 }
@@ -353,12 +229,11 @@ impl Guest {
         role: &'static str,
         workdir: &Path,
         memory: u64,
-        parameters: &GuestParameters,
+        sector: &[u8],
         incoming: bool,
     ) -> Result<Self> {
         let image = workdir.join(format!("{role}.img"));
-        fs::write(&image, boot_sector(parameters)?)
-            .with_context(|| format!("writing {}", image.display()))?;
+        fs::write(&image, sector).with_context(|| format!("writing {}", image.display()))?;
         let serial = workdir.join(format!("{role}.serial"));
         let mut args: Vec<String> = [
             "-nodefaults",
@@ -401,7 +276,7 @@ impl Guest {
             .serial
             .pass_rate(window, pass_timeout)
             .map_err(|error| self.qemu.explain(&error))?;
-        Ok(passes_per_second * parameters.pages_per_pass() as f64 * f64::from(PAGE_SIZE))
+        Ok(passes_per_second * parameters.pages_per_pass() as f64 * PAGE_SIZE as f64)
     }
 
     /// Whether QEMU says the guest runs (`query-status`).
@@ -411,10 +286,12 @@ impl Guest {
     }
 }
 
-/// The guest's serial log, counted in pass marks.
+/// The guest's serial log, counted in pass lines; a self-check error line fails the run.
 struct SerialLog {
     path: PathBuf,
     file: Option<File>,
+    /// Bytes of a line not finished yet.
+    partial: Vec<u8>,
     marks: u64,
 }
 
@@ -423,11 +300,12 @@ impl SerialLog {
         Self {
             path,
             file: None,
+            partial: Vec::new(),
             marks: 0,
         }
     }
 
-    /// Pass marks written so far.
+    /// Pass lines written so far.
     fn marks(&mut self) -> Result<u64> {
         if self.file.is_none() {
             // QEMU creates the file when it starts.
@@ -440,15 +318,31 @@ impl SerialLog {
             }
         }
         if let Some(file) = &mut self.file {
-            let mut new = Vec::new();
-            file.read_to_end(&mut new)
+            file.read_to_end(&mut self.partial)
                 .with_context(|| format!("reading {}", self.path.display()))?;
-            self.marks += new.iter().filter(|&&byte| byte == PASS_MARK).count() as u64;
+            let complete = self
+                .partial
+                .iter()
+                .rposition(|&byte| byte == b'\n')
+                .map_or(0, |end| end + 1);
+            let lines: Vec<u8> = self.partial.drain(..complete).collect();
+            for line in String::from_utf8_lossy(&lines).lines() {
+                match SerialLine::parse(line) {
+                    Some(SerialLine::Pass { .. }) => self.marks += 1,
+                    Some(SerialLine::Mismatch(error)) => {
+                        bail!(
+                            "the guest's self-check failed ({}): {error}",
+                            self.path.display()
+                        )
+                    }
+                    _ => {}
+                }
+            }
         }
         Ok(self.marks)
     }
 
-    /// Waits until the log holds at least `marks` marks, each pass taking at most
+    /// Waits until the log holds at least `marks` pass lines, each pass taking at most
     /// `pass_timeout`.
     fn wait_for_marks(&mut self, marks: u64, pass_timeout: Duration) -> Result<()> {
         while self.marks()? < marks {
@@ -470,7 +364,7 @@ impl SerialLog {
             }
             if start.elapsed() >= timeout {
                 bail!(
-                    "the guest wrote no pass mark to {} in {timeout:?} ({before} so far)",
+                    "the guest wrote no pass line to {} in {timeout:?} ({before} so far)",
                     self.path.display()
                 );
             }
@@ -507,7 +401,8 @@ struct Run {
     target: Rate,
     /// Bytes per second the guest dirtied before the migration, measured (0 when idle).
     achieved: f64,
-    delay: u32,
+    /// TSC ticks per batch the guest was paced at (0: unpaced).
+    pace: u32,
     channels: u32,
     auto_converge: bool,
     migration: Migration,
@@ -524,30 +419,25 @@ struct Migration {
     dirty_pages_rate: Option<u64>,
 }
 
-/// Migrates a guest dirtying at `rate` (with `pacing`, unpaced without) from one QEMU to
-/// another.
-fn migrate(args: &LiveQemuArgs, rate: Rate, pacing: Option<Pacing>, channels: u32) -> Result<Run> {
-    let parameters = GuestParameters {
-        end: u32::try_from(args.memory).context("guest memory above 4 GiB")?,
-        batch: BATCH,
-        delay: pacing.map_or(0, |pacing| pacing.delay),
-        passes: u32::from(rate == Rate::Idle),
-    };
+/// Migrates a guest dirtying at `rate` from one QEMU to another.
+fn migrate(args: &LiveQemuArgs, rate: Rate, tsc_hz: u64, channels: u32) -> Result<Run> {
+    let image = image(args, rate, tsc_hz);
+    let parameters = image.parameters()?;
+    let sector = image.build()?;
     let workdir = work_directory()?;
-    let mut pair = Pair::boot(&workdir, args.memory, &parameters)?;
+    let mut pair = Pair::boot(&workdir, args.memory, &sector)?;
     pair.source.serial.wait_for_marks(1, PASS_TIMEOUT)?;
     let achieved = match rate {
         Rate::Idle => {
             thread::sleep(WARM_UP);
             0.0
         }
-        Rate::Paced(_) | Rate::Unpaced => match pacing {
-            Some(pacing) => {
-                thread::sleep(WARM_UP);
-                pacing.rate
-            }
-            None => pair.source.dirty_rate(&parameters, WARM_UP, PASS_TIMEOUT)?,
-        },
+        Rate::Paced(target) => pair.source.dirty_rate(
+            &parameters,
+            WARM_UP,
+            pass_timeout(&parameters, target as f64),
+        )?,
+        Rate::Unpaced => pair.source.dirty_rate(&parameters, WARM_UP, PASS_TIMEOUT)?,
     };
 
     let settings = json!({
@@ -571,7 +461,7 @@ fn migrate(args: &LiveQemuArgs, rate: Rate, pacing: Option<Pacing>, channels: u3
     Ok(Run {
         target: rate,
         achieved,
-        delay: parameters.delay,
+        pace: parameters.pace,
         channels,
         auto_converge: args.auto_converge,
         migration,
@@ -585,10 +475,10 @@ struct Pair {
 }
 
 impl Pair {
-    fn boot(workdir: &TempDir, memory: u64, parameters: &GuestParameters) -> Result<Self> {
+    fn boot(workdir: &TempDir, memory: u64, sector: &[u8]) -> Result<Self> {
         Ok(Self {
-            source: Guest::boot("source", workdir.path(), memory, parameters, false)?,
-            destination: Guest::boot("destination", workdir.path(), memory, parameters, true)?,
+            source: Guest::boot("source", workdir.path(), memory, sector, false)?,
+            destination: Guest::boot("destination", workdir.path(), memory, sector, true)?,
         })
     }
 
@@ -656,7 +546,8 @@ impl Pair {
     }
 
     /// Checks that the destination loaded everything and its guest runs, and (unless it
-    /// is idle, halted) writes a new pass mark at about the `achieved` rate.
+    /// is idle, halted) writes a new pass line at about the `achieved` rate, its checks
+    /// passing.
     fn check_destination(&mut self, parameters: &GuestParameters, achieved: f64) -> Result<()> {
         let start = Instant::now();
         loop {
@@ -677,7 +568,7 @@ impl Pair {
             "the guest does not run on the destination after the migration"
         );
         if achieved > 0.0 {
-            // The destination's log is new: any mark was written after the migration.
+            // The destination's log is new: any pass line was written after the migration.
             self.destination
                 .serial
                 .wait_for_marks(1, pass_timeout(parameters, achieved))
@@ -710,7 +601,7 @@ impl Run {
     fn qemu_dirty_rate(&self) -> Option<f64> {
         self.migration
             .dirty_pages_rate
-            .map(|pages| pages as f64 * f64::from(PAGE_SIZE))
+            .map(|pages| pages as f64 * PAGE_SIZE as f64)
     }
 
     /// `ram.mbps` (megabits per second) in bytes per second.
@@ -746,7 +637,7 @@ impl Run {
                 Rate::Unpaced => None,
             },
             "achieved_bytes_per_second": self.achieved,
-            "delay": self.delay,
+            "pace_ticks": self.pace,
             "channels": self.channels,
             "auto_converge": self.auto_converge,
             "status": match self.migration.outcome {
@@ -776,10 +667,10 @@ impl Run {
 
 fn print_table(runs: &[Run]) {
     println!(
-        "{:>8} {:>8} {:>6} {:>3} {:>3} {:>8} {:>8} {:>6} {:>6} {:>6} {:>6} {:>8}  status",
+        "{:>8} {:>8} {:>10} {:>3} {:>3} {:>8} {:>8} {:>6} {:>6} {:>6} {:>6} {:>8}  status",
         "target",
         "achieved",
-        "delay",
+        "pace",
         "ch",
         "ac",
         "total s",
@@ -800,9 +691,9 @@ fn print_table(runs: &[Run]) {
             Rate::Unpaced => "unpaced".to_owned(),
         };
         println!(
-            "{target:>8} {:>8} {:>6} {:>3} {:>3} {:>8} {:>8} {:>6} {:>6} {:>6} {:>6} {:>7}%  {}",
+            "{target:>8} {:>8} {:>10} {:>3} {:>3} {:>8} {:>8} {:>6} {:>6} {:>6} {:>6} {:>7}%  {}",
             number(Some(run.achieved / MIB), 0),
-            run.delay,
+            run.pace,
             run.channels,
             if run.auto_converge { "on" } else { "off" },
             number(run.u64_at("/total-time").map(|ms| ms as f64 / 1e3), 2),
@@ -834,26 +725,8 @@ mod tests {
     }
 
     #[test]
-    fn delays_scale_with_the_rate() {
-        let calibration = Calibration::new(2 << 30);
-        let unpaced = f64::INFINITY;
-        let slow = calibration.delay_for(100.0 * MIB, unpaced);
-        let fast = calibration.delay_for(400.0 * MIB, unpaced);
-        assert!(slow > 4 * fast - 4 && slow < 4 * fast + 4, "{slow} {fast}");
-        // The unpaced guest's own time is left out of the delay.
-        assert!(calibration.delay_for(100.0 * MIB, 200.0 * MIB) < slow * 3 / 4);
-        assert_eq!(calibration.delay_for(f64::MAX, unpaced), 1);
-        assert_eq!(calibration.delay_for(1.0, unpaced), u32::MAX);
-    }
-
-    #[test]
     fn slow_passes_get_longer_timeouts() {
-        let parameters = GuestParameters {
-            end: 2 << 30,
-            batch: BATCH,
-            delay: 1,
-            passes: 0,
-        };
+        let parameters = GuestImage::new(2 << 30).parameters().expect("parameters");
         assert_eq!(pass_timeout(&parameters, 100.0 * MIB), PASS_TIMEOUT);
         let slow = pass_timeout(&parameters, 10.0 * MIB).as_secs_f64();
         assert!((409.0..410.0).contains(&slow), "{slow}");
@@ -867,17 +740,13 @@ mod tests {
             eprintln!("{QEMU} is not installed; skipping");
             return Ok(());
         }
-        let parameters = GuestParameters {
-            end: FIRST_DIRTY_ADDRESS + CALIBRATION_SPAN,
-            batch: BATCH,
-            delay: 0,
-            passes: 0,
-        };
+        let image = GuestImage::new(64 << 20);
+        let parameters = image.parameters()?;
         let workdir = work_directory()?;
-        let mut guest = Guest::boot("test", workdir.path(), 64 << 20, &parameters, false)?;
+        let mut guest = Guest::boot("test", workdir.path(), 64 << 20, &image.build()?, false)?;
         guest.serial.wait_for_marks(3, PASS_TIMEOUT)?;
         assert!(guest.running()?);
-        assert!(guest.dirty_rate(&parameters, MEASURE_WINDOW, PASS_TIMEOUT)? > 0.0);
+        assert!(guest.dirty_rate(&parameters, WARM_UP, PASS_TIMEOUT)? > 0.0);
         Ok(())
     }
 }

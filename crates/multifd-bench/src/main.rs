@@ -2,7 +2,6 @@
 //! QEMU's own multifd migration beside ours, QEMU's live migration of a guest that dirties
 //! memory, one core's codec ceilings, and the layouts of device state.
 
-mod boot_guest;
 mod codec_ceiling;
 mod devices;
 mod live_qemu;

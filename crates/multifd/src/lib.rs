@@ -137,6 +137,7 @@ mod precopy;
 mod ram;
 mod recv;
 mod send;
+mod snapshot;
 mod stats;
 mod sync;
 mod tls;
@@ -150,7 +151,7 @@ pub use dirty::{guest_memory_from_mmap, guest_memory_from_mmap_named, VmMemoryDi
 pub use dirty::{AtomicDirtyBitmap, DirtyLog, DirtyLogUnion};
 #[cfg(feature = "kvm")]
 pub use dirty::{KvmDirtyLog, KvmDirtyLogMode, KvmSlot};
-pub use error::{Error, Violation};
+pub use error::{Error, SnapshotFault, Violation};
 pub use failure::CancelHandle;
 pub use ids::{DeviceId, Link, Side, Uuid};
 pub use integrity::Integrity;
@@ -162,10 +163,11 @@ pub use multifd_wire::{
     BlockAnnouncement, Compression, RejectCode, RejectReason, WireError, ZeroPageMode,
 };
 pub use precopy::{
-    Phase, Precopy, PrecopyConfig, PrecopyProgress, PrecopyStats, RoundStats, Throttle,
-    TimeoutStrategy, VmControl, DEFAULT_DOWNTIME_LIMIT,
+    Phase, Precopy, PrecopyConfig, PrecopyProgress, PrecopyStats, PrecopyTarget, RoundStats,
+    Throttle, TimeoutStrategy, VmControl, DEFAULT_DOWNTIME_LIMIT,
 };
 pub use ram::{GuestMemory, RamBlock};
+pub use snapshot::{LazyRestore, RestoreConfig, Snapshot, SnapshotConfig, SnapshotWriter};
 pub use stats::{ChannelStats, DeviceStats, MigrationStats, Monitor, Progress, ProgressWatcher};
 pub use tls::TlsConfig;
 pub use transport::{Address, Listener};

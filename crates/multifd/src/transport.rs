@@ -239,10 +239,10 @@ fn transfer_all(
 }
 
 /// Linux's limit on iovecs per call.
-const IOV_MAX: usize = 1024;
+pub(crate) const IOV_MAX: usize = 1024;
 
 /// Drops the first `done` bytes from the iovecs after a partial transfer.
-fn advance(iovecs: &mut [libc::iovec], mut done: usize) -> &mut [libc::iovec] {
+pub(crate) fn advance(iovecs: &mut [libc::iovec], mut done: usize) -> &mut [libc::iovec] {
     let mut first = 0;
     while first < iovecs.len() && done >= iovecs[first].iov_len {
         done -= iovecs[first].iov_len;

@@ -29,7 +29,7 @@
 //! speed, nothing lost) or `Force` switches over at once whatever the downtime.
 //!
 //! **Targets.** The driver moves the VM to a [`PrecopyTarget`]: a [`Source`] connected to
-//! a destination, or a [`SnapshotWriter`](crate::SnapshotWriter) for a live snapshot,
+//! a destination, or a [`SnapshotWriter`] for a live snapshot,
 //! where each round rewrites the dirty pages in place in the file. Both have the same
 //! round API (queue pages, end the round, switch over, complete), so there is one driver.
 //!
@@ -45,6 +45,7 @@ use crate::error::Error;
 use crate::ids::Side;
 use crate::migration::Source;
 use crate::ram::GuestMemory;
+use crate::snapshot::SnapshotWriter;
 use crate::stats::MigrationStats;
 
 /// The part of a VMM the precopy driver drives: its vCPUs.
@@ -62,7 +63,7 @@ pub trait VmControl {
 }
 
 /// Where the precopy driver moves a running VM: a [`Source`] (to a destination over the
-/// channels) or a [`SnapshotWriter`](crate::SnapshotWriter) (into a snapshot file, rewriting dirty pages in
+/// channels) or a [`SnapshotWriter`] (into a snapshot file, rewriting dirty pages in
 /// place). Both keep the same round API, so one driver serves both; the trait is sealed.
 pub trait PrecopyTarget: sealed::Sealed {
     /// The guest page size in bytes.
@@ -107,8 +108,8 @@ mod sealed {
     /// Only the engine's targets implement [`PrecopyTarget`](super::PrecopyTarget).
     pub trait Sealed {}
 
-    impl Sealed for crate::migration::Source {}
-    impl Sealed for crate::snapshot::SnapshotWriter {}
+    impl Sealed for crate::Source {}
+    impl Sealed for crate::SnapshotWriter {}
 }
 
 impl PrecopyTarget for Source {
@@ -154,6 +155,52 @@ impl PrecopyTarget for Source {
 
     fn complete(self) -> Result<MigrationStats, Error> {
         Source::complete(self)
+    }
+}
+
+impl PrecopyTarget for SnapshotWriter {
+    fn page_size(&self) -> u32 {
+        SnapshotWriter::page_size(self)
+    }
+
+    fn memory(&self) -> &GuestMemory {
+        SnapshotWriter::memory(self)
+    }
+
+    fn bytes_moved(&self) -> u64 {
+        self.monitor().progress().bytes
+    }
+
+    fn queue_block(&mut self, block: usize) -> Result<(), Error> {
+        SnapshotWriter::queue_block(self, block)
+    }
+
+    fn queue_dirty_bitmap(&mut self, block: usize, bitmap: &[u64]) -> Result<(), Error> {
+        SnapshotWriter::queue_dirty_bitmap(self, block, bitmap)
+    }
+
+    fn end_round(&mut self) -> Result<(), Error> {
+        SnapshotWriter::end_round(self)
+    }
+
+    fn save_devices_precopy(&mut self) -> Result<(), Error> {
+        SnapshotWriter::save_devices_precopy(self)
+    }
+
+    fn pending_device_bytes(&mut self) -> u64 {
+        SnapshotWriter::pending_device_bytes(self)
+    }
+
+    fn abort(&self, error: Error) -> Error {
+        SnapshotWriter::abort(self, error)
+    }
+
+    fn switchover(&mut self) -> Result<(), Error> {
+        SnapshotWriter::switchover(self)
+    }
+
+    fn complete(self) -> Result<MigrationStats, Error> {
+        SnapshotWriter::complete(self)
     }
 }
 
@@ -368,7 +415,7 @@ impl Precopy {
     /// Migrates the running VM behind `source`, `dirty` and `vm` to completion, calling
     /// `progress` at every round and phase change (on this thread: keep it short).
     ///
-    /// `source` is a [`Source`] connected to a destination, or a [`SnapshotWriter`](crate::SnapshotWriter)
+    /// `source` is a [`Source`] connected to a destination, or a [`SnapshotWriter`]
     /// for a live snapshot. `dirty` must cover every block of the source's memory, in the same
     /// order. On any error the VM runs on at the source, unthrottled; the destination is
     /// told why.

@@ -70,6 +70,9 @@ pub struct RestoreArgs {
     /// Reader threads (1 to 255).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..))]
     channels: u8,
+    /// Read pages with O_DIRECT, around the page cache.
+    #[arg(long, conflicts_with = "lazy")]
+    direct_io: bool,
     /// Map the snapshot privately instead of reading it (the memory is usable at once,
     /// pages come in as they are touched); reports the time until the memory was usable,
     /// then copies it into the outputs.
@@ -259,6 +262,7 @@ fn restore(args: &RestoreArgs) -> Result<()> {
     }
     let mut config = RestoreConfig::default();
     config.threads = args.channels;
+    config.direct_io = args.direct_io;
     // `create_for_receiving` maps new files.
     config.memory_zeroed = true;
     let result = snapshot

@@ -822,7 +822,7 @@ fn snapshot_save_and_restore_round_trip_with_json_stats() {
     assert_eq!(saved["channels"], 4);
     assert!(saved["file_bytes"].as_u64().expect("file_bytes") > 0);
     assert!(saved["guest_gib_per_second"].as_f64().is_some());
-    let output = restore_snapshot(directory.path(), &["--channels", "3"]);
+    let output = restore_snapshot(directory.path(), &["--channels", "3", "--direct-io"]);
     assert_success(&output, "snapshot restore");
     let restored: Value = serde_json::from_slice(&output.stdout).expect("json");
     assert_eq!(restored["status"], "completed");

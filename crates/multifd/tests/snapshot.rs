@@ -1,5 +1,5 @@
 //! Snapshot files: byte-exact round trips of RAM (zero and non-zero pages, several blocks,
-//! 1 and 4 threads, with and without `O_DIRECT`) and device state, lazy restore, the
+//! 1 and 4 threads, with and without `O_DIRECT` on both sides) and device state, lazy restore, the
 //! file's size, and every kind of bad file, each with its exact error and the target
 //! memory untouched.
 
@@ -187,12 +187,14 @@ fn restore(
     target: &GuestMemory,
     threads: u8,
     memory_zeroed: bool,
+    direct_io: bool,
 ) -> Vec<PatternLoad> {
     let snapshot = Snapshot::open(path).expect("open the snapshot");
     let (devices, sinks) = load_devices();
     let mut config = RestoreConfig::default();
     config.threads = threads;
     config.memory_zeroed = memory_zeroed;
+    config.direct_io = direct_io;
     let stats = snapshot.restore(&config, target, devices).expect("restore");
     assert_eq!(stats.normal_pages, snapshot.present_pages());
     sinks
@@ -243,7 +245,7 @@ fn round_trip(threads: u8, direct_io: bool) {
         non_zero_bytes(&memory)
     );
     let target = dirty_target_like(&memory);
-    let sinks = restore(&path, &target, threads, false);
+    let sinks = restore(&path, &target, threads, false, direct_io);
     assert_same_memory(&memory, &target);
     assert_devices_loaded(&sinks);
 }
@@ -275,7 +277,7 @@ fn restore_into_zeroed_memory_skips_zero_pages_and_stays_exact() {
     let memory = source_memory();
     save(&path, &memory, 2, false).expect("save");
     let target = common::empty_like(&memory);
-    let sinks = restore(&path, &target, 2, true);
+    let sinks = restore(&path, &target, 2, true, false);
     assert_same_memory(&memory, &target);
     assert_devices_loaded(&sinks);
 }

@@ -11,6 +11,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::error::Error;
+use crate::ram::GuestMemory;
 use crate::transport::{advance, IOV_MAX};
 
 /// Alignment `O_DIRECT` needs of memory addresses, lengths and file offsets: 4 KiB
@@ -18,6 +20,25 @@ use crate::transport::{advance, IOV_MAX};
 /// or more in page-aligned mappings meet it, and so does every page's file offset
 /// (1 MiB-aligned block + whole pages).
 pub(crate) const DIRECT_IO_ALIGNMENT: u64 = 4096;
+
+/// Refuses `O_DIRECT` for a page size or a block address it cannot serve: guest memory
+/// is read or written where it is, so it must be aligned as the disk needs.
+pub(crate) fn check_direct_io(page_size: u32, memory: &GuestMemory) -> Result<(), Error> {
+    if !u64::from(page_size).is_multiple_of(DIRECT_IO_ALIGNMENT) {
+        return Err(Error::Config(format!(
+            "O_DIRECT needs a page size that is a multiple of {DIRECT_IO_ALIGNMENT}"
+        )));
+    }
+    for block in memory.blocks() {
+        if !(block.as_ptr() as u64).is_multiple_of(DIRECT_IO_ALIGNMENT) {
+            return Err(Error::Config(format!(
+                "O_DIRECT needs ramblock {:?} at a {DIRECT_IO_ALIGNMENT}-byte aligned address",
+                block.name()
+            )));
+        }
+    }
+    Ok(())
+}
 
 /// Which way a transfer goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,8 +5,8 @@
 //! lazy restore. Device blobs are read and checked against their CRCs before the first
 //! byte of target memory is written, then loaded.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use memmap2::MmapOptions;
 use multifd_wire::BlockAnnouncement;
 
-use super::file_io::{transfer_at, Direction};
+use super::file_io::{check_direct_io, transfer_at, Direction};
 use super::format::{self, DeviceEntry, Metadata, FIXED_LEN};
 use crate::device::{LoadDevice, LoadDevices};
 use crate::error::{Error, SnapshotFault};
@@ -43,6 +43,10 @@ pub struct RestoreConfig {
     /// memory or a new file): then zero pages are not written, as
     /// [`DestinationConfig::memory_zeroed`](crate::DestinationConfig::memory_zeroed).
     pub memory_zeroed: bool,
+    /// Read pages with `O_DIRECT`, around the page cache: the page size and every target
+    /// block's host address must then be multiples of 4 KiB, as for
+    /// [`SnapshotConfig::direct_io`](crate::SnapshotConfig::direct_io).
+    pub direct_io: bool,
 }
 
 impl Default for RestoreConfig {
@@ -50,6 +54,7 @@ impl Default for RestoreConfig {
         Self {
             threads: 2,
             memory_zeroed: false,
+            direct_io: false,
         }
     }
 }
@@ -172,6 +177,23 @@ impl Snapshot {
             }
         }
         memory.check_layout(self.metadata.page_size)?;
+        let direct = if config.direct_io {
+            check_direct_io(self.metadata.page_size, memory)?;
+            Some(
+                OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(&self.path)
+                    .map_err(|source| Error::SnapshotIo {
+                        path: self.path.clone(),
+                        context: "open with O_DIRECT (the filesystem may not support it)",
+                        source,
+                    })?,
+            )
+        } else {
+            None
+        };
+        let pages = direct.as_ref().unwrap_or(&self.file);
         let loads = self.read_devices(devices)?;
         let ids: Vec<DeviceId> = loads.iter().map(|load| load.entry.id.clone()).collect();
         let counters = Counters::new(
@@ -194,6 +216,7 @@ impl Snapshot {
                 .map(|id| {
                     let reader = Reader {
                         snapshot: self,
+                        pages,
                         memory,
                         targets: &targets,
                         counters: &counters.channels[id],
@@ -417,6 +440,8 @@ impl DeviceLoad {
 /// One restore thread.
 struct Reader<'a> {
     snapshot: &'a Snapshot,
+    /// The descriptor pages are read through (`O_DIRECT` when asked).
+    pages: &'a File,
     memory: &'a GuestMemory,
     /// Per file block, its target block's index.
     targets: &'a [usize],
@@ -470,7 +495,7 @@ impl Reader<'_> {
                 // mapped writable (checked), and the engine forms no reference to them.
                 unsafe {
                     transfer_at(
-                        &self.snapshot.file,
+                        self.pages,
                         iovecs,
                         entry.file_offset + start,
                         Direction::Read,

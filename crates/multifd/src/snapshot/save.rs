@@ -25,7 +25,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use super::file_io::{punch_hole, transfer_at, Direction, PresentPages, DIRECT_IO_ALIGNMENT};
+use super::file_io::{check_direct_io, punch_hole, transfer_at, Direction, PresentPages};
 use super::format::{BlockEntry, DeviceEntry, Metadata, Plan};
 use crate::device::{SaveDevice, SaveDevices, StateWriter};
 use crate::error::Error;
@@ -625,19 +625,7 @@ fn check_config(
     }
     memory.check_layout(config.page_size)?;
     if config.direct_io {
-        if !u64::from(config.page_size).is_multiple_of(DIRECT_IO_ALIGNMENT) {
-            return Err(Error::Config(format!(
-                "O_DIRECT needs a page size that is a multiple of {DIRECT_IO_ALIGNMENT}"
-            )));
-        }
-        for block in memory.blocks() {
-            if !(block.as_ptr() as u64).is_multiple_of(DIRECT_IO_ALIGNMENT) {
-                return Err(Error::Config(format!(
-                    "O_DIRECT needs ramblock {:?} at a {DIRECT_IO_ALIGNMENT}-byte aligned address",
-                    block.name()
-                )));
-            }
-        }
+        check_direct_io(config.page_size, memory)?;
     }
     let mut seen = HashSet::new();
     for (id, _) in devices {

@@ -8,6 +8,8 @@ pub use crate::compress::{
 };
 pub use crate::device::reassembler::{Missing, Reassembler, ReassemblyError};
 pub use crate::snapshot::format::{
-    metadata_len as snapshot_metadata_len, Metadata as SnapshotMetadata,
+    header_len as snapshot_header_len, metadata_len as snapshot_metadata_len,
+    Metadata as SnapshotMetadata, BLOCK_ENTRY_LEN as SNAPSHOT_BLOCK_ENTRY_LEN,
+    FIXED_LEN as SNAPSHOT_FIXED_LEN,
 };
 pub use crate::zero_page::is_zero_page;

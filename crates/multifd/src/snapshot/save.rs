@@ -258,9 +258,15 @@ impl SnapshotWriter {
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .open(&path)
             .map_err(io_error("create"))?;
+        // Truncated only if it has contents: truncating a file to zero makes ext4 flush
+        // everything written to it when it is closed (its heuristic for files replaced by
+        // rewriting), which would turn the end of every save into a synchronous writeback.
+        if file.metadata().map_err(io_error("stat"))?.len() > 0 {
+            file.set_len(0).map_err(io_error("truncate"))?;
+        }
         // Sparse: every page a hole until written; zero pages stay holes.
         file.set_len(plan.device_area)
             .map_err(io_error("set the length"))?;

@@ -116,6 +116,34 @@
 //! }
 //! ```
 //!
+//! # Snapshots
+//!
+//! A [`SnapshotWriter`] writes the VM to a file instead of a destination, with the same
+//! round API, so the precopy driver takes it too ([`PrecopyTarget`]); a [`Snapshot`]
+//! validates a file and restores it, in parallel or lazily:
+//!
+//! ```no_run
+//! use multifd::{GuestMemory, LoadDevices, RestoreConfig, SaveDevices, Snapshot,
+//!     SnapshotConfig, SnapshotWriter};
+//! # fn guest_memory() -> GuestMemory { unimplemented!() }
+//! # fn devices() -> SaveDevices { unimplemented!() }
+//! # fn load_devices() -> LoadDevices { unimplemented!() }
+//! # fn map_like(blocks: &[multifd::BlockAnnouncement]) -> GuestMemory { unimplemented!() }
+//! # fn main() -> Result<(), multifd::Error> {
+//! let mut config = SnapshotConfig::default();
+//! config.threads = 4;
+//! let mut writer = SnapshotWriter::create("vm.snap", &config, guest_memory(), devices())?;
+//! for block in 0..writer.memory().blocks().len() {
+//!     writer.queue_block(block)?; // zero pages stay holes in the file
+//! }
+//! writer.complete()?; // the devices, then the metadata, written last
+//!
+//! let snapshot = Snapshot::open("vm.snap")?; // every field and CRC checked here
+//! let memory = map_like(&snapshot.blocks());
+//! snapshot.restore(&RestoreConfig::default(), &memory, load_devices())?;
+//! # Ok(()) }
+//! ```
+//!
 //! Progress comes from a [`Monitor`] (a snapshot, or a periodic callback); a
 //! [`CancelHandle`] stops either end from another thread; the result is a
 //! [`MigrationStats`]. Every failure is one [`Error`] naming the side, the connection and

@@ -19,7 +19,7 @@ use crate::transport::{advance, IOV_MAX};
 /// covers both logical block sizes disks use (512 bytes and 4 KiB). Guest pages of 4 KiB
 /// or more in page-aligned mappings meet it, and so does every page's file offset
 /// (1 MiB-aligned block + whole pages).
-pub(crate) const DIRECT_IO_ALIGNMENT: u64 = 4096;
+const DIRECT_IO_ALIGNMENT: u64 = 4096;
 
 /// Refuses `O_DIRECT` for a page size or a block address it cannot serve: guest memory
 /// is read or written where it is, so it must be aligned as the disk needs.

@@ -98,9 +98,24 @@ pub(crate) unsafe fn transfer_at(
     Ok(())
 }
 
+/// Allocates `length` bytes at `offset` as unwritten extents: they read as zeros and
+/// take disk space, but no byte is written.
+pub(crate) fn preallocate(file: &File, offset: u64, length: u64) -> io::Result<()> {
+    fallocate(file, 0, offset, length)
+}
+
 /// Deallocates `length` bytes at `offset` so they read as zeros, without changing the
 /// file's length.
 pub(crate) fn punch_hole(file: &File, offset: u64, length: u64) -> io::Result<()> {
+    fallocate(
+        file,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        length,
+    )
+}
+
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, length: u64) -> io::Result<()> {
     let (Ok(offset), Ok(length)) = (libc::off_t::try_from(offset), libc::off_t::try_from(length))
     else {
         return Err(io::Error::new(
@@ -110,14 +125,7 @@ pub(crate) fn punch_hole(file: &File, offset: u64, length: u64) -> io::Result<()
     };
     // SAFETY: fallocate only reads the descriptor and the integers; `file` keeps the
     // descriptor open for the call.
-    let result = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            length,
-        )
-    };
+    let result = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, length) };
     if result == 0 {
         Ok(())
     } else {

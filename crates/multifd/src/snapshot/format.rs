@@ -38,9 +38,9 @@
 //!
 //! A block's bitmap holds one bit per page, `ceil(pages / 64)` u64 words: bit `i % 64` of
 //! word `i / 64` set means page `i` is in the file at its fixed offset; a clear bit is a
-//! zero page, and its bytes in the file read as zeros (a hole: never written, or punched
-//! out when a live save found a page that had turned to zeros). No bit past the block's
-//! last page may be set.
+//! zero page, and its bytes in the file read as zeros: a hole (never written, or punched
+//! out when a live save found a page that had turned to zeros), or with `O_DIRECT` an
+//! unwritten preallocated extent. No bit past the block's last page may be set.
 //!
 //! No two areas overlap (metadata, bitmaps, blocks, device blobs), and every one lies
 //! within `file_len`. The writer writes the metadata last, so a save that did not finish

@@ -25,7 +25,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use super::file_io::{check_direct_io, punch_hole, transfer_at, Direction, PresentPages};
+use super::file_io::{
+    check_direct_io, preallocate, punch_hole, transfer_at, Direction, PresentPages,
+};
 use super::format::{BlockEntry, DeviceEntry, Metadata, Plan};
 use crate::device::{SaveDevice, SaveDevices, StateWriter};
 use crate::error::Error;
@@ -63,6 +65,11 @@ pub struct SnapshotConfig {
     /// block's host address must then be multiples of 4 KiB (guest memory is written
     /// straight from where it is, so it must be aligned as the disk needs). The metadata
     /// and device state go through the page cache either way.
+    ///
+    /// The blocks' ranges are then preallocated: direct writes into allocated
+    /// (unwritten) extents run concurrently on ext4 and XFS, while writes that allocate
+    /// take the inode's lock one at a time, which made 4 threads no faster than 1. Zero
+    /// pages are still never written and read as zeros, but take disk space.
     pub direct_io: bool,
 }
 
@@ -282,6 +289,11 @@ impl SnapshotWriter {
             file.try_clone()
                 .map_err(io_error("duplicate the descriptor"))?
         };
+        if config.direct_io {
+            for (&(offset, _), &length) in plan.blocks.iter().zip(&lengths) {
+                preallocate(&file, offset, length).map_err(io_error("preallocate a block"))?;
+            }
+        }
         let ids: Vec<DeviceId> = devices.iter().map(|(id, _)| id.clone()).collect();
         let counters = Counters::new(
             Side::Source,

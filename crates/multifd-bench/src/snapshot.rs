@@ -16,9 +16,10 @@
 //!
 //! Times are wall clocks around the call (ours) or from the QMP command to
 //! `query-migrate` reporting `completed` (QEMU, polled every [`QEMU_POLL`]); GiB/s is the
-//! guest's size over that time. Each snapshot file is deleted after its run, so the runs
-//! do not share page cache. Both write into and read from the page cache of the same
-//! filesystem unless `O_DIRECT` is on.
+//! guest's size over the median time of `--repeat` runs, ours and QEMU's alternating.
+//! Each snapshot file is deleted after its run, so the runs do not share page cache. Both
+//! write into and read from the page cache of the same filesystem unless `O_DIRECT` is on;
+//! the image is synced to disk first, so its writeback does not slow the first runs.
 
 use std::fs::File;
 use std::io::Read;
@@ -57,6 +58,9 @@ pub struct SnapshotArgs {
     /// tmpfs); default: the temp directory.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Runs of each configuration; the median save and restore times are reported.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
     /// Fail when QEMU is not installed, instead of leaving its rows out.
     #[arg(long)]
     require_qemu: bool,
@@ -87,6 +91,10 @@ pub fn run(args: &SnapshotArgs) -> Result<()> {
         .context("cannot create the scratch directory")?;
     let image_path = directory.path().join("image.img");
     image::create(&image_path, args.size, SEED)?;
+    // On disk before anything is timed: its writeback would compete with the first runs.
+    File::open(&image_path)
+        .and_then(|file| file.sync_all())
+        .context("syncing the image")?;
     warm_page_cache(&image_path)?;
     let version = qemu_version()?;
     ensure!(
@@ -96,18 +104,22 @@ pub fn run(args: &SnapshotArgs) -> Result<()> {
     let mut rows = Vec::new();
     for &channels in &args.channels {
         for direct_io in [false, true] {
-            let ours = ours(&image_path, directory.path(), channels, direct_io)?;
-            let qemu = match version {
-                Some(_) => Some(qemu(
-                    &image_path,
-                    directory.path(),
-                    args.size,
-                    channels,
-                    direct_io,
-                )?),
-                None => None,
-            };
-            rows.push((channels, direct_io, ours, qemu));
+            // Ours and QEMU's runs alternate, so a slow spell of the host hits both.
+            let (mut our_runs, mut qemu_runs) = (Vec::new(), Vec::new());
+            for _ in 0..args.repeat {
+                our_runs.push(ours(&image_path, directory.path(), channels, direct_io)?);
+                if version.is_some() {
+                    qemu_runs.push(qemu(
+                        &image_path,
+                        directory.path(),
+                        args.size,
+                        channels,
+                        direct_io,
+                    )?);
+                }
+            }
+            let qemu = (!qemu_runs.is_empty()).then(|| median(&qemu_runs));
+            rows.push((channels, direct_io, median(&our_runs), qemu));
         }
     }
     print(args, version.as_deref(), &rows);
@@ -250,6 +262,19 @@ fn wait_for_completion(qemu: &mut Qemu, timeout: Duration) -> Result<()> {
     }
 }
 
+/// The median save and the median restore time of `runs` (at least one).
+fn median(runs: &[Times]) -> Times {
+    let middle = |time: fn(&Times) -> Duration| {
+        let mut times: Vec<Duration> = runs.iter().map(time).collect();
+        times.sort();
+        times[times.len() / 2]
+    };
+    Times {
+        save: middle(|times| times.save),
+        restore: middle(|times| times.restore),
+    }
+}
+
 fn gib_per_second(size: u64, time: Duration) -> f64 {
     size as f64 / GIB / time.as_secs_f64().max(1e-9)
 }
@@ -280,13 +305,19 @@ fn print(args: &SnapshotArgs, version: Option<&str>, rows: &[(u8, bool, Times, O
             .collect();
         multifd_cli::outln!(
             "{}",
-            json!({ "size": args.size, "qemu_version": version, "runs": rows })
+            json!({
+                "size": args.size,
+                "repeat": args.repeat,
+                "qemu_version": version,
+                "runs": rows,
+            })
         );
         return;
     }
     multifd_cli::outln!(
-        "snapshot of a {:.2} GiB image; QEMU: {}",
+        "snapshot of a {:.2} GiB image, median of {} runs; QEMU: {}",
         args.size as f64 / GIB,
+        args.repeat,
         version.unwrap_or("not installed")
     );
     multifd_cli::outln!(

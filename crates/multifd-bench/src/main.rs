@@ -1,6 +1,7 @@
 //! `multifd-bench`: what is measured for comparison, kept out of the `multifd` binary:
 //! QEMU's own multifd migration beside ours, QEMU's live migration of a guest that dirties
-//! memory, one core's codec ceilings, and the layouts of device state.
+//! memory, one core's codec ceilings, the layouts of device state, and snapshot files
+//! beside QEMU's mapped-ram file migration.
 
 mod codec_ceiling;
 mod devices;
@@ -8,6 +9,7 @@ mod live_qemu;
 mod qemu;
 mod qemu_baseline;
 mod qemu_process;
+mod snapshot;
 
 use std::process::ExitCode;
 
@@ -40,6 +42,10 @@ enum Command {
     /// Live-migrate a boot-sector guest that dirties memory at each `--rates` rate with
     /// QEMU's own precopy (multifd), the baseline for `multifd demo --guest threads`.
     LiveQemu(live_qemu::LiveQemuArgs),
+    /// Save and restore a snapshot file of an image, beside QEMU's mapped-ram file
+    /// migration (`migrate file:`, multifd) of the same image, at each channel count,
+    /// without and with O_DIRECT.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +54,7 @@ fn main() -> ExitCode {
         Command::CodecCeiling(args) => codec_ceiling::run(&args),
         Command::Devices(args) => devices::run(&args),
         Command::LiveQemu(args) => live_qemu::run(&args),
+        Command::Snapshot(args) => snapshot::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,6 +4,7 @@ mod demo;
 mod device_files;
 mod live_demo;
 mod report;
+mod snapshot;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -41,6 +42,11 @@ enum Command {
     Recv(RecvArgs),
     /// Generate a mixed 1 GiB image, migrate it over loopback, verify it, print statistics.
     Demo(demo::DemoArgs),
+    /// Save memory images and device state into a snapshot file, or restore one.
+    Snapshot {
+        #[command(subcommand)]
+        command: snapshot::SnapshotCommand,
+    },
     /// Measure migration throughput for several compression methods and channel counts,
     /// over loopback or, with --to, to a `multifd recv` on another host.
     Bench(bench::BenchArgs),
@@ -204,6 +210,7 @@ fn main() -> ExitCode {
         Command::Send(args) => send(&args),
         Command::Recv(args) => recv(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Snapshot { command } => snapshot::run(&command),
         Command::Bench(args) => bench::run(args),
     };
     match result {

@@ -81,22 +81,39 @@ pub struct Outputs {
 impl Outputs {
     /// A new, empty file to be renamed to `path` on commit; returns a handle to it.
     pub fn create(&self, path: &Path) -> Result<File> {
-        let temporary = tempfile::Builder::new()
+        let temporary = Self::temporary(path)?;
+        let handle = temporary
+            .reopen()
+            .with_context(|| format!("cannot open {}", temporary.path().display()))?;
+        self.keep(temporary, path);
+        Ok(handle)
+    }
+
+    /// A new, empty file to be renamed to `path` on commit; returns its temporary path,
+    /// for code that opens the file itself.
+    pub fn create_path(&self, path: &Path) -> Result<PathBuf> {
+        let temporary = Self::temporary(path)?;
+        let temporary_path = temporary.path().to_owned();
+        self.keep(temporary, path);
+        Ok(temporary_path)
+    }
+
+    fn temporary(path: &Path) -> Result<NamedTempFile> {
+        tempfile::Builder::new()
             .prefix(&format!(
                 ".{}.",
                 path.file_name().unwrap_or_default().to_string_lossy()
             ))
             .suffix(".multifd-partial")
             .tempfile_in(directory_of(path))
-            .with_context(|| format!("cannot create a file beside {}", path.display()))?;
-        let handle = temporary
-            .reopen()
-            .with_context(|| format!("cannot open {}", temporary.path().display()))?;
+            .with_context(|| format!("cannot create a file beside {}", path.display()))
+    }
+
+    fn keep(&self, temporary: NamedTempFile, path: &Path) {
         self.pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push((temporary, path.to_owned()));
-        Ok(handle)
     }
 
     /// Renames every file into place: the migration succeeded.

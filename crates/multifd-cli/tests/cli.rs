@@ -813,3 +813,156 @@ fn tls_on_one_end_only_is_a_one_line_error_on_both_ends() {
         assert!(stderr.contains(says), "{stderr}");
     }
 }
+
+/// Two memory images and a device file saved to a snapshot with `snapshot save`.
+fn saved_snapshot(directory: &Path, extra: &[&str]) -> Value {
+    image(&directory.join("ram.img"), 300, 1);
+    image(&directory.join("vram.img"), 17, 9);
+    let device: Vec<u8> = (0..10_000u32).map(|index| (index % 251) as u8).collect();
+    std::fs::write(directory.join("nic.state"), device).expect("write device");
+    let output = multifd()
+        .args(["snapshot", "save", "--json", "--channels", "4"])
+        .args(["--ram", &arg("pc.ram", &directory.join("ram.img"))])
+        .args(["--ram", &arg("vga.vram", &directory.join("vram.img"))])
+        .args([
+            "--device",
+            &arg("0000:00:05.0/vfio", &directory.join("nic.state")),
+        ])
+        .args(["--out", &directory.join("vm.snap").display().to_string()])
+        .args(extra)
+        .output()
+        .expect("run");
+    assert_success(&output, "snapshot save");
+    serde_json::from_slice(&output.stdout).expect("json")
+}
+
+fn restore_snapshot(directory: &Path, extra: &[&str]) -> Output {
+    multifd()
+        .args(["snapshot", "restore", "--json"])
+        .args(["--from", &directory.join("vm.snap").display().to_string()])
+        .args(["--ram", &arg("pc.ram", &directory.join("ram.copy"))])
+        .args(["--ram", &arg("vga.vram", &directory.join("vram.copy"))])
+        .args([
+            "--device",
+            &arg("0000:00:05.0/vfio", &directory.join("nic.copy")),
+        ])
+        .args(extra)
+        .output()
+        .expect("run")
+}
+
+fn assert_restored(directory: &Path) {
+    for (original, copy) in [
+        ("ram.img", "ram.copy"),
+        ("vram.img", "vram.copy"),
+        ("nic.state", "nic.copy"),
+    ] {
+        assert!(
+            std::fs::read(directory.join(original)).expect("read")
+                == std::fs::read(directory.join(copy)).expect("read"),
+            "{copy} differs from {original}"
+        );
+    }
+}
+
+#[test]
+fn snapshot_save_and_restore_round_trip_with_json_stats() {
+    let directory = tempfile::tempdir().expect("temp dir");
+    let saved = saved_snapshot(directory.path(), &[]);
+    assert_eq!(saved["status"], "completed");
+    assert_eq!(saved["guest_bytes"], (300 + 17) * 4096);
+    // Every third page is zero: a hole, not written.
+    assert_eq!(saved["zero_pages"], 100 + 6);
+    assert_eq!(saved["normal_pages"], 200 + 11);
+    assert_eq!(saved["device_bytes"], 10_000);
+    assert_eq!(saved["channels"], 4);
+    assert!(saved["file_bytes"].as_u64().expect("file_bytes") > 0);
+    assert!(saved["guest_gib_per_second"].as_f64().is_some());
+    let output = restore_snapshot(directory.path(), &["--channels", "3", "--direct-io"]);
+    assert_success(&output, "snapshot restore");
+    let restored: Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(restored["status"], "completed");
+    assert_eq!(restored["side"], "destination");
+    assert_eq!(restored["normal_pages"], 200 + 11);
+    assert_restored(directory.path());
+}
+
+#[test]
+fn snapshot_save_with_direct_io_and_lazy_restore() {
+    let directory = tempfile::tempdir().expect("temp dir");
+    saved_snapshot(directory.path(), &["--direct-io"]);
+    let output = restore_snapshot(directory.path(), &["--lazy"]);
+    assert_success(&output, "lazy snapshot restore");
+    let restored: Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(restored["mode"], "lazy");
+    assert!(restored["memory_ready_seconds"].as_f64().is_some());
+    assert_restored(directory.path());
+}
+
+#[test]
+fn snapshot_restore_refuses_bad_outputs_and_bad_files() {
+    let directory = tempfile::tempdir().expect("temp dir");
+    saved_snapshot(directory.path(), &[]);
+    let twice = restore_snapshot(
+        directory.path(),
+        &[
+            "--ram",
+            &arg("pc.ram", &directory.path().join("other.copy")),
+        ],
+    );
+    assert!(!twice.status.success());
+    assert!(
+        String::from_utf8_lossy(&twice.stderr).contains("--ram: pc.ram is given twice"),
+        "{}",
+        String::from_utf8_lossy(&twice.stderr)
+    );
+    let same_path = restore_snapshot(
+        directory.path(),
+        &["--ram", &arg("extra", &directory.path().join("ram.copy"))],
+    );
+    assert!(String::from_utf8_lossy(&same_path.stderr)
+        .contains("is already the output of another --ram or --device"));
+    // A corrupted bitmap: refused, nothing left behind.
+    let snapshot = directory.path().join("vm.snap");
+    let mut bytes = std::fs::read(&snapshot).expect("read");
+    let last_bitmap_byte = bytes.iter().take(1 << 20).rposition(|&byte| byte != 0);
+    bytes[last_bitmap_byte.expect("a bitmap byte")] ^= 1;
+    std::fs::write(&snapshot, bytes).expect("write");
+    let corrupted = restore_snapshot(directory.path(), &[]);
+    assert!(!corrupted.status.success());
+    let stderr = String::from_utf8_lossy(&corrupted.stderr);
+    assert!(
+        stderr.contains("bitmap: CRC32C mismatch") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+    let json: Value = serde_json::from_slice(&corrupted.stdout).unwrap_or(Value::Null);
+    assert!(json.is_null() || json["status"] == "failed");
+    let left: Vec<_> = std::fs::read_dir(directory.path())
+        .expect("list")
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|name| name.ends_with(".copy") || name.contains("multifd-partial"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn snapshot_save_refuses_to_overwrite_an_input() {
+    let directory = tempfile::tempdir().expect("temp dir");
+    let ram = directory.path().join("ram.img");
+    image(&ram, 4, 1);
+    let before = std::fs::read(&ram).expect("read");
+    let output = multifd()
+        .args(["snapshot", "save", "--ram", &arg("pc.ram", &ram)])
+        .args(["--out", &ram.display().to_string()])
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("is also an input"));
+    assert!(std::fs::read(&ram).expect("read") == before);
+}

@@ -224,6 +224,111 @@ pub enum Violation {
     },
 }
 
+/// What is wrong with a snapshot file, or with the memory and devices it is restored
+/// into; each names the field or the area.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotFault {
+    /// The file ends before a structure it must hold.
+    #[error("truncated: {what} needs {needed} bytes, the file has {available}")]
+    Truncated {
+        /// What could not be read.
+        what: String,
+        /// Bytes it needs (from the start of the file or of its area).
+        needed: u64,
+        /// Bytes there are.
+        available: u64,
+    },
+    /// The file does not begin with the snapshot magic: not a snapshot, or a save that
+    /// never finished (the magic is written last).
+    #[error("magic {found:02x?} is not a multifd snapshot's (or the save did not finish)")]
+    BadMagic {
+        /// The first 8 bytes.
+        found: [u8; 8],
+    },
+    /// A format version this build does not read.
+    #[error("version {found} is not supported (this build reads version {supported})")]
+    UnsupportedVersion {
+        /// The file's version field.
+        found: u32,
+        /// The version this build reads.
+        supported: u32,
+    },
+    /// A CRC32C that does not match the bytes it covers: the file was corrupted.
+    #[error("{what}: CRC32C mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    ChecksumMismatch {
+        /// The header, a block's bitmap or a device's blob.
+        what: String,
+        /// The CRC in the file.
+        stored: u32,
+        /// The CRC of the bytes read.
+        computed: u32,
+    },
+    /// A header field with a value the format does not allow.
+    #[error("{field} = {value:#x}: {reason}")]
+    InvalidField {
+        /// The field, with the block or device it belongs to.
+        field: String,
+        /// Its value.
+        value: u64,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A block name or device id string that is malformed or given twice.
+    #[error("{field}: {reason}")]
+    BadName {
+        /// The field.
+        field: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Two areas of the file share bytes.
+    #[error("{first} overlaps {second}")]
+    Overlap {
+        /// The area that starts first.
+        first: String,
+        /// The area that starts inside it.
+        second: String,
+    },
+    /// A block's bitmap marks a page past the block's end.
+    #[error("block {block:?} bitmap: bit {page} set past the block's {pages} pages")]
+    BitPastEnd {
+        /// The block.
+        block: String,
+        /// The first such page.
+        page: u64,
+        /// Pages in the block.
+        pages: u64,
+    },
+    /// A block of the file that the target memory does not have.
+    #[error("block {0:?} of the file has no block of that name in the target memory")]
+    UnknownBlock(String),
+    /// A block of the target memory that the file does not have.
+    #[error("target block {0:?} is not in the file")]
+    MissingBlock(String),
+    /// A block whose length in the file differs from the target's.
+    #[error(
+        "block {name:?} does not fit the target: {file} bytes in the file, {target} in the target"
+    )]
+    BlockSizeMismatch {
+        /// The block.
+        name: String,
+        /// Its length in the file.
+        file: u64,
+        /// The target block's length.
+        target: u64,
+    },
+    /// A device of the file that no target device loads, or a target device the file
+    /// does not have.
+    #[error("device {device}: {reason}")]
+    DeviceMismatch {
+        /// The device.
+        device: DeviceId,
+        /// Which side lacks it.
+        reason: &'static str,
+    },
+}
+
 /// Everything that can make a migration fail.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -423,6 +528,27 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A system call on a snapshot file failed.
+    #[error("snapshot {}: {context}: {source}", path.display())]
+    SnapshotIo {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What was being done.
+        context: &'static str,
+        /// The system error.
+        #[source]
+        source: io::Error,
+    },
+    /// A snapshot file that is malformed, corrupted or does not fit the target; nothing
+    /// was written to the target memory.
+    #[error("snapshot {}: {source}", path.display())]
+    BadSnapshot {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        #[source]
+        source: SnapshotFault,
+    },
     /// A migration thread panicked (a bug); the migration was stopped.
     #[error("{side}: internal error: {what}")]
     Internal {
@@ -501,6 +627,14 @@ impl Error {
     pub fn wire_error(&self) -> Option<&WireError> {
         match self {
             Self::Wire { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+
+    /// What is wrong with a snapshot file, if this error says.
+    pub fn snapshot_fault(&self) -> Option<&SnapshotFault> {
+        match self {
+            Self::BadSnapshot { source, .. } => Some(source),
             _ => None,
         }
     }

@@ -116,6 +116,34 @@
 //! }
 //! ```
 //!
+//! # Snapshots
+//!
+//! A [`SnapshotWriter`] writes the VM to a file instead of a destination, with the same
+//! round API, so the precopy driver takes it too ([`PrecopyTarget`]); a [`Snapshot`]
+//! validates a file and restores it, in parallel or lazily:
+//!
+//! ```no_run
+//! use multifd::{GuestMemory, LoadDevices, RestoreConfig, SaveDevices, Snapshot,
+//!     SnapshotConfig, SnapshotWriter};
+//! # fn guest_memory() -> GuestMemory { unimplemented!() }
+//! # fn devices() -> SaveDevices { unimplemented!() }
+//! # fn load_devices() -> LoadDevices { unimplemented!() }
+//! # fn map_like(blocks: &[multifd::BlockAnnouncement]) -> GuestMemory { unimplemented!() }
+//! # fn main() -> Result<(), multifd::Error> {
+//! let mut config = SnapshotConfig::default();
+//! config.threads = 4;
+//! let mut writer = SnapshotWriter::create("vm.snap", &config, guest_memory(), devices())?;
+//! for block in 0..writer.memory().blocks().len() {
+//!     writer.queue_block(block)?; // zero pages stay holes in the file
+//! }
+//! writer.complete()?; // the devices, then the metadata, written last
+//!
+//! let snapshot = Snapshot::open("vm.snap")?; // every field and CRC checked here
+//! let memory = map_like(&snapshot.blocks());
+//! snapshot.restore(&RestoreConfig::default(), &memory, load_devices())?;
+//! # Ok(()) }
+//! ```
+//!
 //! Progress comes from a [`Monitor`] (a snapshot, or a periodic callback); a
 //! [`CancelHandle`] stops either end from another thread; the result is a
 //! [`MigrationStats`]. Every failure is one [`Error`] naming the side, the connection and
@@ -138,6 +166,7 @@ mod precopy;
 mod ram;
 mod recv;
 mod send;
+mod snapshot;
 mod stats;
 mod sync;
 mod tls;
@@ -152,7 +181,7 @@ pub use dirty::{guest_memory_from_mmap, guest_memory_from_mmap_named, VmMemoryDi
 pub use dirty::{AtomicDirtyBitmap, DirtyLog, DirtyLogUnion};
 #[cfg(feature = "kvm")]
 pub use dirty::{KvmDirtyLog, KvmDirtyLogMode, KvmSlot};
-pub use error::{Error, Violation};
+pub use error::{Error, SnapshotFault, Violation};
 pub use failure::CancelHandle;
 pub use ids::{DeviceId, Link, Side, Uuid};
 pub use integrity::Integrity;
@@ -164,10 +193,11 @@ pub use multifd_wire::{
     BlockAnnouncement, Compression, RejectCode, RejectReason, WireError, ZeroPageMode,
 };
 pub use precopy::{
-    Phase, Precopy, PrecopyConfig, PrecopyProgress, PrecopyStats, RoundStats, Throttle,
-    TimeoutStrategy, VmControl, DEFAULT_DOWNTIME_LIMIT,
+    Phase, Precopy, PrecopyConfig, PrecopyProgress, PrecopyStats, PrecopyTarget, RoundStats,
+    Throttle, TimeoutStrategy, VmControl, DEFAULT_DOWNTIME_LIMIT,
 };
 pub use ram::{GuestMemory, RamBlock};
+pub use snapshot::{LazyRestore, RestoreConfig, Snapshot, SnapshotConfig, SnapshotWriter};
 pub use stats::{ChannelStats, DeviceStats, MigrationStats, Monitor, Progress, ProgressWatcher};
 pub use tls::TlsConfig;
 pub use transport::{Address, Listener};

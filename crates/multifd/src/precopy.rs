@@ -28,6 +28,11 @@
 //! fails the migration (the destination is told, the VM keeps running on the source at full
 //! speed, nothing lost) or `Force` switches over at once whatever the downtime.
 //!
+//! **Targets.** The driver moves the VM to a [`PrecopyTarget`]: a [`Source`] connected to
+//! a destination, or a [`SnapshotWriter`] for a live snapshot,
+//! where each round rewrites the dirty pages in place in the file. Both have the same
+//! round API (queue pages, end the round, switch over, complete), so there is one driver.
+//!
 //! **Failure.** Whatever fails, the source VM stays intact: before the stop nothing
 //! changed but the throttle, which is lifted; after it, [`VmControl::resume`] runs the vCPUs
 //! again. The destination's VMM resumes the guest only once everything is loaded.
@@ -39,6 +44,8 @@ use crate::dirty::DirtyLog;
 use crate::error::Error;
 use crate::ids::Side;
 use crate::migration::Source;
+use crate::ram::GuestMemory;
+use crate::snapshot::SnapshotWriter;
 use crate::stats::MigrationStats;
 
 /// The part of a VMM the precopy driver drives: its vCPUs.
@@ -53,6 +60,148 @@ pub trait VmControl {
     /// The migration failed: the vCPUs run again, unthrottled, on the source (whether or
     /// not they were stopped).
     fn resume(&mut self);
+}
+
+/// Where the precopy driver moves a running VM: a [`Source`] (to a destination over the
+/// channels) or a [`SnapshotWriter`] (into a snapshot file, rewriting dirty pages in
+/// place). Both keep the same round API, so one driver serves both; the trait is sealed.
+pub trait PrecopyTarget: sealed::Sealed {
+    /// The guest page size in bytes.
+    fn page_size(&self) -> u32;
+
+    /// The blocks being moved.
+    fn memory(&self) -> &GuestMemory;
+
+    /// Bytes written so far (to the channels or the file), for the bandwidth estimate.
+    fn bytes_moved(&self) -> u64;
+
+    /// Queues every page of block `block` for the current round.
+    fn queue_block(&mut self, block: usize) -> Result<(), Error>;
+
+    /// Queues the pages whose bits are set in `bitmap` for the current round.
+    fn queue_dirty_bitmap(&mut self, block: usize, bitmap: &[u64]) -> Result<(), Error>;
+
+    /// Ends the round: returns once every page queued in it was written.
+    fn end_round(&mut self) -> Result<(), Error>;
+
+    /// Lets devices with a pre-copy phase save what they can while the VM runs.
+    fn save_devices_precopy(&mut self) -> Result<(), Error>;
+
+    /// Device-state bytes still to save if the VM stopped now.
+    fn pending_device_bytes(&mut self) -> u64;
+
+    /// Fails the transfer with `error` (telling the other end, if there is one) and
+    /// returns the error to report.
+    fn abort(&self, error: Error) -> Error;
+
+    /// The VM is stopped: starts saving every device, concurrently with the last round.
+    fn switchover(&mut self) -> Result<(), Error>;
+
+    /// Finishes: the last round and every device written (and, for a migration, loaded by
+    /// the destination).
+    fn complete(self) -> Result<MigrationStats, Error>
+    where
+        Self: Sized;
+}
+
+mod sealed {
+    /// Only the engine's targets implement [`PrecopyTarget`](super::PrecopyTarget).
+    pub trait Sealed {}
+
+    impl Sealed for crate::Source {}
+    impl Sealed for crate::SnapshotWriter {}
+}
+
+impl PrecopyTarget for Source {
+    fn page_size(&self) -> u32 {
+        Source::page_size(self)
+    }
+
+    fn memory(&self) -> &GuestMemory {
+        Source::memory(self)
+    }
+
+    fn bytes_moved(&self) -> u64 {
+        self.monitor().progress().bytes
+    }
+
+    fn queue_block(&mut self, block: usize) -> Result<(), Error> {
+        Source::queue_block(self, block)
+    }
+
+    fn queue_dirty_bitmap(&mut self, block: usize, bitmap: &[u64]) -> Result<(), Error> {
+        Source::queue_dirty_bitmap(self, block, bitmap)
+    }
+
+    fn end_round(&mut self) -> Result<(), Error> {
+        Source::end_round(self)
+    }
+
+    fn save_devices_precopy(&mut self) -> Result<(), Error> {
+        Source::save_devices_precopy(self)
+    }
+
+    fn pending_device_bytes(&mut self) -> u64 {
+        Source::pending_device_bytes(self)
+    }
+
+    fn abort(&self, error: Error) -> Error {
+        Source::abort(self, error)
+    }
+
+    fn switchover(&mut self) -> Result<(), Error> {
+        Source::switchover(self)
+    }
+
+    fn complete(self) -> Result<MigrationStats, Error> {
+        Source::complete(self)
+    }
+}
+
+impl PrecopyTarget for SnapshotWriter {
+    fn page_size(&self) -> u32 {
+        SnapshotWriter::page_size(self)
+    }
+
+    fn memory(&self) -> &GuestMemory {
+        SnapshotWriter::memory(self)
+    }
+
+    fn bytes_moved(&self) -> u64 {
+        self.monitor().progress().bytes
+    }
+
+    fn queue_block(&mut self, block: usize) -> Result<(), Error> {
+        SnapshotWriter::queue_block(self, block)
+    }
+
+    fn queue_dirty_bitmap(&mut self, block: usize, bitmap: &[u64]) -> Result<(), Error> {
+        SnapshotWriter::queue_dirty_bitmap(self, block, bitmap)
+    }
+
+    fn end_round(&mut self) -> Result<(), Error> {
+        SnapshotWriter::end_round(self)
+    }
+
+    fn save_devices_precopy(&mut self) -> Result<(), Error> {
+        SnapshotWriter::save_devices_precopy(self)
+    }
+
+    fn pending_device_bytes(&mut self) -> u64 {
+        SnapshotWriter::pending_device_bytes(self)
+    }
+
+    fn abort(&self, error: Error) -> Error {
+        SnapshotWriter::abort(self, error)
+    }
+
+    fn switchover(&mut self) -> Result<(), Error> {
+        SnapshotWriter::switchover(self)
+    }
+
+    fn complete(self) -> Result<MigrationStats, Error> {
+        SnapshotWriter::complete(self)
+    }
 }
 
 /// What happens when precopy has not converged by [`PrecopyConfig::timeout`].
@@ -266,11 +415,13 @@ impl Precopy {
     /// Migrates the running VM behind `source`, `dirty` and `vm` to completion, calling
     /// `progress` at every round and phase change (on this thread: keep it short).
     ///
-    /// `dirty` must cover every block of the source's memory, in the same order. On any
-    /// error the VM runs on at the source, unthrottled; the destination is told why.
-    pub fn run(
+    /// `source` is a [`Source`] connected to a destination, or a [`SnapshotWriter`]
+    /// for a live snapshot. `dirty` must cover every block of the source's memory, in the same
+    /// order. On any error the VM runs on at the source, unthrottled; the destination is
+    /// told why.
+    pub fn run<T: PrecopyTarget>(
         &self,
-        mut source: Source,
+        mut source: T,
         dirty: &mut dyn DirtyLog,
         vm: &mut dyn VmControl,
         progress: &mut dyn FnMut(&PrecopyProgress),
@@ -328,7 +479,7 @@ struct Run<'a> {
 impl<'a> Run<'a> {
     fn new(
         config: &'a PrecopyConfig,
-        source: &Source,
+        source: &impl PrecopyTarget,
         progress: &'a mut dyn FnMut(&PrecopyProgress),
     ) -> Self {
         let page_size = u64::from(source.page_size());
@@ -375,7 +526,7 @@ impl<'a> Run<'a> {
     /// Rounds until the rest fits in the downtime limit (or the timeout forces it).
     fn precopy(
         &mut self,
-        source: &mut Source,
+        source: &mut impl PrecopyTarget,
         dirty: &mut dyn DirtyLog,
         vm: &mut dyn VmControl,
     ) -> Result<Converged, Error> {
@@ -383,7 +534,7 @@ impl<'a> Run<'a> {
         dirty.start().map_err(dirty_log_error)?;
         self.report(Phase::Round(0));
         let mut round_started = Instant::now();
-        let mut bytes_before = source.monitor().progress().bytes;
+        let mut bytes_before = source.bytes_moved();
         for block in 0..self.block_pages.len() {
             source.queue_block(block)?;
         }
@@ -426,7 +577,7 @@ impl<'a> Run<'a> {
             }
             self.report(Phase::Round(self.rounds.len() as u64));
             round_started = Instant::now();
-            bytes_before = source.monitor().progress().bytes;
+            bytes_before = source.bytes_moved();
             for (block, bitmap) in harvest.bitmaps.iter().enumerate() {
                 source.queue_dirty_bitmap(block, bitmap)?;
             }
@@ -438,14 +589,14 @@ impl<'a> Run<'a> {
     /// Devices send their precopy share, then the round ends on every channel.
     fn end_round(
         &mut self,
-        source: &mut Source,
+        source: &mut impl PrecopyTarget,
         (started, bytes_before): (Instant, u64),
         pages_sent: u64,
     ) -> Result<(), Error> {
         source.save_devices_precopy()?;
         source.end_round()?;
         let duration = started.elapsed();
-        let bytes = source.monitor().progress().bytes - bytes_before;
+        let bytes = source.bytes_moved() - bytes_before;
         self.rounds.push(RoundStats {
             round: self.rounds.len() as u64,
             pages_sent,
@@ -522,9 +673,9 @@ impl<'a> Run<'a> {
     }
 
     /// Stops the VM, sends the last dirty pages while the devices save, completes.
-    fn switch_over(
+    fn switch_over<T: PrecopyTarget>(
         &mut self,
-        mut source: Source,
+        mut source: T,
         dirty: &mut dyn DirtyLog,
         vm: &mut dyn VmControl,
         mut pending: Harvest,

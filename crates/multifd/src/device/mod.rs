@@ -9,6 +9,9 @@
 //! destination queues them per device and a load thread per device hands them to its
 //! [`LoadDevice`] strictly in `idx` order, the config last, while later chunks are still
 //! arriving.
+//!
+//! A snapshot uses the same traits: the [`StateWriter`] then streams the state into the
+//! file's device area, and the restore hands it back to the [`LoadDevice`] in chunks.
 
 pub(crate) mod load;
 pub(crate) mod reassembler;

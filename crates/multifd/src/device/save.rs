@@ -15,9 +15,43 @@ use crate::ids::Side;
 use crate::send::{Batch, SendChannels};
 use crate::stats::DeviceCounters;
 
-/// The sink a [`SaveDevice`] writes its state into: fills the producer's batch up to the
-/// chunk size and hands it to the send channels, getting an empty buffer back.
+/// The sink a [`SaveDevice`] writes its state into. In a migration it fills the
+/// producer's batch up to the chunk size and hands it to the send channels, getting an
+/// empty buffer back; in a snapshot it streams the state into the file's device area.
 pub struct StateWriter<'a> {
+    sink: &'a mut dyn io::Write,
+}
+
+impl fmt::Debug for StateWriter<'_> {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("StateWriter")
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> StateWriter<'a> {
+    /// A writer that passes every byte on to `sink`.
+    pub(crate) fn new(sink: &'a mut dyn io::Write) -> Self {
+        Self { sink }
+    }
+}
+
+impl io::Write for StateWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.sink.write(bytes)
+    }
+
+    /// Sends (or writes out) what is buffered now: a device that wants its bytes on the
+    /// way.
+    fn flush(&mut self) -> io::Result<()> {
+        self.sink.flush()
+    }
+}
+
+/// The send channels as a device's byte sink: cuts the state into chunks of the chunk
+/// size, each handed to the channels in the producer's batch.
+struct ChannelSink<'a> {
     channels: &'a SendChannels,
     batch: Batch,
     next_idx: u32,
@@ -26,17 +60,7 @@ pub struct StateWriter<'a> {
     counters: &'a DeviceCounters,
 }
 
-impl fmt::Debug for StateWriter<'_> {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter
-            .debug_struct("StateWriter")
-            .field("device", &self.counters.id)
-            .field("next_idx", &self.next_idx)
-            .finish()
-    }
-}
-
-impl<'a> StateWriter<'a> {
+impl<'a> ChannelSink<'a> {
     fn new(
         channels: &'a SendChannels,
         batch: Batch,
@@ -107,7 +131,7 @@ impl<'a> StateWriter<'a> {
     }
 }
 
-impl io::Write for StateWriter<'_> {
+impl io::Write for ChannelSink<'_> {
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
         if self.batch.chunk.len() == self.chunk_len {
             self.send_chunk(false)?;
@@ -144,18 +168,16 @@ impl SaveJob {
         chunk_size: u32,
     ) -> Result<(), Error> {
         let batch = Batch::device_state(self.index, chunk_size);
-        let mut writer =
-            StateWriter::new(channels, batch, chunk_size, &self.counters, self.next_idx);
+        let mut sink = ChannelSink::new(channels, batch, chunk_size, &self.counters, self.next_idx);
         let started = Instant::now();
         let result = self
             .device
-            .save_precopy(&mut writer)
+            .save_precopy(&mut StateWriter::new(&mut sink))
             .map_err(|error| format!("precopy save failed: {error}"))
             .and_then(|()| {
-                io::Write::flush(&mut writer)
-                    .map_err(|error| format!("precopy save failed: {error}"))
+                io::Write::flush(&mut sink).map_err(|error| format!("precopy save failed: {error}"))
             });
-        self.next_idx = writer.next_idx;
+        self.next_idx = sink.next_idx;
         self.counters.add_busy(started.elapsed());
         result.map_err(|message| Error::Device {
             side: Side::Source,
@@ -196,15 +218,14 @@ fn save_one(
     batch: Batch,
     chunk_size: u32,
 ) -> Result<(), String> {
-    let mut writer = StateWriter::new(channels, batch, chunk_size, &job.counters, job.next_idx);
+    let mut sink = ChannelSink::new(channels, batch, chunk_size, &job.counters, job.next_idx);
     job.device
-        .save_state(&mut writer)
+        .save_state(&mut StateWriter::new(&mut sink))
         .map_err(|error| format!("save failed: {error}"))?;
     let config = job
         .device
         .save_config()
         .map_err(|error| format!("saving the config failed: {error}"))?;
-    writer
-        .finish(&config)
+    sink.finish(&config)
         .map_err(|error| format!("save failed: {error}"))
 }

@@ -955,7 +955,7 @@ fn read_control(
 }
 
 /// The first page at or past `pages` whose bit is set in `bitmap`, if any.
-fn first_page_past(bitmap: &[u64], pages: u64) -> Option<u64> {
+pub(crate) fn first_page_past(bitmap: &[u64], pages: u64) -> Option<u64> {
     let full_words = usize::try_from(pages / 64).unwrap_or(usize::MAX);
     let tail_bits = pages % 64;
     bitmap

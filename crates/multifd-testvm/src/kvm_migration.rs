@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use multifd::{
     Address, BlockAnnouncement, Destination, DestinationConfig, DeviceError, DeviceId, DirtyLog,
-    GuestMemory, KvmDirtyLog, KvmDirtyLogMode, Listener, LoadDevice, MigrationStats, Precopy,
-    PrecopyConfig, PrecopyProgress, PrecopyStats, Source, SourceConfig,
+    GuestMemory, KvmDirtyLogMode, Listener, LoadDevice, MigrationStats, Precopy, PrecopyConfig,
+    PrecopyProgress, PrecopyStats, Source, SourceConfig,
 };
 
 use crate::guest_image::PAGE_SIZE;
@@ -162,10 +162,7 @@ fn send_with_fault(
     progress: &mut dyn FnMut(&PrecopyProgress),
 ) -> Result<PrecopyStats, Error> {
     let connection = Source::connect_with_devices(address, source, vm.memory(), vm.save_devices())?;
-    let mut dirty = FreshDirtyLog {
-        pages: vm.memory().blocks()[0].len() / PAGE_SIZE,
-        inner: vm.dirty_log(mode)?,
-    };
+    let mut dirty = vm.dirty_log(mode)?;
     let mut control = vm.control();
     let driver = Precopy::new(precopy.clone());
     let stats = match fault {
@@ -177,7 +174,7 @@ fn send_with_fault(
                 inner: &mut dirty,
                 page: address / PAGE_SIZE,
                 vm,
-                waited: false,
+                harvests: 0,
             };
             driver.run(connection, &mut losing, &mut control, progress)
         }
@@ -261,39 +258,6 @@ impl LoadDevice for Refuse {
     }
 }
 
-/// KVM's dirty log, with nothing set when the precopy driver starts.
-///
-/// With `KVM_DIRTY_LOG_INITIALLY_SET` the first harvest after `start` reports every page
-/// (that harvest is what write-protects them). The precopy driver starts the log, sends
-/// every page in round 0 and only then harvests, so that first harvest would make round 1
-/// send the whole guest again. `start` therefore harvests once at once and drops the
-/// result: round 0, queued after it, carries every page as it is from then on, and any
-/// later write is logged.
-struct FreshDirtyLog {
-    inner: KvmDirtyLog,
-    /// Pages of the VM's single block.
-    pages: u64,
-}
-
-impl DirtyLog for FreshDirtyLog {
-    fn start(&mut self) -> std::io::Result<()> {
-        self.inner.start()?;
-        if self.inner.initially_set() {
-            let mut everything = vec![0u64; self.pages.div_ceil(64) as usize];
-            self.inner.harvest(0, &mut everything)?;
-        }
-        Ok(())
-    }
-
-    fn harvest(&mut self, block: usize, bitmap: &mut [u64]) -> std::io::Result<()> {
-        self.inner.harvest(block, bitmap)
-    }
-
-    fn stop(&mut self) -> std::io::Result<()> {
-        self.inner.stop()
-    }
-}
-
 /// How long the lost-page fault waits for the guest's two passes: far more than a pass
 /// of a test guest takes.
 const FAULT_WAIT: Duration = Duration::from_secs(20);
@@ -303,7 +267,8 @@ struct LosingDirtyLog<'a> {
     inner: &'a mut dyn DirtyLog,
     page: u64,
     vm: &'a KvmVm,
-    waited: bool,
+    /// Harvests so far: the driver's first one, right after `start`, precedes round 0.
+    harvests: u32,
 }
 
 impl DirtyLog for LosingDirtyLog<'_> {
@@ -312,7 +277,9 @@ impl DirtyLog for LosingDirtyLog<'_> {
     }
 
     fn harvest(&mut self, block: usize, bitmap: &mut [u64]) -> std::io::Result<()> {
-        if !std::mem::replace(&mut self.waited, true) {
+        self.harvests += 1;
+        // The VM has one block: the second harvest is the first after round 0.
+        if self.harvests == 2 {
             self.vm
                 .wait_for_passes(&self.vm.progress(), 2, FAULT_WAIT)
                 .map_err(std::io::Error::other)?;

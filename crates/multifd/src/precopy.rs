@@ -94,6 +94,12 @@ pub trait PrecopyTarget: sealed::Sealed {
     /// returns the error to report.
     fn abort(&self, error: Error) -> Error;
 
+    /// Whether the other end maps this very memory (a local migration): no page needs
+    /// to move, so the driver stops the VM at once and moves only device state.
+    fn shares_memory(&self) -> bool {
+        false
+    }
+
     /// The VM is stopped: starts saving every device, concurrently with the last round.
     fn switchover(&mut self) -> Result<(), Error>;
 
@@ -147,6 +153,10 @@ impl PrecopyTarget for Source {
 
     fn abort(&self, error: Error) -> Error {
         Source::abort(self, error)
+    }
+
+    fn shares_memory(&self) -> bool {
+        Source::shares_memory(self)
     }
 
     fn switchover(&mut self) -> Result<(), Error> {
@@ -532,6 +542,17 @@ impl<'a> Run<'a> {
     ) -> Result<Converged, Error> {
         self.report(Phase::Setup);
         dirty.start().map_err(dirty_log_error)?;
+        // Some logs start with every page set (KVM's `KVM_DIRTY_LOG_INITIALLY_SET`, whose
+        // first harvest is what write-protects the pages): round 0 sends every page
+        // anyway, so what the log holds now is dropped, and the next harvest finds only
+        // pages written after this point.
+        self.harvest(dirty)?;
+        if source.shares_memory() {
+            return Ok(Converged {
+                harvest: self.harvest(dirty)?,
+                forced: false,
+            });
+        }
         self.report(Phase::Round(0));
         let mut round_started = Instant::now();
         let mut bytes_before = source.bytes_moved();

@@ -364,6 +364,11 @@ impl Source {
         })
     }
 
+    /// Whether the destination maps this very memory ([`SourceConfig::local_memory`]).
+    pub fn shares_memory(&self) -> bool {
+        self.local_memory
+    }
+
     /// The guest page size in bytes.
     pub fn page_size(&self) -> u32 {
         self.page_size

@@ -742,6 +742,8 @@ mod tests {
                 dedicated_channels: 0,
                 bandwidth: None,
                 integrity: Integrity::None,
+                zero_copy: false,
+                idle_timeout: Duration::from_secs(10),
             },
             &counters,
             failure,

@@ -56,12 +56,15 @@ fn a_zero_copy_migration_is_byte_exact_over_several_rounds() {
     );
 }
 
+/// Turns on one setting that needs the bytes in the source's buffers.
+type Setting = fn(&mut SourceConfig, &std::path::Path);
+
 #[test]
 fn zero_copy_is_refused_with_what_needs_the_bytes() {
     let memory = GuestMemory::new(vec![block("pc.ram", 1 << 20)]).expect("memory");
     let (_listener, address) = listener(false);
     let tls_dir = tempfile::tempdir().expect("dir");
-    let cases: [(fn(&mut SourceConfig, &std::path::Path), &str); 3] = [
+    let cases: [(Setting, &str); 3] = [
         (
             |config, _| {
                 config.compression =

@@ -186,7 +186,40 @@ fn a_round_may_end_before_every_channel_is_accepted() {
 /// and both ends agree the migration failed.
 #[test]
 fn a_sync_past_the_last_round_fails_the_migration() {
-    use multifd::{Error, Link, Side, Violation};
+    fails_at_completion(
+        (0, &sync_packet()),
+        3,
+        multifd::Violation::SyncPastLastRound {
+            channel: 0,
+            rounds: 1,
+        },
+    );
+}
+
+/// A packet half-sent on a channel when the source declares completion is data outside
+/// the confirmed totals, even when they match (a packet is counted once its header is
+/// read): the destination refuses to complete, naming the channel, instead of confirming
+/// and then failing on the cut packet, and both ends agree the migration failed.
+#[test]
+fn a_packet_half_sent_at_completion_fails_the_migration() {
+    // Ten bytes of a packet header: nothing of it is counted yet, so the totals match,
+    // and the channel thread waits for the rest.
+    fails_at_completion(
+        (1, &ram_packet(0, "pc.ram", &[0], &[])[..10]),
+        2,
+        multifd::Violation::PacketAfterCompletion { channel: 1 },
+    );
+}
+
+/// Ends round 1 on two channels, writes `extra` bytes on one channel, then completes with
+/// totals of `packets` packets: the destination must refuse with `expected` on its
+/// control channel and tell the source.
+fn fails_at_completion(
+    (channel, extra): (usize, &[u8]),
+    packets: u64,
+    expected: multifd::Violation,
+) {
+    use multifd::{Error, Link, Side};
     use multifd_wire::{ControlMessage, Totals};
 
     let destination_memory = GuestMemory::new(vec![block("pc.ram", 64 << 10)]).expect("memory");
@@ -197,78 +230,25 @@ fn a_sync_past_the_last_round_fails_the_migration() {
     source.write_channel(0, &sync_packet());
     source.write_channel(1, &sync_packet());
     source.send(&ControlMessage::RoundEnd { round: 1 });
-    // One SYNC too many on channel 0, then completion as if nothing happened.
-    source.write_channel(0, &sync_packet());
+    source.write_channel(channel, extra);
     std::thread::sleep(std::time::Duration::from_millis(200));
     let totals = Totals {
-        packets: 3,
+        packets,
         rounds: 1,
         ..Totals::default()
     };
     source.send(&ControlMessage::Complete(totals));
     let reason = source.expect_failed();
-    assert!(
-        reason.contains("channel 0 sent a SYNC past round 1"),
-        "{reason}"
-    );
+    assert!(reason.contains(&expected.to_string()), "{reason}");
     let error = join_within(destination, DEADLINE).expect_err("the destination fails");
     assert!(
         matches!(
-            error,
+            &error,
             Error::Protocol {
                 side: Side::Destination,
                 link: Link::Control,
-                source: Violation::SyncPastLastRound {
-                    channel: 0,
-                    rounds: 1
-                },
-            }
-        ),
-        "{error}"
-    );
-}
-
-/// A packet half-sent on a channel when the source declares completion is data outside
-/// the confirmed totals, even when they match (a packet is counted once its header is
-/// read): the destination refuses to complete, naming the channel, instead of confirming
-/// and then failing on the cut packet, and both ends agree the migration failed.
-#[test]
-fn a_packet_half_sent_at_completion_fails_the_migration() {
-    use multifd::{Error, Link, Side, Violation};
-    use multifd_wire::{ControlMessage, Totals};
-
-    let destination_memory = GuestMemory::new(vec![block("pc.ram", 64 << 10)]).expect("memory");
-    let (listener, address) = listener(false);
-    let destination = spawn_destination(listener, quick_destination_config(), destination_memory);
-    let mut source = RawSource::connect(&address, &raw_hello(2, [5; 16]), small_block_announced());
-    source.open_channels(2);
-    source.write_channel(0, &sync_packet());
-    source.write_channel(1, &sync_packet());
-    source.send(&ControlMessage::RoundEnd { round: 1 });
-    // Ten bytes of a packet header: nothing of it is counted yet, so the totals below
-    // match, and the channel thread waits for the rest.
-    source.write_channel(1, &ram_packet(0, "pc.ram", &[0], &[])[..10]);
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    let totals = Totals {
-        packets: 2,
-        rounds: 1,
-        ..Totals::default()
-    };
-    source.send(&ControlMessage::Complete(totals));
-    let reason = source.expect_failed();
-    assert!(
-        reason.contains("channel 1 has a packet in flight at completion"),
-        "{reason}"
-    );
-    let error = join_within(destination, DEADLINE).expect_err("the destination fails");
-    assert!(
-        matches!(
-            error,
-            Error::Protocol {
-                side: Side::Destination,
-                link: Link::Control,
-                source: Violation::PacketAfterCompletion { channel: 1 },
-            }
+                source,
+            } if *source == expected
         ),
         "{error}"
     );

@@ -316,6 +316,54 @@ impl DirtyLog for DirtyLogUnion {
     }
 }
 
+/// The offsets of the pages whose bits are set in `bitmap` (bit `i` of word `i / 64` is
+/// page `i`) for block `block` of `length` bytes. A bitmap may be shorter than the block
+/// (missing words are clean pages); a bit past the block's last page is refused before
+/// any offset is given out.
+pub(crate) fn dirty_offsets(
+    block: usize,
+    bitmap: &[u64],
+    length: u64,
+    page_size: u32,
+) -> Result<impl Iterator<Item = u64> + '_, Error> {
+    let page_size = u64::from(page_size);
+    if let Some(page) = first_page_past(bitmap, length / page_size) {
+        return Err(Error::PageOutOfRange {
+            block,
+            offset: page * page_size,
+        });
+    }
+    Ok(bitmap.iter().enumerate().flat_map(move |(index, &word)| {
+        let mut bits = word;
+        std::iter::from_fn(move || {
+            (bits != 0).then(|| {
+                let page = index as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                page * page_size
+            })
+        })
+    }))
+}
+
+/// The first page at or past `pages` whose bit is set in `bitmap`, if any.
+fn first_page_past(bitmap: &[u64], pages: u64) -> Option<u64> {
+    let full_words = usize::try_from(pages / 64).unwrap_or(usize::MAX);
+    let tail_bits = pages % 64;
+    bitmap
+        .iter()
+        .enumerate()
+        .skip(full_words)
+        .find_map(|(index, &word)| {
+            // Bits of the last partial word below `tail_bits` are pages of the block.
+            let past = if index == full_words {
+                word >> tail_bits << tail_bits
+            } else {
+                word
+            };
+            (past != 0).then(|| index as u64 * 64 + u64::from(past.trailing_zeros()))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;

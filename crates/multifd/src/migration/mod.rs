@@ -29,7 +29,6 @@ pub use destination::{
     Destination, DestinationConfig, DEFAULT_MAX_GUEST_BYTES, DEFAULT_MAX_QUEUED_DEVICE_BYTES,
     DEFAULT_MAX_RECEIVE_BUFFER_BYTES,
 };
-pub(crate) use source::first_page_past;
 pub use source::{Source, SourceConfig, DEFAULT_DEVICE_CHUNK_SIZE};
 
 /// Smallest page size accepted: zero detection and zeroing work in 64-byte steps.

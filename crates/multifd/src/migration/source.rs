@@ -23,6 +23,7 @@ use crate::bandwidth::BandwidthLimit;
 use crate::compress::CompressionSettings;
 use crate::device::save::{save_devices, SaveJob};
 use crate::device::SaveDevices;
+use crate::dirty::dirty_offsets;
 use crate::error::{Error, Violation};
 use crate::failure::{join_threads, CancelHandle, Failure, PEER_REASON_GRACE};
 use crate::ids::{DeviceId, Link, Side, Uuid};
@@ -431,22 +432,9 @@ impl Source {
     /// longer, and no bit past the block's last page may be set: such a bitmap is refused
     /// before any of its pages is queued.
     pub fn queue_dirty_bitmap(&mut self, block: usize, bitmap: &[u64]) -> Result<(), Error> {
-        let page_size = u64::from(self.page_size);
         let length = self.block_len(block, 0)?;
-        let pages = length / page_size;
-        if let Some(page) = first_page_past(bitmap, pages) {
-            return Err(Error::PageOutOfRange {
-                block,
-                offset: page * page_size,
-            });
-        }
-        for (word_index, &word) in bitmap.iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                let page = word_index as u64 * 64 + u64::from(bits.trailing_zeros());
-                self.queue_page(block, page * page_size)?;
-                bits &= bits - 1;
-            }
+        for offset in dirty_offsets(block, bitmap, length, self.page_size)? {
+            self.queue_page(block, offset)?;
         }
         Ok(())
     }
@@ -957,25 +945,6 @@ fn read_control(
         Err(error) => error,
     };
     failure.fail(error);
-}
-
-/// The first page at or past `pages` whose bit is set in `bitmap`, if any.
-pub(crate) fn first_page_past(bitmap: &[u64], pages: u64) -> Option<u64> {
-    let full_words = usize::try_from(pages / 64).unwrap_or(usize::MAX);
-    let tail_bits = pages % 64;
-    bitmap
-        .iter()
-        .enumerate()
-        .skip(full_words)
-        .find_map(|(index, &word)| {
-            // Bits of the last partial word below `tail_bits` are pages of the block.
-            let past = if index == full_words {
-                word >> tail_bits << tail_bits
-            } else {
-                word
-            };
-            (past != 0).then(|| index as u64 * 64 + u64::from(past.trailing_zeros()))
-        })
 }
 
 fn random_uuid() -> std::io::Result<[u8; 16]> {

@@ -30,10 +30,10 @@ use super::file_io::{
 };
 use super::format::{BlockEntry, DeviceEntry, Metadata, Plan};
 use crate::device::{SaveDevice, SaveDevices, StateWriter};
+use crate::dirty::dirty_offsets;
 use crate::error::Error;
 use crate::failure::{join_threads, CancelHandle, Failure};
 use crate::ids::{DeviceId, Side};
-use crate::migration::first_page_past;
 use crate::ram::{name_problem, GuestMemory, RamBlock};
 use crate::stats::{ChannelCounters, Counters, DeviceCounters, MigrationStats, Monitor};
 use crate::sync::{lock, wait};
@@ -412,21 +412,9 @@ impl SnapshotWriter {
     /// `i`), as [`Source::queue_dirty_bitmap`](crate::Source::queue_dirty_bitmap) does:
     /// a bit past the block's last page is refused before any page is queued.
     pub fn queue_dirty_bitmap(&mut self, block: usize, bitmap: &[u64]) -> Result<(), Error> {
-        let page_size = u64::from(self.shared.page_size);
-        let pages = self.block_len(block, 0)? / page_size;
-        if let Some(page) = first_page_past(bitmap, pages) {
-            return Err(Error::PageOutOfRange {
-                block,
-                offset: page * page_size,
-            });
-        }
-        for (word_index, &word) in bitmap.iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                let page = word_index as u64 * 64 + u64::from(bits.trailing_zeros());
-                self.queue_page(block, page * page_size)?;
-                bits &= bits - 1;
-            }
+        let length = self.block_len(block, 0)?;
+        for offset in dirty_offsets(block, bitmap, length, self.shared.page_size)? {
+            self.queue_page(block, offset)?;
         }
         Ok(())
     }

@@ -3,7 +3,9 @@
 mod demo;
 mod device_files;
 mod live_demo;
+mod precopy;
 mod report;
+mod vm;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -39,8 +41,14 @@ enum Command {
     Send(SendArgs),
     /// Receive a migration into memory-image files.
     Recv(RecvArgs),
-    /// Generate a mixed 1 GiB image, migrate it over loopback, verify it, print statistics.
+    /// Live-migrate a self-checking KVM guest to a second process over loopback and check
+    /// it runs on there (the simulated guest without /dev/kvm; `--guest image` copies
+    /// memory-image files); print the rounds, downtime and throughput.
     Demo(demo::DemoArgs),
+    /// Run, receive, migrate and ping-pong the self-checking KVM guest as processes, or
+    /// write it as a disk image for QEMU.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
     /// Measure migration throughput for several compression methods and channel counts,
     /// over loopback or, with --to, to a `multifd recv` on another host.
     Bench(bench::BenchArgs),
@@ -191,6 +199,7 @@ fn main() -> ExitCode {
         Command::Send(args) => send(&args),
         Command::Recv(args) => recv(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Vm(command) => vm::run(command),
         Command::Bench(args) => bench::run(args),
     };
     match result {

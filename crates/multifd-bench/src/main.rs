@@ -1,9 +1,11 @@
 //! `multifd-bench`: what is measured for comparison, kept out of the `multifd` binary:
 //! QEMU's own multifd migration beside ours, QEMU's live migration of a guest that dirties
-//! memory, one core's codec ceilings, and the layouts of device state.
+//! memory, the same guest live-migrated by QEMU and by our KVM VMM, one core's codec
+//! ceilings, and the layouts of device state.
 
 mod codec_ceiling;
 mod devices;
+mod live;
 mod live_qemu;
 mod qemu;
 mod qemu_baseline;
@@ -40,6 +42,10 @@ enum Command {
     /// Live-migrate a boot-sector guest that dirties memory at each `--rates` rate with
     /// QEMU's own precopy (multifd), the baseline for `multifd demo --guest threads`.
     LiveQemu(live_qemu::LiveQemuArgs),
+    /// Live-migrate the same self-checking guest in QEMU and in our KVM VMM (1 vCPU each)
+    /// at each rate and channel count, interleaved; medians of `--repeat` runs beside
+    /// each other, with ours/QEMU ratios.
+    Live(live::LiveArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +54,7 @@ fn main() -> ExitCode {
         Command::CodecCeiling(args) => codec_ceiling::run(&args),
         Command::Devices(args) => devices::run(&args),
         Command::LiveQemu(args) => live_qemu::run(&args),
+        Command::Live(args) => live::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

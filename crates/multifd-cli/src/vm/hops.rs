@@ -62,11 +62,11 @@ fn min_passes(passes: &Value) -> u64 {
 }
 
 /// Fails on any guest error or vCPU failure in a status.
-fn check_guest(status: &Value, where_: &str) -> Result<()> {
+fn check_guest(status: &Value, place: &str) -> Result<()> {
     for key in ["errors", "vcpu_failures"] {
         if let Some(error) = status[key].as_array().and_then(|errors| errors.first()) {
             bail!(
-                "the guest failed {where_}: {}",
+                "the guest failed {place}: {}",
                 error.as_str().unwrap_or("?")
             );
         }
@@ -75,17 +75,17 @@ fn check_guest(status: &Value, where_: &str) -> Result<()> {
 }
 
 /// Polls the VM at `socket` until every vCPU did more than `passes` passes.
-fn wait_for_pass(socket: &Path, passes: u64, where_: &str) -> Result<Value> {
+fn wait_for_pass(socket: &Path, passes: u64, place: &str) -> Result<Value> {
     let start = Instant::now();
     loop {
         let status = control::status(socket)?;
-        check_guest(&status, where_)?;
+        check_guest(&status, place)?;
         if min_passes(&status["passes"]) > passes {
             return Ok(status);
         }
         if start.elapsed() >= STARTUP {
             bail!(
-                "the guest made no pass {where_} in {STARTUP:?} (passes {})",
+                "the guest made no pass {place} in {STARTUP:?} (passes {})",
                 status["passes"]
             );
         }

@@ -306,7 +306,7 @@ fn print_table(rows: &[Value]) {
         println!(
             "{:>10} {:>3} | {:>8} {:>8} {:>5} | {:>8} {:>8} {:>8} {:>5} | {:>6} {:>6} | {:>6} {:>6} | {:>4}",
             row["rate"].as_str().unwrap_or("?"),
-            row["channels"],
+            row["channels"].as_u64().unwrap_or(0),
             cell(row, "qemu_total_ms", 1e3, 2),
             cell(row, "ours_total_ms", 1e3, 2),
             cell(row, "total_ratio", 1.0, 2),

@@ -49,11 +49,14 @@ impl ChildVm {
         })
     }
 
-    /// The next JSON event the process printed, waiting at most `timeout`.
-    pub fn event(&mut self, timeout: Duration) -> Result<Value> {
+    /// The next JSON event the process printed, which must be `name`, waiting at most
+    /// `timeout`.
+    pub fn event(&mut self, name: &str, timeout: Duration) -> Result<Value> {
         match self.lines.recv_timeout(timeout) {
-            Ok(line) => serde_json::from_str(&line)
-                .with_context(|| format!("the {} printed {line:?}", self.what)),
+            Ok(line) => match serde_json::from_str::<Value>(&line) {
+                Ok(event) if event["event"] == name => Ok(event),
+                _ => bail!("the {} printed {line:?}, not the {name:?} event", self.what),
+            },
             Err(RecvTimeoutError::Timeout) => {
                 bail!("the {} printed nothing for {timeout:?}", self.what)
             }

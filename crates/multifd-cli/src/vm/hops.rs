@@ -117,7 +117,7 @@ fn move_guest(
         args
     };
     let mut current = ChildVm::spawn("source VM", &vm_args("run", 0, &[]))?;
-    current.event(STARTUP)?;
+    current.event("ready", STARTUP)?;
     wait_for_pass(&socket(0), 0, "on the source")?;
     thread::sleep(WARM_UP);
 
@@ -130,7 +130,7 @@ fn move_guest(
             extra.extend(["--run-for".to_owned(), seconds.to_string()]);
         }
         let mut destination = ChildVm::spawn("destination VM", &vm_args("incoming", hop, &extra))?;
-        let listening = destination.event(STARTUP)?;
+        let listening = destination.event("listening", STARTUP)?;
         let address: Address = listening["address"]
             .as_str()
             .context("the destination VM printed no address")?
@@ -142,7 +142,7 @@ fn move_guest(
         })
         .with_context(|| format!("migration {hop} of {count}"))?;
         current.wait_success(SETTLE)?;
-        arrival = destination.event(SETTLE)?;
+        arrival = destination.event("resumed", SETTLE)?;
         summary["destination_downtime_ms"] = arrival["destination_downtime_ms"].clone();
         check_guest(
             &control::status(&socket(hop))?,
@@ -163,7 +163,7 @@ fn move_guest(
     let final_passes = match run_for {
         Some(seconds) => {
             current.wait_success(Duration::from_secs(seconds) + SETTLE)?;
-            current.event(SETTLE)?["passes"].clone()
+            current.event("done", SETTLE)?["passes"].clone()
         }
         None => wait_for_pass(
             &socket(count),

@@ -18,8 +18,8 @@ use super::child::ChildVm;
 use super::{control, GuestArgs, MigrateSettings, PingpongArgs};
 use crate::precopy;
 
-/// How long a VM process may take to start (map memory, boot) and the guest its first
-/// pass: a pass of a 3 GiB guest faulting in every page, paced, on a loaded host.
+/// How long a VM process may take to start (map memory, boot) and report, and the
+/// guest its first pass at least.
 const STARTUP: Duration = Duration::from_secs(120);
 /// How long the guest dirties memory on the source before the first migration.
 const WARM_UP: Duration = Duration::from_secs(2);
@@ -28,9 +28,8 @@ const WARM_UP: Duration = Duration::from_secs(2);
 const SETTLE: Duration = Duration::from_secs(30);
 /// How often a guest's status is polled while waiting for a pass.
 const STATUS_POLL: Duration = Duration::from_millis(100);
-/// How long the demo's guest runs on the destination before it is judged, at least: a
-/// few seconds, and half as much again as a pass takes at its dirty rate, so that it
-/// surely completes one there.
+/// How long the demo's guest runs on the destination before it is judged (and on until
+/// it finished a pass there).
 const DEMO_RUN_FOR: u64 = 3;
 
 /// Whether this process can use KVM, or why not.
@@ -50,6 +49,8 @@ struct Moved {
     /// Passes per vCPU when the guest arrived at its last destination, and at the end.
     arrival_passes: Value,
     final_passes: Value,
+    /// How long the guest ran on its last destination until it was judged.
+    final_seconds: f64,
     /// From the first migration's request to the end.
     total: Duration,
 }
@@ -74,8 +75,9 @@ fn check_guest(status: &Value, place: &str) -> Result<()> {
     Ok(())
 }
 
-/// Polls the VM at `socket` until every vCPU did more than `passes` passes.
-fn wait_for_pass(socket: &Path, passes: u64, place: &str) -> Result<Value> {
+/// Polls the VM at `socket` until every vCPU did more than `passes` passes, at most
+/// `bound`.
+fn wait_for_pass(socket: &Path, passes: u64, place: &str, bound: Duration) -> Result<Value> {
     let start = Instant::now();
     loop {
         let status = control::status(socket)?;
@@ -83,9 +85,9 @@ fn wait_for_pass(socket: &Path, passes: u64, place: &str) -> Result<Value> {
         if min_passes(&status["passes"]) > passes {
             return Ok(status);
         }
-        if start.elapsed() >= STARTUP {
+        if start.elapsed() >= bound {
             bail!(
-                "the guest made no pass {place} in {STARTUP:?} (passes {})",
+                "the guest made no pass {place} in {bound:?} (passes {})",
                 status["passes"]
             );
         }
@@ -118,7 +120,12 @@ fn move_guest(
     };
     let mut current = ChildVm::spawn("source VM", &vm_args("run", 0, &[]))?;
     current.event("ready", STARTUP)?;
-    wait_for_pass(&socket(0), 0, "on the source")?;
+    wait_for_pass(
+        &socket(0),
+        0,
+        "on the source",
+        STARTUP.max(guest.pass_bound()),
+    )?;
     thread::sleep(WARM_UP);
 
     let start = Instant::now();
@@ -160,41 +167,45 @@ fn move_guest(
         current = destination;
     }
     let arrival_passes = arrival["passes"].clone();
-    let final_passes = match run_for {
+    let judged = Instant::now();
+    let (final_passes, final_seconds) = match run_for {
         Some(seconds) => {
-            current.wait_success(Duration::from_secs(seconds) + SETTLE)?;
-            current.event("done", SETTLE)?["passes"].clone()
+            current.wait_success(Duration::from_secs(seconds) + guest.pass_bound() + SETTLE)?;
+            let done = current.event("done", SETTLE)?;
+            (
+                done["passes"].clone(),
+                done["seconds"].as_f64().unwrap_or(0.0),
+            )
         }
-        None => wait_for_pass(
-            &socket(count),
-            min_passes(&arrival_passes),
-            "on its last destination",
-        )?["passes"]
-            .clone(),
+        None => (
+            wait_for_pass(
+                &socket(count),
+                min_passes(&arrival_passes),
+                "on its last destination",
+                guest.pass_bound(),
+            )?["passes"]
+                .clone(),
+            judged.elapsed().as_secs_f64(),
+        ),
     };
     Ok(Moved {
         summaries,
         arrival_passes,
         final_passes,
+        final_seconds,
         total: start.elapsed(),
     })
 }
 
 /// `multifd demo` with a KVM guest: one migration to a second process, which runs the
-/// guest a few seconds (at least [`DEMO_RUN_FOR`]) and fails unless it progressed
-/// without an error.
+/// guest [`DEMO_RUN_FOR`] seconds (and on until its next pass) and fails unless it
+/// progressed without an error.
 pub fn demo(guest: &GuestArgs, settings: &MigrateSettings, json: bool) -> Result<()> {
-    let pass_seconds = if guest.dirty_rate > 0 {
-        guest.memory as f64 / guest.dirty_rate as f64
-    } else {
-        0.0
-    };
-    let run_for = DEMO_RUN_FOR.max((pass_seconds * 1.5).ceil() as u64);
-    let moved = move_guest(guest, settings, 1, Some(run_for), json)?;
+    let moved = move_guest(guest, settings, 1, Some(DEMO_RUN_FOR), json)?;
     let mut summary = moved.summaries.into_iter().next().unwrap_or_default();
     if json {
         summary["guest"] = json!({
-            "seconds_on_destination": run_for,
+            "seconds_on_destination": moved.final_seconds,
             "passes_at_arrival": moved.arrival_passes,
             "passes_after": moved.final_passes,
             "errors": 0,
@@ -203,9 +214,10 @@ pub fn demo(guest: &GuestArgs, settings: &MigrateSettings, json: bool) -> Result
     } else {
         multifd_cli::out!("{}", precopy::table(&summary));
         multifd_cli::outln!(
-            "guest: passes {} at arrival, {} after {run_for} s on the destination process; its checks found no error",
+            "guest: passes {} at arrival, {} after {:.1} s on the destination process; its checks found no error",
             moved.arrival_passes,
-            moved.final_passes
+            moved.final_passes,
+            moved.final_seconds
         );
     }
     Ok(())

@@ -94,6 +94,18 @@ impl GuestArgs {
         config
     }
 
+    /// How long a pass may take, generously: three times a pass at the dirty rate
+    /// (every vCPU dirties its slice at its share of the rate), and at least a minute (a
+    /// loaded host, pages faulted in for the first time).
+    fn pass_bound(&self) -> Duration {
+        let pass = if self.dirty_rate > 0 {
+            self.memory as f64 / self.dirty_rate as f64
+        } else {
+            0.0
+        };
+        Duration::from_secs_f64(3.0 * pass).max(Duration::from_secs(60))
+    }
+
     /// The same guest as arguments of another `multifd vm` process.
     fn to_args(&self) -> Vec<String> {
         [
@@ -154,7 +166,8 @@ pub struct IncomingArgs {
     /// A Unix socket to serve once the guest runs here, so it can migrate on.
     #[arg(long)]
     control: Option<PathBuf>,
-    /// Run the guest this many seconds after it arrived, then exit: 0 only if it
+    /// Run the guest this many seconds after it arrived (and on until it finished a pass
+    /// there, if it has not yet, within three passes' time), then exit: 0 only if it
     /// reported no error and made progress. Without it, run until killed (or migrated on).
     #[arg(long, value_name = "SECONDS")]
     run_for: Option<u64>,
@@ -314,7 +327,7 @@ fn incoming(args: &IncomingArgs) -> Result<()> {
     let mut config = DestinationConfig::default();
     config.wait_for_source = Some(Duration::from_secs(args.timeout));
     let stats = multifd_testvm::receive(&vm, &listener, &config)?;
-    let arrived = vm.progress();
+    let (arrived, resumed) = (vm.progress(), Instant::now());
     let arrival = json!({
         "event": "resumed",
         "destination_downtime_ms": stats.switchover_time.map(|time| time.as_secs_f64() * 1e3),
@@ -355,26 +368,35 @@ fn incoming(args: &IncomingArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let now = vm.progress();
-    let failures = vm.vcpu_failures();
+    let now = vm
+        .wait_for(
+            args.guest.pass_bound(),
+            "a pass after the migration",
+            |now| !now.errors.is_empty() || now.min_passes() > arrived.min_passes(),
+        )
+        .with_context(|| {
+            format!(
+                "the guest made no progress after the migration (passes {:?} at arrival)",
+                arrived.passes
+            )
+        })?;
     if let Some(error) = now.errors.first() {
         bail!("the guest reported an error after the migration: {error}");
     }
-    if let Some(failure) = failures.first() {
+    if let Some(failure) = vm.vcpu_failures().first() {
         bail!("a vCPU failed after the migration: {failure}");
     }
-    if now.min_passes() <= arrived.min_passes() {
-        bail!(
-            "the guest made no progress after the migration (passes {:?}, at arrival {:?})",
-            now.passes,
-            arrived.passes
-        );
-    }
+    let seconds = resumed.elapsed().as_secs_f64();
     event(
         args.json,
-        &json!({ "event": "done", "passes": now.passes, "arrival_passes": arrived.passes }),
+        &json!({
+            "event": "done",
+            "passes": now.passes,
+            "arrival_passes": arrived.passes,
+            "seconds": seconds,
+        }),
         &format!(
-            "guest ok: passes {:?} at arrival, {:?} now, no errors",
+            "guest ok: passes {:?} at arrival, {:?} after {seconds:.1} s, no errors",
             arrived.passes, now.passes
         ),
     );

@@ -55,12 +55,12 @@ const MIB: f64 = (1u64 << 20) as f64;
 /// How long the guest may take for one pass before the run fails, at least: its first pass
 /// touches every page of up to 3 GiB for the first time, which host page faults make slow
 /// (10 s for 2 GiB in a nested KVM guest). A paced pass may take twice its expected time.
-const PASS_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const PASS_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the serial log is read: passes are timed to 1 ms, a two-thousandth of the
 /// [`WARM_UP`] they are timed over.
 const SERIAL_POLL: Duration = Duration::from_millis(1);
 /// How long the guest runs after filling its memory before the migration starts.
-const WARM_UP: Duration = Duration::from_secs(2);
+pub(crate) const WARM_UP: Duration = Duration::from_secs(2);
 /// How often `query-migrate` is polled: each poll takes QEMU's main lock, which the
 /// migration also needs, so not more often than the precopy rounds change.
 const MIGRATE_POLL: Duration = Duration::from_millis(100);
@@ -74,7 +74,7 @@ const MAX_MEMORY: u64 = 3 << 30;
 pub struct LiveQemuArgs {
     /// Guest memory.
     #[arg(long, default_value = "2G", value_parser = parse_size)]
-    memory: u64,
+    pub(crate) memory: u64,
     /// Dirty rates, comma-separated: bytes per second (100M is 100 MiB/s), 0 for an idle
     /// guest (it fills its memory, then halts), `unpaced` for as fast as the vCPU goes.
     #[arg(
@@ -83,35 +83,35 @@ pub struct LiveQemuArgs {
         default_value = "0,100M,400M,1600M,unpaced",
         value_parser = parse_rate
     )]
-    rates: Vec<Rate>,
+    pub(crate) rates: Vec<Rate>,
     /// W: bytes the guest checks and writes at the start of every page (a multiple of 4
     /// from 8 to 4096).
     #[arg(long, default_value_t = 8)]
-    write_bytes: u32,
+    pub(crate) write_bytes: u32,
     /// Multifd channel counts, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [4u32],
           value_parser = clap::value_parser!(u32).range(1..=255))]
-    channels: Vec<u32>,
+    pub(crate) channels: Vec<u32>,
     /// Turn on QEMU's auto-converge (throttle the vCPU from 20%, +10% steps, up to 99%).
     #[arg(long)]
-    auto_converge: bool,
+    pub(crate) auto_converge: bool,
     /// QEMU's `downtime-limit`, in milliseconds.
     #[arg(long, default_value_t = 300)]
-    downtime_limit_ms: u64,
+    pub(crate) downtime_limit_ms: u64,
     /// Seconds a migration may take before it is cancelled.
     #[arg(long, default_value_t = 120)]
-    timeout: u64,
+    pub(crate) timeout: u64,
     /// Runs per configuration, each one reported.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-    repeat: u32,
+    pub(crate) repeat: u32,
     /// Print one JSON object on stdout instead of a table.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 /// A target dirty rate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Rate {
+pub(crate) enum Rate {
     /// The guest fills its memory, then halts.
     Idle,
     /// Bytes per second.
@@ -120,7 +120,7 @@ enum Rate {
     Unpaced,
 }
 
-fn parse_rate(text: &str) -> Result<Rate, String> {
+pub(crate) fn parse_rate(text: &str) -> Result<Rate, String> {
     match text {
         "unpaced" => Ok(Rate::Unpaced),
         _ => parse_size_or_zero(text).map(|rate| match rate {
@@ -140,7 +140,10 @@ impl fmt::Display for Rate {
     }
 }
 
-pub fn run(args: &LiveQemuArgs) -> Result<()> {
+/// Checks the arguments and that QEMU is installed (its version); builds every image
+/// first, so a bad rate or W fails before the first boot. Returns the version and the
+/// host's TSC frequency the images are paced with.
+pub(crate) fn prepare(args: &LiveQemuArgs) -> Result<(String, u64)> {
     ensure!(
         args.memory > FIRST_ADDRESS
             && args.memory <= MAX_MEMORY
@@ -151,10 +154,14 @@ pub fn run(args: &LiveQemuArgs) -> Result<()> {
         bail!("{QEMU} is not installed");
     };
     let tsc_hz = host_tsc_hz();
-    // Every image is built before the first boot, so a bad rate or W fails at once.
     for &rate in &args.rates {
         image(args, rate, tsc_hz).parameters()?;
     }
+    Ok((version, tsc_hz))
+}
+
+pub fn run(args: &LiveQemuArgs) -> Result<()> {
+    let (version, tsc_hz) = prepare(args)?;
     let mut runs = Vec::new();
     for &rate in &args.rates {
         for &channels in &args.channels {
@@ -196,7 +203,7 @@ pub fn run(args: &LiveQemuArgs) -> Result<()> {
 }
 
 /// The guest for `rate`: paced at it, unpaced, or (idle) one filling pass then halted.
-fn image(args: &LiveQemuArgs, rate: Rate, tsc_hz: u64) -> GuestImage {
+pub(crate) fn image(args: &LiveQemuArgs, rate: Rate, tsc_hz: u64) -> GuestImage {
     let mut image = GuestImage::new(args.memory);
     image.write_bytes = args.write_bytes;
     image.tsc_hz = tsc_hz;
@@ -210,7 +217,7 @@ fn image(args: &LiveQemuArgs, rate: Rate, tsc_hz: u64) -> GuestImage {
 
 /// How long a pass at `rate` bytes per second may take: twice its expected time, and at
 /// least [`PASS_TIMEOUT`].
-fn pass_timeout(parameters: &GuestParameters, rate: f64) -> Duration {
+pub(crate) fn pass_timeout(parameters: &GuestParameters, rate: f64) -> Duration {
     let expected = parameters.pages_per_pass() as f64 * PAGE_SIZE as f64 / rate;
     Duration::try_from_secs_f64(2.0 * expected)
         .map_or(Duration::MAX, |timeout| timeout.max(PASS_TIMEOUT))
@@ -386,7 +393,7 @@ impl SerialLog {
 
 /// How a migration ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Outcome {
+pub(crate) enum Outcome {
     Completed,
     Failed(String),
     /// Not completed within the deadline and cancelled; whether the guest still ran on
@@ -397,7 +404,7 @@ enum Outcome {
 }
 
 /// One migration's figures.
-struct Run {
+pub(crate) struct Run {
     target: Rate,
     /// Bytes per second the guest dirtied before the migration, measured (0 when idle).
     achieved: f64,
@@ -405,12 +412,12 @@ struct Run {
     pace: u32,
     channels: u32,
     auto_converge: bool,
-    migration: Migration,
+    pub(crate) migration: Migration,
 }
 
 /// What polling the source's `query-migrate` saw.
-struct Migration {
-    outcome: Outcome,
+pub(crate) struct Migration {
+    pub(crate) outcome: Outcome,
     /// The last reply.
     reply: Value,
     /// The highest `cpu-throttle-percentage`.
@@ -420,7 +427,7 @@ struct Migration {
 }
 
 /// Migrates a guest dirtying at `rate` from one QEMU to another.
-fn migrate(args: &LiveQemuArgs, rate: Rate, tsc_hz: u64, channels: u32) -> Result<Run> {
+pub(crate) fn migrate(args: &LiveQemuArgs, rate: Rate, tsc_hz: u64, channels: u32) -> Result<Run> {
     let image = image(args, rate, tsc_hz);
     let parameters = image.parameters()?;
     let sector = image.build()?;
@@ -579,14 +586,14 @@ impl Pair {
 }
 
 impl Run {
-    fn u64_at(&self, pointer: &str) -> Option<u64> {
+    pub(crate) fn u64_at(&self, pointer: &str) -> Option<u64> {
         self.migration
             .reply
             .pointer(pointer)
             .and_then(Value::as_u64)
     }
 
-    fn status(&self) -> String {
+    pub(crate) fn status(&self) -> String {
         match &self.migration.outcome {
             Outcome::Completed => "completed".to_owned(),
             Outcome::Failed(error) => format!("failed: {error}"),

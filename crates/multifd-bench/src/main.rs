@@ -1,10 +1,12 @@
 //! `multifd-bench`: what is measured for comparison, kept out of the `multifd` binary:
 //! QEMU's own multifd migration beside ours, QEMU's live migration of a guest that dirties
-//! memory, one core's codec ceilings, the layouts of device state, and snapshot files
-//! beside QEMU's mapped-ram file migration.
+//! memory, the same guest live-migrated by QEMU and by our KVM VMM, one core's codec
+//! ceilings, the layouts of device state, and snapshot files beside QEMU's mapped-ram
+//! file migration.
 
 mod codec_ceiling;
 mod devices;
+mod live;
 mod live_qemu;
 mod qemu;
 mod qemu_baseline;
@@ -46,6 +48,10 @@ enum Command {
     /// migration (`migrate file:`, multifd) of the same image, at each channel count,
     /// without and with O_DIRECT.
     Snapshot(snapshot::SnapshotArgs),
+    /// Live-migrate the same self-checking guest in QEMU and in our KVM VMM (1 vCPU each)
+    /// at each rate and channel count, interleaved; medians of `--repeat` runs beside
+    /// each other, with ours/QEMU ratios.
+    Live(live::LiveArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +61,7 @@ fn main() -> ExitCode {
         Command::Devices(args) => devices::run(&args),
         Command::LiveQemu(args) => live_qemu::run(&args),
         Command::Snapshot(args) => snapshot::run(&args),
+        Command::Live(args) => live::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,4 +1,6 @@
-//! `multifd demo`: one command that shows the engine working end to end on loopback.
+//! `multifd demo`: one command that shows the engine working end to end on loopback: by
+//! default a KVM guest live-migrated to a second process (`crate::vm`), or the simulated
+//! guest (`crate::live_demo`), or memory-image files copied and compared.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -6,8 +8,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use memmap2::Mmap;
-use multifd::{CompressionSettings, Destination, DestinationConfig, Listener, SourceConfig};
-use multifd_cli::bench::parse_compression;
+use multifd::{Destination, DestinationConfig, Listener, SourceConfig};
 use multifd_cli::image::{self, parse_size};
 use multifd_cli::outputs::Outputs;
 use multifd_cli::ram_files::{self, RamFile};
@@ -15,39 +16,43 @@ use multifd_cli::GIB;
 use serde_json::json;
 
 use crate::device_files::{self, DeviceFile};
-use crate::live_demo::{self, LiveArgs};
+use crate::live_demo;
 use crate::report;
+use crate::vm::{self, GuestArgs, MigrateSettings};
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
     /// Size of the generated guest-memory image.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     size: u64,
-    /// Parallel channels (1 to 255).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..))]
-    channels: u8,
     /// Directory for the images (default: /dev/shm when present, else the temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Print one JSON object on stdout instead of tables.
     #[arg(long)]
     json: bool,
-    /// `threads`: live-migrate a running simulated guest instead of images.
+    /// What to migrate: the KVM guest (the default where /dev/kvm is usable; the
+    /// simulated one elsewhere), the simulated guest, or memory-image files.
     #[arg(long, value_enum)]
     guest: Option<Guest>,
-    /// Compression for the live demo (`METHOD` or `METHOD:LEVEL`).
-    #[arg(long, value_parser = parse_compression)]
-    compress: Option<CompressionSettings>,
-    /// The live demo's guest and precopy settings.
+    /// The live demos' guest (`--memory`, `--dirty-rate`; the KVM guest's `--vcpus`,
+    /// `--write-bytes`, `--frame-buffer`).
     #[command(flatten)]
-    live: LiveArgs,
+    vm: GuestArgs,
+    /// The live demos' migration: `--channels`, `--compress` and the precopy settings.
+    #[command(flatten)]
+    settings: MigrateSettings,
 }
 
-/// A guest for the live demo.
-#[derive(Clone, Copy, clap::ValueEnum)]
+/// What the demo migrates.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Guest {
+    /// The self-checking KVM guest, live-migrated to a second process.
+    Kvm,
     /// Writer threads dirtying anonymous memory at `--dirty-rate`.
     Threads,
+    /// Generated memory-image files (`--size`) and device files, copied and compared.
+    Image,
 }
 
 /// A second, small block, so the demo shows several RAM blocks (a VGA frame buffer's size).
@@ -62,8 +67,17 @@ const DEVICES: [(&str, u32, u64); 3] = [
 ];
 
 pub fn run(args: &DemoArgs) -> Result<()> {
-    if let Some(Guest::Threads) = args.guest {
-        return live_demo::run(&args.live, args.channels, args.compress, args.json);
+    let guest = args.guest.unwrap_or_else(|| match vm::kvm_available() {
+        Ok(()) => Guest::Kvm,
+        Err(reason) => {
+            eprintln!("{reason}: running the simulated guest instead");
+            Guest::Threads
+        }
+    });
+    match guest {
+        Guest::Kvm => return vm::demo(&args.vm, &args.settings, args.json),
+        Guest::Threads => return live_demo::run(&args.vm, &args.settings, args.json),
+        Guest::Image => {}
     }
     let directory = image::scratch_directory(args.dir.as_deref(), "multifd-demo-")?;
     let path = |name: &str| directory.path().join(name);
@@ -131,7 +145,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let savers = device_files::open_for_sending(&device_sources)?;
     let memory = ram_files::map_for_sending(&sources)?;
     let mut config = SourceConfig::default();
-    config.channels = args.channels;
+    config.channels = args.settings.channels;
     let sent = crate::send_all(&address, &config, memory, savers, "migrating", args.json);
     let received = receiving
         .join()

@@ -3,8 +3,10 @@
 mod demo;
 mod device_files;
 mod live_demo;
+mod precopy;
 mod report;
 mod snapshot;
+mod vm;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -40,13 +42,19 @@ enum Command {
     Send(SendArgs),
     /// Receive a migration into memory-image files.
     Recv(RecvArgs),
-    /// Generate a mixed 1 GiB image, migrate it over loopback, verify it, print statistics.
+    /// Live-migrate a self-checking KVM guest to a second process over loopback and check
+    /// it runs on there (the simulated guest without /dev/kvm; `--guest image` copies
+    /// memory-image files); print the rounds, downtime and throughput.
     Demo(demo::DemoArgs),
     /// Save memory images and device state into a snapshot file, or restore one.
     Snapshot {
         #[command(subcommand)]
         command: snapshot::SnapshotCommand,
     },
+    /// Run, receive, migrate and ping-pong the self-checking KVM guest as processes, or
+    /// write it as a disk image for QEMU.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
     /// Measure migration throughput for several compression methods and channel counts,
     /// over loopback or, with --to, to a `multifd recv` on another host.
     Bench(bench::BenchArgs),
@@ -211,6 +219,7 @@ fn main() -> ExitCode {
         Command::Recv(args) => recv(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Snapshot { command } => snapshot::run(&command),
+        Command::Vm(command) => vm::run(command),
         Command::Bench(args) => bench::run(args),
     };
     match result {

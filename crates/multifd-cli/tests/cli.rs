@@ -211,7 +211,17 @@ fn bad_arguments_are_one_line_errors() {
 fn demo_verifies_its_copy() {
     let directory = tempfile::tempdir().expect("temp dir");
     let output = multifd()
-        .args(["demo", "--size", "8M", "--channels", "2", "--json", "--dir"])
+        .args([
+            "demo",
+            "--guest",
+            "image",
+            "--size",
+            "8M",
+            "--channels",
+            "2",
+            "--json",
+            "--dir",
+        ])
         .arg(directory.path())
         .output()
         .expect("run");
@@ -463,7 +473,16 @@ fn a_closed_stdout_does_not_crash_a_successful_run() {
     let directory = tempfile::tempdir().expect("temp dir");
     let mut child = spawn(
         multifd()
-            .args(["demo", "--size", "8M", "--channels", "2", "--dir"])
+            .args([
+                "demo",
+                "--guest",
+                "image",
+                "--size",
+                "8M",
+                "--channels",
+                "2",
+                "--dir",
+            ])
             .arg(directory.path()),
     );
     drop(child.stdout.take());

@@ -189,7 +189,7 @@ fn a_sync_past_the_last_round_fails_the_migration() {
     fails_at_completion(
         (0, &sync_packet()),
         3,
-        multifd::Violation::SyncPastLastRound {
+        &multifd::Violation::SyncPastLastRound {
             channel: 0,
             rounds: 1,
         },
@@ -207,7 +207,7 @@ fn a_packet_half_sent_at_completion_fails_the_migration() {
     fails_at_completion(
         (1, &ram_packet(0, "pc.ram", &[0], &[])[..10]),
         2,
-        multifd::Violation::PacketAfterCompletion { channel: 1 },
+        &multifd::Violation::PacketAfterCompletion { channel: 1 },
     );
 }
 
@@ -217,7 +217,7 @@ fn a_packet_half_sent_at_completion_fails_the_migration() {
 fn fails_at_completion(
     (channel, extra): (usize, &[u8]),
     packets: u64,
-    expected: multifd::Violation,
+    expected: &multifd::Violation,
 ) {
     use multifd::{Error, Link, Side};
     use multifd_wire::{ControlMessage, Totals};
@@ -248,7 +248,7 @@ fn fails_at_completion(
                 side: Side::Destination,
                 link: Link::Control,
                 source,
-            } if *source == expected
+            } if source == expected
         ),
         "{error}"
     );

@@ -6,6 +6,7 @@
 mod codec_ceiling;
 mod devices;
 mod live_qemu;
+mod local;
 mod qemu;
 mod qemu_baseline;
 mod qemu_process;
@@ -46,6 +47,9 @@ enum Command {
     /// migration (`migrate file:`, multifd) of the same image, at each channel count,
     /// without and with O_DIRECT.
     Snapshot(snapshot::SnapshotArgs),
+    /// Migrate an idle KVM test guest locally (its memory handed over, not copied) and
+    /// over loopback TCP: total time and downtime of each.
+    Local(local::LocalArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +59,7 @@ fn main() -> ExitCode {
         Command::Devices(args) => devices::run(&args),
         Command::LiveQemu(args) => live_qemu::run(&args),
         Command::Snapshot(args) => snapshot::run(&args),
+        Command::Local(args) => local::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -248,21 +248,26 @@ fn receive_on(
     refuse_vm_state: bool,
 ) -> Result<MigrationStats, Error> {
     let memory = vm.memory();
-    let mut devices = vm.load_devices();
-    for (id, device) in &mut devices {
-        if *id == DeviceId::new("vm", 0) {
-            let inner = if refuse_vm_state {
+    let devices = vm
+        .load_devices()
+        .into_iter()
+        .map(|(id, device)| {
+            if id != DeviceId::new("vm", 0) {
+                return (id, device);
+            }
+            let inner: Box<dyn LoadDevice> = if refuse_vm_state {
                 Box::new(Refuse)
             } else {
-                std::mem::replace(device, Box::new(Refuse))
+                device
             };
-            *device = Box::new(AdoptMemory {
+            let adopt: Box<dyn LoadDevice> = Box::new(AdoptMemory {
                 inner,
                 destination: Arc::clone(destination),
                 switch: vm.memory_switch(),
             });
-        }
-    }
+            (id, adopt)
+        })
+        .collect();
     let stats =
         destination.run_with_devices(listener, |blocks| map_blocks(blocks, memory), devices)?;
     vm.resume();

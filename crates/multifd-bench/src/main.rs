@@ -8,6 +8,7 @@ mod codec_ceiling;
 mod devices;
 mod live;
 mod live_qemu;
+mod local;
 mod qemu;
 mod qemu_baseline;
 mod qemu_process;
@@ -52,6 +53,9 @@ enum Command {
     /// at each rate and channel count, interleaved; medians of `--repeat` runs beside
     /// each other, with ours/QEMU ratios.
     Live(live::LiveArgs),
+    /// Migrate an idle KVM test guest locally (its memory handed over, not copied) and
+    /// over loopback TCP: total time and downtime of each.
+    Local(local::LocalArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
         Command::LiveQemu(args) => live_qemu::run(&args),
         Command::Snapshot(args) => snapshot::run(&args),
         Command::Live(args) => live::run(&args),
+        Command::Local(args) => local::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

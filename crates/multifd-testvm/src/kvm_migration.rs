@@ -8,11 +8,19 @@
 //! loaded everything: on any failure the precopy driver resumes it and the destination
 //! VM is dropped.
 //!
+//! A local migration ([`KvmMigration::local`], or [`SourceConfig::local_memory`] for
+//! [`send`]) hands the guest's memfd over a Unix socket instead: the driver stops the VM
+//! at once, only device state moves, and the incoming VM switches its memory slot to the
+//! handed-over mapping while it loads the devices, so a failure there still leaves the
+//! source intact. Once the destination confirmed, the source never runs again: both map
+//! the same pages.
+//!
 //! Test-only faults ([`KvmFault`]): the source's dirty log loses one page in every
 //! harvest, so the destination keeps the copy from round 0 and the guest, running on
 //! there, must report that exact page as stale; or the destination refuses the VM state
 //! after the switchover, so the source must resume its stopped VM intact.
 
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -23,6 +31,7 @@ use multifd::{
 };
 
 use crate::guest_image::PAGE_SIZE;
+use crate::kvm_vm::MemorySwitch;
 use crate::serial::GuestProgress;
 use crate::{Error, KvmVm};
 
@@ -57,6 +66,10 @@ pub struct KvmMigration {
     pub destination: DestinationConfig,
     /// How KVM's dirty log is harvested.
     pub dirty_log_mode: KvmDirtyLogMode,
+    /// Hand the guest's memory over instead of copying it (as `source.local_memory`
+    /// does): `address` must be `unix:`. No page moves, so
+    /// [`KvmFault::LoseDirtyPage`] is refused with it.
+    pub local: bool,
     /// A fault to inject, for tests.
     #[doc(hidden)]
     pub fault: Option<KvmFault>,
@@ -86,6 +99,7 @@ impl KvmMigration {
             precopy: PrecopyConfig::default(),
             destination: DestinationConfig::default(),
             dirty_log_mode: KvmDirtyLogMode::default(),
+            local: false,
             fault: None,
         }
     }
@@ -98,9 +112,16 @@ impl KvmMigration {
         progress: &mut dyn FnMut(&PrecopyProgress),
     ) -> Result<(KvmVm, KvmMigrationReport), Error> {
         let start = Instant::now();
+        let mut source = self.source.clone();
+        source.local_memory |= self.local;
+        if source.local_memory && matches!(self.fault, Some(KvmFault::LoseDirtyPage(_))) {
+            return Err(Error::Guest(
+                "a local migration moves no page: LoseDirtyPage cannot apply".into(),
+            ));
+        }
         let incoming = KvmVm::incoming(vm.config())?;
         let listener = Listener::bind(&self.address)?;
-        let destination = destination(&self.destination, &incoming);
+        let destination = Arc::new(destination(&self.destination, &incoming));
         let cancel = destination.cancel_handle();
         let (sent, received) = thread::scope(|scope| {
             let refuse = self.fault == Some(KvmFault::RefuseVmState);
@@ -110,7 +131,7 @@ impl KvmMigration {
             let sent = send_with_fault(
                 vm,
                 &self.address,
-                &self.source,
+                &source,
                 &self.precopy,
                 self.dirty_log_mode,
                 self.fault,
@@ -140,7 +161,8 @@ impl KvmMigration {
 }
 
 /// The source half: live-migrates `vm` to the destination at `address`. On success the
-/// VM is stopped (the destination runs it now); on failure it runs on.
+/// VM is stopped (the destination runs it now; after a local migration,
+/// `source.local_memory`, it never runs here again); on failure it runs on.
 pub fn send(
     vm: &KvmVm,
     address: &Address,
@@ -162,16 +184,24 @@ fn send_with_fault(
     progress: &mut dyn FnMut(&PrecopyProgress),
 ) -> Result<PrecopyStats, Error> {
     let connection = Source::connect_with_devices(address, source, vm.memory(), vm.save_devices())?;
-    let mut dirty = vm.dirty_log(mode)?;
+    let mut kvm_log;
+    // A destination that maps this memory needs no page, so no log: KVM's would only
+    // write-protect the guest's memory for nothing.
+    let dirty: &mut dyn DirtyLog = if source.local_memory {
+        &mut NoPages
+    } else {
+        kvm_log = vm.dirty_log(mode)?;
+        &mut kvm_log
+    };
     let mut control = vm.control();
     let driver = Precopy::new(precopy.clone());
     let stats = match fault {
         None | Some(KvmFault::RefuseVmState) => {
-            driver.run(connection, &mut dirty, &mut control, progress)
+            driver.run(connection, dirty, &mut control, progress)
         }
         Some(KvmFault::LoseDirtyPage(address)) => {
             let mut losing = LosingDirtyLog {
-                inner: &mut dirty,
+                inner: dirty,
                 page: address / PAGE_SIZE,
                 vm,
                 harvests: 0,
@@ -179,17 +209,21 @@ fn send_with_fault(
             driver.run(connection, &mut losing, &mut control, progress)
         }
     }?;
+    if source.local_memory {
+        vm.hand_over();
+    }
     Ok(stats)
 }
 
 /// The destination half: receives a migration on `listener` into `vm` (from
-/// [`KvmVm::incoming`]), then resumes it.
+/// [`KvmVm::incoming`]), then resumes it. From a local source, `vm` adopts the
+/// handed-over memory (its [`KvmVm::memory`] and [`KvmVm::memory_file`] are the source's).
 pub fn receive(
     vm: &KvmVm,
     listener: &Listener,
     config: &DestinationConfig,
 ) -> Result<MigrationStats, Error> {
-    receive_on(&destination(config, vm), vm, listener, false)
+    receive_on(&Arc::new(destination(config, vm)), vm, listener, false)
 }
 
 /// A destination for a fresh [`KvmVm::incoming`]: its memfd starts zeroed, and the cap
@@ -208,20 +242,32 @@ fn destination(config: &DestinationConfig, vm: &KvmVm) -> Destination {
 /// Receives into `vm`, then resumes it; `refuse_vm_state` injects
 /// [`KvmFault::RefuseVmState`].
 fn receive_on(
-    destination: &Destination,
+    destination: &Arc<Destination>,
     vm: &KvmVm,
     listener: &Listener,
     refuse_vm_state: bool,
 ) -> Result<MigrationStats, Error> {
     let memory = vm.memory();
-    let mut devices = vm.load_devices();
-    if refuse_vm_state {
-        for (id, device) in &mut devices {
-            if *id == DeviceId::new("vm", 0) {
-                *device = Box::new(Refuse);
+    let devices = vm
+        .load_devices()
+        .into_iter()
+        .map(|(id, device)| {
+            if id != DeviceId::new("vm", 0) {
+                return (id, device);
             }
-        }
-    }
+            let inner: Box<dyn LoadDevice> = if refuse_vm_state {
+                Box::new(Refuse)
+            } else {
+                device
+            };
+            let adopt: Box<dyn LoadDevice> = Box::new(AdoptMemory {
+                inner,
+                destination: Arc::clone(destination),
+                switch: vm.memory_switch(),
+            });
+            (id, adopt)
+        })
+        .collect();
     let stats =
         destination.run_with_devices(listener, |blocks| map_blocks(blocks, memory), devices)?;
     vm.resume();
@@ -242,6 +288,47 @@ fn map_blocks(blocks: &[BlockAnnouncement], memory: GuestMemory) -> Result<Guest
             ram.name(),
             ram.len()
         )),
+    }
+}
+
+/// The `("vm", 0)` load, followed by the switch to handed-over memory after a local
+/// migration: before the destination confirms, so that a failed switch fails the
+/// migration and the source resumes.
+struct AdoptMemory {
+    inner: Box<dyn LoadDevice>,
+    destination: Arc<Destination>,
+    switch: MemorySwitch,
+}
+
+impl LoadDevice for AdoptMemory {
+    fn load_state(&mut self, chunk: &[u8]) -> Result<(), DeviceError> {
+        self.inner.load_state(chunk)
+    }
+
+    fn load_config(&mut self, config: &[u8]) -> Result<(), DeviceError> {
+        self.inner.load_config(config)?;
+        if let Some(memory) = self.destination.local_memory() {
+            self.switch.adopt(memory)?;
+        }
+        Ok(())
+    }
+}
+
+/// The dirty log of a local migration: the destination maps the guest's memory, so no
+/// page is ever dirty for it.
+struct NoPages;
+
+impl DirtyLog for NoPages {
+    fn start(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn harvest(&mut self, _block: usize, _bitmap: &mut [u64]) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn stop(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -3,7 +3,9 @@
 //! - **Memory**: one RAM block `ram` backed by a memfd (so a later local migration can
 //!   hand the file to another process), registered as KVM slot 0 at guest address 0.
 //!   The VMM keeps guest RAM below the 32-bit PCI hole: at most 3 GiB, so one block and
-//!   one slot suffice.
+//!   one slot suffice. An incoming VM of a local migration adopts the source's memfd
+//!   instead: slot 0 moves to the handed-over mapping before its vCPUs first run, and the
+//!   source, stopped for good, never runs again.
 //! - **vCPUs**: 1–4, each on its own thread ([`crate::vcpu`]), given the host's supported
 //!   CPUID (with its own APIC id). A started VM puts them at 0x7c00 in real mode with
 //!   the register convention the sector expects (`EAX` = [`VCPU_MAGIC`], `EBX` = index);
@@ -24,7 +26,7 @@ use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -96,8 +98,7 @@ impl VmConfig {
 pub struct KvmVm {
     config: VmConfig,
     vm: Arc<VmFd>,
-    memory: GuestMemory,
-    memory_file: File,
+    ram: Arc<Ram>,
     vcpus: Vec<Arc<Mutex<VcpuFd>>>,
     msrs: Arc<Vec<u32>>,
     tsc_hz: u64,
@@ -133,7 +134,7 @@ impl KvmVm {
         image.vcpus = config.vcpus;
         image.passes = config.passes;
         let sector = image.build()?;
-        let ram = &vm.memory.blocks()[0];
+        let ram = &vm.ram.own.0.blocks()[0];
         // SAFETY: the sector's 512 bytes at 0x7c00 lie inside the block (at least 1 MiB,
         // checked by `create`), which stays mapped while `vm` lives; no vCPU runs yet
         // (they stay parked until the `resume` below), so nothing else touches these bytes.
@@ -255,8 +256,10 @@ impl KvmVm {
         let mut vm = Self {
             config: config.clone(),
             vm,
-            memory,
-            memory_file,
+            ram: Arc::new(Ram {
+                own: (memory, memory_file),
+                handed_over: OnceLock::new(),
+            }),
             vcpus,
             msrs: Arc::new(msrs),
             tsc_hz,
@@ -307,14 +310,16 @@ impl KvmVm {
         &self.config
     }
 
-    /// The guest's RAM, one block named `ram`.
+    /// The guest's RAM, one block named `ram` (after a local migration into this VM, the
+    /// memory the source handed over).
     pub fn memory(&self) -> GuestMemory {
-        self.memory.clone()
+        self.ram.current().0.clone()
     }
 
-    /// The memfd backing the guest's RAM.
+    /// The memfd backing the guest's RAM (after a local migration into this VM, the
+    /// source's).
     pub fn memory_file(&self) -> &File {
-        &self.memory_file
+        &self.ram.current().1
     }
 
     /// The vCPUs' TSC frequency in Hz (`KVM_GET_TSC_KHZ`).
@@ -393,7 +398,8 @@ impl KvmVm {
         self.control.stop()
     }
 
-    /// Runs the vCPUs again, unthrottled.
+    /// Runs the vCPUs again, unthrottled; does nothing once a local migration handed this
+    /// VM's memory over (another VM runs the guest in it now).
     pub fn resume(&self) {
         self.control.resume();
     }
@@ -414,7 +420,7 @@ impl KvmVm {
         Ok(unsafe {
             KvmDirtyLog::new(
                 Arc::clone(&self.vm),
-                &self.memory,
+                &self.ram.current().0,
                 PAGE_SIZE as u32,
                 &[slot],
                 mode,
@@ -521,10 +527,26 @@ impl KvmVm {
         devices
     }
 
+    /// Marks this (stopped) source of a local migration as handed over: the destination
+    /// runs the guest in the same memory now, so [`KvmVm::resume`] must never run it here.
+    pub(crate) fn hand_over(&self) {
+        self.control.retire();
+    }
+
+    /// What switches this incoming VM to memory handed over by a local migration.
+    pub(crate) fn memory_switch(&self) -> MemorySwitch {
+        MemorySwitch {
+            vm: Arc::clone(&self.vm),
+            ram: Arc::clone(&self.ram),
+            control: Arc::clone(&self.control),
+            bytes: self.config.memory,
+        }
+    }
+
     /// Writes `bytes` into guest RAM at `address` from the host, marking nothing dirty
     /// (tests corrupt a page with it to see the guest catch it).
     pub fn write_guest(&self, address: u64, bytes: &[u8]) -> Result<(), Error> {
-        let ram = &self.memory.blocks()[0];
+        let ram = &self.ram.current().0.blocks()[0];
         if address
             .checked_add(bytes.len() as u64)
             .is_none_or(|end| end > ram.len())
@@ -548,7 +570,7 @@ impl KvmVm {
 
     /// Reads a 32-bit word of guest RAM at `address` (4-byte aligned).
     pub fn read_guest_u32(&self, address: u64) -> Result<u32, Error> {
-        let ram = &self.memory.blocks()[0];
+        let ram = &self.ram.current().0.blocks()[0];
         if !address.is_multiple_of(4) || address.checked_add(4).is_none_or(|end| end > ram.len()) {
             return Err(Error::Guest(format!("no aligned word at {address:#x}")));
         }
@@ -581,9 +603,93 @@ impl Drop for KvmVm {
                 // Stuck past every bound: leave it detached rather than hang, and leave
                 // guest RAM mapped for good so that a vCPU still in KVM_RUN never writes
                 // into memory the process reuses.
-                std::mem::forget(self.memory.clone());
+                std::mem::forget(Arc::clone(&self.ram));
             }
         }
+    }
+}
+
+/// The guest's RAM and its file: the memfd the VM was built with, or the one a local
+/// migration handed over (KVM slot 0 maps the current one).
+struct Ram {
+    own: (GuestMemory, File),
+    handed_over: OnceLock<(GuestMemory, File)>,
+}
+
+impl Ram {
+    fn current(&self) -> &(GuestMemory, File) {
+        self.handed_over.get().unwrap_or(&self.own)
+    }
+}
+
+/// Moves an incoming VM's RAM to memory a local migration handed over (see
+/// [`KvmVm::memory_switch`]).
+pub(crate) struct MemorySwitch {
+    vm: Arc<VmFd>,
+    ram: Arc<Ram>,
+    control: Arc<RunControl>,
+    bytes: u64,
+}
+
+impl MemorySwitch {
+    /// Makes `memory` the guest's RAM: slot 0 is deleted and registered again at the new
+    /// mapping (KVM cannot move a slot's host address in place). The vCPUs must not run;
+    /// an incoming VM's have not run yet.
+    pub(crate) fn adopt(&self, memory: GuestMemory) -> Result<(), Error> {
+        let block = match memory.blocks() {
+            [block] if block.name() == "ram" && block.len() == self.bytes => block,
+            blocks => {
+                return Err(Error::Guest(format!(
+                    "handed-over memory {:?}: this VM has one block \"ram\" of {} bytes",
+                    blocks
+                        .iter()
+                        .map(|block| (block.name(), block.len()))
+                        .collect::<Vec<_>>(),
+                    self.bytes
+                )))
+            }
+        };
+        let file = block
+            .file()
+            .ok_or_else(|| Error::Guest("handed-over memory without its file".into()))?
+            .try_clone()
+            .map_err(|source| Error::Map {
+                bytes: self.bytes,
+                source,
+            })?;
+        if self.control.is_running() {
+            return Err(Error::Guest(
+                "the vCPUs run: guest memory is switched only while they are stopped".into(),
+            ));
+        }
+        if self.ram.handed_over.get().is_some() {
+            return Err(Error::Guest(
+                "this VM already adopted handed-over memory".into(),
+            ));
+        }
+        let region = |memory_size, userspace_addr| kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size,
+            userspace_addr,
+        };
+        let old = self.ram.own.0.blocks()[0].as_ptr() as u64;
+        // SAFETY: a size of 0 deletes slot 0; no vCPU runs (checked above, and an incoming
+        // VM's vCPUs stay parked until its resume), so none uses the slot meanwhile.
+        unsafe { self.vm.set_user_memory_region(region(0, old)) }
+            .map_err(kvm_error("deleting KVM memory slot 0"))?;
+        // SAFETY: the region is the whole handed-over block, a shared mapping that `Ram`
+        // keeps (in `handed_over`, set below) as long as the VM, whose `drop` joins the
+        // vCPU threads before the mapping goes, as for the VM's own memory.
+        unsafe {
+            self.vm
+                .set_user_memory_region(region(self.bytes, block.as_ptr() as u64))
+        }
+        .map_err(kvm_error("KVM_SET_USER_MEMORY_REGION (handed-over memory)"))?;
+        // Only this switch sets it, once (checked above): the set cannot fail.
+        let _ = self.ram.handed_over.set((memory, file));
+        Ok(())
     }
 }
 

@@ -38,7 +38,10 @@
 //!
 //! Between two processes, the source calls [`send`] on its running VM and the destination
 //! [`receive`] on a [`KvmVm::incoming`] one; [`GuestImage`] writes the same guest as a
-//! disk image for QEMU.
+//! disk image for QEMU. On one host, a local migration ([`KvmMigration::local`], or
+//! `local_memory` in the source's settings for [`send`]) hands the guest's memfd over a
+//! Unix socket instead of copying its pages, and the destination VM runs the guest in
+//! that very memory.
 
 mod devices;
 mod frame_buffer;

@@ -59,6 +59,8 @@ fn kick_signal() -> Result<libc::c_int, Error> {
 struct RunState {
     paused: bool,
     quit: bool,
+    /// The VM's memory was handed over (a local migration): it never runs again.
+    retired: bool,
     throttle: u8,
     /// Threads (vCPUs and housekeeping) parked.
     parked: usize,
@@ -87,6 +89,7 @@ impl RunControl {
             state: Mutex::new(RunState {
                 paused,
                 quit: false,
+                retired: false,
                 throttle: 0,
                 parked: 0,
                 halted: vec![false; vcpus],
@@ -167,12 +170,20 @@ impl RunControl {
         Ok(())
     }
 
-    /// Lets every thread run again, unthrottled.
+    /// Lets every thread run again, unthrottled, unless the VM is retired.
     pub(crate) fn resume(&self) {
         let mut state = self.lock();
+        if state.retired {
+            return;
+        }
         state.paused = false;
         state.throttle = 0;
         self.changed.notify_all();
+    }
+
+    /// Keeps the VM stopped for good: [`RunControl::resume`] does nothing any more.
+    pub(crate) fn retire(&self) {
+        self.lock().retired = true;
     }
 
     pub(crate) fn throttle(&self, percent: u8) {

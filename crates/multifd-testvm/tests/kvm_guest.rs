@@ -2,7 +2,9 @@
 //! page corrupted from the host; it keeps passing its checks after live migrations with 1
 //! and 2 vCPUs (and 20 in a row); its vCPU state survives a save/load round trip register
 //! by register; a page the migration loses is the exact page it reports; and the same
-//! image boots under a BIOS in QEMU (when QEMU is installed).
+//! image boots under a BIOS in QEMU (when QEMU is installed). A local migration hands the
+//! guest's memfd over instead of its pages: the guest runs on in the very same memory,
+//! and is refused to a TCP address with the guest running on.
 //!
 //! Without `/dev/kvm` the tests print `SKIPPED` and pass, unless `MULTIFD_REQUIRE_KVM=1`.
 #![cfg(target_arch = "x86_64")]
@@ -522,6 +524,111 @@ fn a_migration_failing_after_the_stop_resumes_the_guest_on_the_source() {
         })
         .expect_err("the destination refuses the VM state");
     assert!(stopped, "the failure came after the stop");
+    assert!(error.to_string().contains("RefuseVmState"), "{error}");
+    assert!(vm.is_running());
+    let progress = vm
+        .wait_for_passes(&vm.progress(), 2, WAIT)
+        .expect("the guest runs on at the source");
+    assert_clean(&vm, &progress);
+}
+
+/// The guest's pages are the same memory on both sides of a local migration: same file,
+/// and a host write on one side shows on the other.
+fn assert_same_memory(source: &KvmVm, destination: &KvmVm, address: u64, word: u32) {
+    use std::os::unix::fs::MetadataExt;
+    let inode = |vm: &KvmVm| {
+        let metadata = vm.memory_file().metadata().expect("memfd metadata");
+        (metadata.dev(), metadata.ino())
+    };
+    assert_eq!(inode(destination), inode(source), "the same memfd");
+    destination
+        .write_guest(address, &word.to_le_bytes())
+        .expect("write");
+    assert_eq!(source.read_guest_u32(address).expect("read"), word);
+}
+
+#[test]
+fn local_migration_hands_a_running_guest_its_own_memory() {
+    if !kvm_available() {
+        return;
+    }
+    let directory = tempfile::tempdir().expect("tempdir");
+    let vm = KvmVm::start(&config(64, 2, 256)).expect("start the VM");
+    vm.wait_for_passes(&GuestProgress::default(), 2, WAIT)
+        .expect("passes before the migration");
+    let mut migration = KvmMigration::new(unix_address(&directory, "local.sock"));
+    migration.local = true;
+    migration.source.channels = 2;
+    let (first, report) = migrate_and_check(&vm, &migration);
+    assert!(report.precopy.rounds.is_empty(), "{report:?}");
+    assert_eq!(report.precopy.final_pages, 0);
+    let sent = &report.precopy.migration;
+    assert_eq!(sent.normal_pages + sent.zero_pages, 0, "no RAM page sent");
+    let received = &report.destination;
+    assert_eq!(received.normal_pages + received.zero_pages, 0);
+    // Past the 64 bytes the guest checks in each page: it never writes there.
+    assert_same_memory(&vm, &first, (8 << 20) + 0x800, 0xfeed_f00d);
+    // The source never runs again, whatever asks it to.
+    let stopped = vm.progress();
+    vm.resume();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!vm.is_running());
+    assert_eq!(vm.progress().passes, stopped.passes);
+
+    // The adopted memory moves on: locally once more, then over TCP with KVM's dirty
+    // log on the switched slot (the guest's checks prove every page arrived).
+    migration.address = unix_address(&directory, "again.sock");
+    let (second, _) = migrate_and_check(&first, &migration);
+    assert_same_memory(&vm, &second, (8 << 20) + 0x1800, 0x0bad_cafe);
+    let mut copy = KvmMigration::new(tcp_address());
+    copy.source.channels = 2;
+    let (third, report) = migrate_and_check(&second, &copy);
+    assert!(report.precopy.rounds[0].pages_sent > 0, "{report:?}");
+    let progress = third.progress();
+    assert_clean(&third, &progress);
+}
+
+#[test]
+fn local_migration_to_a_tcp_address_is_refused_and_the_guest_runs_on() {
+    if !kvm_available() {
+        return;
+    }
+    let vm = KvmVm::start(&config(16, 1, 64)).expect("start the VM");
+    vm.wait_for_passes(&GuestProgress::default(), 1, WAIT)
+        .expect("passes");
+    let mut migration = KvmMigration::new(tcp_address());
+    migration.local = true;
+    let error = migration
+        .migrate(&vm, &mut |_| {})
+        .expect_err("no descriptors over TCP");
+    assert!(
+        error
+            .to_string()
+            .contains("local memory needs a unix: address"),
+        "{error}"
+    );
+    assert!(vm.is_running());
+    let progress = vm
+        .wait_for_passes(&vm.progress(), 2, WAIT)
+        .expect("the guest runs on");
+    assert_clean(&vm, &progress);
+}
+
+#[test]
+fn a_local_migration_failing_after_the_stop_resumes_the_guest_on_the_source() {
+    if !kvm_available() {
+        return;
+    }
+    let directory = tempfile::tempdir().expect("tempdir");
+    let vm = KvmVm::start(&config(32, 2, 128)).expect("start the VM");
+    vm.wait_for_passes(&GuestProgress::default(), 1, WAIT)
+        .expect("passes");
+    let mut migration = KvmMigration::new(unix_address(&directory, "refused.sock"));
+    migration.local = true;
+    migration.fault = Some(KvmFault::RefuseVmState);
+    let error = migration
+        .migrate(&vm, &mut |_| {})
+        .expect_err("the destination refuses the VM state");
     assert!(error.to_string().contains("RefuseVmState"), "{error}");
     assert!(vm.is_running());
     let progress = vm

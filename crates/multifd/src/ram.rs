@@ -121,8 +121,9 @@ impl RamBlock {
         Ok(block)
     }
 
-    /// The file a block from [`RamBlock::map_file`] maps.
-    pub(crate) fn file(&self) -> Option<&File> {
+    /// The file a block from [`RamBlock::map_file`] maps (for a destination of a local
+    /// migration, the handed-over descriptor: the VMM's handle on the guest's RAM).
+    pub fn file(&self) -> Option<&File> {
         self.file.as_deref()
     }
 

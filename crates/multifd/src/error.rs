@@ -414,6 +414,15 @@ pub enum Error {
         /// The file's length now.
         now: u64,
     },
+    /// A local migration sent `Complete` but never learnt the outcome: the destination
+    /// may be running the guest on the memory both sides map, so the source must not
+    /// resume it (the precopy driver does not).
+    #[error("source: the local handover is unconfirmed; the guest was not resumed here")]
+    HandoverUnconfirmed {
+        /// Why no confirmation came.
+        #[source]
+        source: Box<Error>,
+    },
     /// Something did not happen in time.
     #[error("{side}: timed out {what}")]
     Timeout {

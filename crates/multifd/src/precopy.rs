@@ -35,7 +35,10 @@
 //!
 //! **Failure.** Whatever fails, the source VM stays intact: before the stop nothing
 //! changed but the throttle, which is lifted; after it, [`VmControl::resume`] runs the vCPUs
-//! again. The destination's VMM resumes the guest only once everything is loaded.
+//! again. The destination's VMM resumes the guest only once everything is loaded. A local
+//! migration (the destination maps the source's memory) that loses track of the outcome
+//! after `Complete` is the exception: the guest stays stopped rather than risk running
+//! twice on one memory ([`Error::HandoverUnconfirmed`]).
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -428,7 +431,9 @@ impl Precopy {
     /// `source` is a [`Source`] connected to a destination, or a [`SnapshotWriter`]
     /// for a live snapshot. `dirty` must cover every block of the source's memory, in the same
     /// order. On any error the VM runs on at the source, unthrottled; the destination is
-    /// told why.
+    /// told why. The one exception is [`Error::HandoverUnconfirmed`]: a local migration
+    /// that lost track of the outcome after `Complete` leaves the VM stopped, since the
+    /// destination may already run it on the same memory.
     pub fn run<T: PrecopyTarget>(
         &self,
         mut source: T,
@@ -738,6 +743,8 @@ impl<'a> Run<'a> {
                     total_time: self.started.elapsed(),
                 })
             }
+            // Resuming could run the guest twice on one memory (see the variant).
+            Err(error @ Error::HandoverUnconfirmed { .. }) => Err(error),
             Err(error) => {
                 vm.resume();
                 Err(error)

@@ -9,7 +9,12 @@ use std::os::fd::FromRawFd;
 use std::sync::Arc;
 
 use common::*;
-use multifd::{Destination, Error, GuestMemory, RamBlock, Source, SourceConfig};
+use std::io::Write;
+
+use multifd::{
+    Destination, DeviceError, DeviceId, Error, GuestMemory, LoadDevice, RamBlock, SaveDevice,
+    SaveDevices, Source, SourceConfig, StateWriter,
+};
 
 /// A memfd of `length` bytes mapped as block `name`.
 fn memfd_block(name: &str, length: u64) -> RamBlock {
@@ -92,4 +97,70 @@ fn local_memory_is_refused_where_it_cannot_work() {
         ),
         other => panic!("expected a configuration error, got {:?}", other.err()),
     }
+}
+
+/// A device whose config load takes long, and says when it starts.
+struct SlowConfig(std::sync::mpsc::Sender<()>);
+
+impl LoadDevice for SlowConfig {
+    fn load_state(&mut self, _chunk: &[u8]) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
+    fn load_config(&mut self, _config: &[u8]) -> Result<(), DeviceError> {
+        let _ = self.0.send(());
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        Ok(())
+    }
+}
+
+struct SmallDevice;
+
+impl SaveDevice for SmallDevice {
+    fn save_state(&mut self, state: &mut StateWriter<'_>) -> Result<(), DeviceError> {
+        state.write_all(&[3; 4096])?;
+        Ok(())
+    }
+
+    fn save_config(&mut self) -> Result<Vec<u8>, DeviceError> {
+        Ok(vec![1; 8])
+    }
+}
+
+/// Once `Complete` is sent, the destination of a local migration may run the guest on the
+/// memory both map: a source that then loses track of the outcome (here, cancelled while
+/// the destination still loads) reports the handover as unconfirmed, so that nobody
+/// resumes the guest on the source too.
+#[test]
+fn a_local_handover_whose_outcome_is_unknown_is_not_a_plain_failure() {
+    let memory = GuestMemory::new(vec![memfd_block("pc.ram", 1 << 20)]).expect("memory");
+    let (listener, address) = listener(true);
+    let (loading, started) = std::sync::mpsc::channel();
+    let device = DeviceId::new("slow", 0);
+    let destination = spawn_destination_with_devices(
+        listener,
+        quick_destination_config(),
+        empty_like(&memory),
+        vec![(device.clone(), Box::new(SlowConfig(loading)))],
+    );
+    let devices: SaveDevices = vec![(device, Box::new(SmallDevice))];
+    let mut source =
+        Source::connect_with_devices(&address, &local_config(), memory, devices).expect("connect");
+    source.queue_block(0).expect("queue");
+    let cancel = source.cancel_handle();
+    let canceller = std::thread::spawn(move || {
+        started.recv().expect("the config load starts");
+        // Well after the source sent `Complete`, while the destination still loads.
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        cancel.cancel();
+    });
+    match source.complete() {
+        Err(error @ Error::HandoverUnconfirmed { .. }) => {
+            assert!(error.to_string().contains("not resumed"), "{error}");
+        }
+        other => panic!("expected HandoverUnconfirmed, got {other:?}"),
+    }
+    canceller.join().expect("canceller");
+    // The destination learns the source went away.
+    let _ = join_within(destination, DEADLINE);
 }

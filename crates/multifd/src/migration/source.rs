@@ -549,15 +549,27 @@ impl Source {
             return Err(self.fail(error));
         }
         let totals = self.counters.totals();
-        self.send_control(&ControlMessage::Complete(totals))?;
-        let received = self.wait_for_completed()?;
+        let answer = self
+            .send_control(&ControlMessage::Complete(totals))
+            .and_then(|()| self.wait_for_completed());
+        let received = match answer {
+            Ok(received) => received,
+            // The destination may have confirmed and resumed the guest on the memory both
+            // map; only its own report of failure says it did not.
+            Err(error) if self.local_memory && !matches!(error, Error::PeerFailed { .. }) => {
+                return Err(Error::HandoverUnconfirmed {
+                    source: Box::new(error),
+                })
+            }
+            Err(error) => return Err(error),
+        };
         if received != totals {
             return Err(self.fail(Error::protocol(
                 Side::Source,
                 Link::Control,
                 Violation::TotalsMismatch {
-                    source_totals: format!("{totals:?}"),
-                    destination_totals: format!("{received:?}"),
+                    source_totals: totals.to_string(),
+                    destination_totals: received.to_string(),
                 },
             )));
         }

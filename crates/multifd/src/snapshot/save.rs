@@ -207,8 +207,8 @@ struct DeviceSlot {
 }
 
 /// A snapshot being written: the round API of a [`Source`](crate::Source), with a file
-/// instead of a destination. See the module documentation of [`crate::snapshot`] for the
-/// format. Drive it by hand (queue every block, [`SnapshotWriter::complete`]) for a
+/// instead of a destination (the file format is documented beside its parser, in the
+/// engine's `snapshot::format` module). Drive it by hand (queue every block, [`SnapshotWriter::complete`]) for a
 /// snapshot of a stopped VM, or hand it to [`Precopy::run`](crate::Precopy::run) for a
 /// live one.
 pub struct SnapshotWriter {

@@ -190,6 +190,34 @@ fn run_migrate_and_incoming_processes_move_a_guest_that_keeps_passing() {
     if !kvm_available() {
         return;
     }
+    let summary = move_guest("tcp:127.0.0.1:0", &["--channels", "2"]);
+    assert!(summary["rounds"].as_u64() >= Some(1), "{summary}");
+    assert!(summary["downtime_ms"].as_f64() > Some(0.0), "{summary}");
+    assert!(
+        summary["destination_downtime_ms"].as_f64() > Some(0.0),
+        "{summary}"
+    );
+    assert!(summary["dirty_rate_bytes_per_second"].is_number());
+}
+
+/// `--local`: the guest's memfd is handed over on a unix socket, no RAM round runs, and
+/// the guest keeps passing its checks in the destination process.
+#[test]
+fn a_local_migration_hands_the_guest_memory_to_the_incoming_process() {
+    if !kvm_available() {
+        return;
+    }
+    let directory = tempfile::tempdir().expect("tempdir");
+    let listen = format!("unix:{}", directory.path().join("local.sock").display());
+    let summary = move_guest(&listen, &["--local"]);
+    assert_eq!(summary["rounds"].as_u64(), Some(0), "{summary}");
+    assert!(summary["downtime_ms"].as_f64() > Some(0.0), "{summary}");
+}
+
+/// Starts a guest in a `vm run` process, moves it with `vm migrate` (and `extra` flags) to
+/// a `vm incoming` process listening on `listen`, checks that the source exits 0 and the
+/// guest passes again on the destination; returns `vm migrate`'s JSON summary.
+fn move_guest(listen: &str, extra: &[&str]) -> Value {
     let directory = tempfile::tempdir().expect("tempdir");
     let (source_control, destination_control) = (
         socket(&directory, "source.sock"),
@@ -198,35 +226,25 @@ fn run_migrate_and_incoming_processes_move_a_guest_that_keeps_passing() {
     let mut source = start_source(&source_control);
     wait_for_pass(&source_control, 0);
 
-    let mut args = vec!["incoming", "--listen", "tcp:127.0.0.1:0"];
+    let mut args = vec!["incoming", "--listen", listen];
     args.extend(["--control", path_arg(&destination_control)]);
     args.extend(GUEST);
     let destination = VmProcess::spawn(&args);
     let listening = destination.event("listening");
     let address = listening["address"].as_str().expect("address");
-    let summary = json(&run(
-        &[
-            "vm",
-            "migrate",
-            "--control",
-            path_arg(&source_control),
-            "--to",
-            address,
-            "--destination-control",
-            path_arg(&destination_control),
-            "--channels",
-            "2",
-            "--json",
-        ],
-        2,
-    ));
-    assert!(summary["rounds"].as_u64() >= Some(1), "{summary}");
-    assert!(summary["downtime_ms"].as_f64() > Some(0.0), "{summary}");
-    assert!(
-        summary["destination_downtime_ms"].as_f64() > Some(0.0),
-        "{summary}"
-    );
-    assert!(summary["dirty_rate_bytes_per_second"].is_number());
+    let mut migrate = vec![
+        "vm",
+        "migrate",
+        "--control",
+        path_arg(&source_control),
+        "--to",
+        address,
+        "--destination-control",
+        path_arg(&destination_control),
+        "--json",
+    ];
+    migrate.extend(extra);
+    let summary = json(&run(&migrate, 2));
     assert_eq!(
         source.exit_code(),
         Some(0),
@@ -240,6 +258,7 @@ fn run_migrate_and_incoming_processes_move_a_guest_that_keeps_passing() {
         .expect("passes at arrival");
     assert!(arrived >= 1, "{arrival}");
     wait_for_pass(&destination_control, arrived + 1);
+    summary
 }
 
 #[test]

@@ -132,7 +132,16 @@ fn move_guest(
     let mut summaries = Vec::new();
     let mut arrival = Value::Null;
     for hop in 1..=count {
-        let mut extra = vec!["--listen".to_owned(), "tcp:127.0.0.1:0".to_owned()];
+        // A local handover needs a unix socket; otherwise loopback TCP.
+        let listen = if settings.local {
+            format!(
+                "unix:{}",
+                directory.path().join(format!("hop{hop}.sock")).display()
+            )
+        } else {
+            "tcp:127.0.0.1:0".to_owned()
+        };
+        let mut extra = vec!["--listen".to_owned(), listen];
         if let Some(seconds) = run_for.filter(|_| hop == count) {
             extra.extend(["--run-for".to_owned(), seconds.to_string()]);
         }

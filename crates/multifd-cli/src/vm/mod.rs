@@ -188,6 +188,10 @@ pub struct MigrateSettings {
     /// Page compression, `METHOD` or `METHOD:LEVEL` (none, zlib, zstd, lz4).
     #[arg(long, value_parser = checked_compression)]
     pub compress: Option<String>,
+    /// Same host: hand the guest's memory (a memfd) over on a unix: address instead of
+    /// copying it; only vCPU and device state move.
+    #[arg(long)]
+    pub local: bool,
     #[command(flatten)]
     pub precopy: PrecopyArgs,
 }
@@ -201,6 +205,7 @@ impl MigrateSettings {
         json!({
             "channels": self.channels,
             "compress": self.compress,
+            "local": self.local,
             "precopy": self.precopy.to_json(),
         })
     }
@@ -218,6 +223,7 @@ impl MigrateSettings {
             source.compression = parse_compression(text).map_err(anyhow::Error::msg)?;
         }
         source.max_bandwidth = precopy.max_bandwidth;
+        source.local_memory = value["local"].as_bool().unwrap_or(false);
         Ok((source, precopy))
     }
 }

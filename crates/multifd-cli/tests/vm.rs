@@ -8,12 +8,13 @@
 //! `MULTIFD_REQUIRE_KVM=1`.
 #![cfg(target_arch = "x86_64")]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
+use multifd_testvm::kvm_available;
 use serde_json::Value;
 
 /// Bounds every wait for a process or an event: VM processes start in well under a
@@ -34,28 +35,6 @@ const GUEST: [&str; 10] = [
     "--frame-buffer",
     "1M",
 ];
-
-/// Whether KVM is usable, after a loud skip line when it is not (a failure when
-/// `MULTIFD_REQUIRE_KVM=1`).
-fn kvm_available() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(error) if std::env::var("MULTIFD_REQUIRE_KVM").as_deref() == Ok("1") => {
-            panic!("MULTIFD_REQUIRE_KVM=1 but /dev/kvm is not available: {error}")
-        }
-        Err(error) => {
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: /dev/kvm not available ({error})"
-            );
-            false
-        }
-    }
-}
 
 fn multifd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_multifd"))

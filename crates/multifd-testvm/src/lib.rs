@@ -66,6 +66,26 @@ pub use threads::{
 };
 pub use vcpu_state::{VcpuState, VmState};
 
+/// For tests that need a KVM guest: whether `/dev/kvm` is usable. When it is not, a test
+/// prints a loud `SKIPPED` line and returns, unless `MULTIFD_REQUIRE_KVM=1` (set by CI
+/// where `/dev/kvm` exists), which turns the skip into a panic.
+pub fn kvm_available() -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(error) if std::env::var("MULTIFD_REQUIRE_KVM").as_deref() == Ok("1") => {
+            panic!("MULTIFD_REQUIRE_KVM=1 but /dev/kvm is not available: {error}")
+        }
+        Err(error) => {
+            eprintln!("SKIPPED: /dev/kvm not available ({error})");
+            false
+        }
+    }
+}
+
 /// What can go wrong setting up a test guest.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -13,6 +13,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use multifd::Address;
+use multifd_testvm::kvm_available;
 use multifd_testvm::{
     GuestImage, GuestProgress, KvmFault, KvmMigration, KvmMigrationReport, KvmVm, SerialLine,
     VcpuState, VmConfig,
@@ -21,28 +22,6 @@ use multifd_testvm::{
 /// Guest passes are milliseconds (unpaced) to a quarter second (paced); this bounds any
 /// wait for a few of them on a loaded 2-core host.
 const WAIT: Duration = Duration::from_secs(20);
-
-/// Whether KVM is usable, after a loud skip line when it is not (a failure when
-/// `MULTIFD_REQUIRE_KVM=1`).
-fn kvm_available() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(error) if std::env::var("MULTIFD_REQUIRE_KVM").as_deref() == Ok("1") => {
-            panic!("MULTIFD_REQUIRE_KVM=1 but /dev/kvm is not available: {error}")
-        }
-        Err(error) => {
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: /dev/kvm not available ({error})"
-            );
-            false
-        }
-    }
-}
 
 /// A small VM: `memory` MiB, `vcpus`, 64 bytes checked per page, `rate` MiB/s (0:
 /// unpaced), a 1 MiB frame buffer.

@@ -20,6 +20,7 @@
 //! there, must report that exact page as stale; or the destination refuses the VM state
 //! after the switchover, so the source must resume its stopped VM intact.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -27,7 +28,8 @@ use std::time::{Duration, Instant};
 use multifd::{
     Address, BlockAnnouncement, Destination, DestinationConfig, DeviceError, DeviceId, DirtyLog,
     GuestMemory, KvmDirtyLogMode, Listener, LoadDevice, MigrationStats, Precopy, PrecopyConfig,
-    PrecopyProgress, PrecopyStats, Source, SourceConfig,
+    PrecopyProgress, PrecopyStats, RestoreConfig, Snapshot, SnapshotConfig, SnapshotWriter, Source,
+    SourceConfig,
 };
 
 use crate::guest_image::PAGE_SIZE;
@@ -381,4 +383,35 @@ impl DirtyLog for LosingDirtyLog<'_> {
     fn stop(&mut self) -> std::io::Result<()> {
         self.inner.stop()
     }
+}
+
+/// Saves a live snapshot of the running `vm` into the file `path`: the precopy driver
+/// rewrites the pages the guest dirties in place, stops the vCPUs for the last round and
+/// the device state, and the guest then runs on here.
+pub fn snapshot(
+    vm: &KvmVm,
+    path: &Path,
+    config: &SnapshotConfig,
+    precopy: &PrecopyConfig,
+    progress: &mut dyn FnMut(&PrecopyProgress),
+) -> Result<PrecopyStats, Error> {
+    let writer = SnapshotWriter::create(path, config, vm.memory(), vm.save_devices())?;
+    let mut dirty = vm.dirty_log(KvmDirtyLogMode::default())?;
+    let mut control = vm.control();
+    let stats = Precopy::new(precopy.clone()).run(writer, &mut dirty, &mut control, progress)?;
+    vm.resume();
+    Ok(stats)
+}
+
+/// Restores a snapshot from `path` into `vm`, a fresh [`KvmVm::incoming`] with the
+/// snapshot's memory size, vCPUs and frame buffer, then resumes the guest where it
+/// stopped.
+pub fn restore(vm: &KvmVm, path: &Path) -> Result<MigrationStats, Error> {
+    let snapshot = Snapshot::open(path)?;
+    let mut config = RestoreConfig::default();
+    // An incoming VM's memfd is new: only zeros.
+    config.memory_zeroed = true;
+    let stats = snapshot.restore(&config, &vm.memory(), vm.load_devices())?;
+    vm.resume();
+    Ok(stats)
 }

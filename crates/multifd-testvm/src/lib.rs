@@ -57,7 +57,9 @@ mod vcpu_state;
 pub use devices::{DeviceSink, Loaded, PatternDevice};
 pub use frame_buffer::{FrameBuffer, ROW_SIZE as FRAME_BUFFER_ROW_SIZE};
 pub use guest_image::{host_tsc_hz, GuestImage, GuestParameters};
-pub use kvm_migration::{receive, send, KvmFault, KvmMigration, KvmMigrationReport};
+pub use kvm_migration::{
+    receive, restore, send, snapshot, KvmFault, KvmMigration, KvmMigrationReport,
+};
 pub use kvm_vm::{KvmControl, KvmVm, VmConfig, DEFAULT_FRAME_BUFFER};
 pub use local::{LocalMigration, LocalReport};
 pub use serial::{GuestError, GuestProgress, SerialLine};

@@ -615,3 +615,40 @@ fn a_local_migration_failing_after_the_stop_resumes_the_guest_on_the_source() {
         .expect("the guest runs on at the source");
     assert_clean(&vm, &progress);
 }
+
+/// A live snapshot of a running guest: the guest runs on at the source, and a fresh VM
+/// restored from the file resumes from the snapshot's passes with every check passing, so
+/// every page the guest wrote before the stop is in the file.
+#[test]
+fn a_live_snapshot_restores_into_a_new_vm_that_keeps_checking_itself() {
+    if !kvm_available() {
+        return;
+    }
+    let directory = tempfile::tempdir().expect("tempdir");
+    let path = directory.path().join("guest.snap");
+    let vm = KvmVm::start(&config(64, 2, 64)).expect("start the VM");
+    vm.wait_for_passes(&GuestProgress::default(), 2, WAIT)
+        .expect("passes before the snapshot");
+    let stats = multifd_testvm::snapshot(
+        &vm,
+        &path,
+        &multifd::SnapshotConfig::default(),
+        &multifd::PrecopyConfig::default(),
+        &mut |_| {},
+    )
+    .expect("snapshot");
+    assert!(!stats.rounds.is_empty(), "a live save runs rounds");
+    let after = vm.progress();
+    let progress = vm.wait_for_passes(&after, 1, WAIT).expect("the source runs on");
+    assert_clean(&vm, &progress);
+    drop(vm);
+
+    let restored = KvmVm::incoming(&config(64, 2, 64)).expect("incoming VM");
+    multifd_testvm::restore(&restored, &path).expect("restore");
+    let arrived = restored.progress();
+    assert!(arrived.passes.iter().all(|&passes| passes >= 2), "{arrived:?}");
+    let progress = restored
+        .wait_for_passes(&arrived, 2, WAIT)
+        .expect("the restored guest runs on");
+    assert_clean(&restored, &progress);
+}

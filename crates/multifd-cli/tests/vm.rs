@@ -382,3 +382,48 @@ fn bad_control_sockets_and_destinations_are_one_line_errors() {
         "the source runs on"
     );
 }
+
+/// `vm snapshot` saves a running guest live (it runs on), and `vm restore --from` boots a
+/// new process from the file, where the guest resumes and keeps passing its checks.
+#[test]
+fn snapshot_and_restore_move_a_guest_through_a_file() {
+    if !kvm_available() {
+        return;
+    }
+    let directory = tempfile::tempdir().expect("tempdir");
+    let (source_control, restored_control) = (
+        socket(&directory, "source.sock"),
+        socket(&directory, "restored.sock"),
+    );
+    let file = directory.path().join("guest.snap");
+    let source = start_source(&source_control);
+    wait_for_pass(&source_control, 0);
+    let summary = json(&run(
+        &[
+            "vm",
+            "snapshot",
+            "--control",
+            path_arg(&source_control),
+            "--out",
+            path_arg(&file),
+            "--json",
+        ],
+        2,
+    ));
+    assert!(summary["rounds"].as_u64() >= Some(1), "{summary}");
+    let after = min_passes(&status(&source_control));
+    wait_for_pass(&source_control, after + 1);
+    drop(source);
+
+    let mut args = vec!["restore", "--from", path_arg(&file)];
+    args.extend(["--control", path_arg(&restored_control)]);
+    args.extend(GUEST);
+    let restored = VmProcess::spawn(&args);
+    let arrival = restored.event("resumed");
+    let arrived = arrival["passes"]
+        .as_array()
+        .and_then(|passes| passes.iter().filter_map(Value::as_u64).min())
+        .expect("passes at arrival");
+    assert!(arrived >= 1, "{arrival}");
+    wait_for_pass(&restored_control, arrived + 1);
+}

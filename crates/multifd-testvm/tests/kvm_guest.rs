@@ -639,14 +639,19 @@ fn a_live_snapshot_restores_into_a_new_vm_that_keeps_checking_itself() {
     .expect("snapshot");
     assert!(!stats.rounds.is_empty(), "a live save runs rounds");
     let after = vm.progress();
-    let progress = vm.wait_for_passes(&after, 1, WAIT).expect("the source runs on");
+    let progress = vm
+        .wait_for_passes(&after, 1, WAIT)
+        .expect("the source runs on");
     assert_clean(&vm, &progress);
     drop(vm);
 
     let restored = KvmVm::incoming(&config(64, 2, 64)).expect("incoming VM");
     multifd_testvm::restore(&restored, &path).expect("restore");
     let arrived = restored.progress();
-    assert!(arrived.passes.iter().all(|&passes| passes >= 2), "{arrived:?}");
+    assert!(
+        arrived.passes.iter().all(|&passes| passes >= 2),
+        "{arrived:?}"
+    );
     let progress = restored
         .wait_for_passes(&arrived, 2, WAIT)
         .expect("the restored guest runs on");

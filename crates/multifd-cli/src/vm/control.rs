@@ -6,6 +6,8 @@
 //! - `{"request":"migrate","to":ADDRESS,"settings":{…}}` → `{"progress":LINE}` per round,
 //!   then `{"completed":SUMMARY}` (the VM runs on the destination now and this process
 //!   exits) or `{"failed":MESSAGE,"source_running":…}` (it keeps serving).
+//! - `{"request":"snapshot","out":PATH,"precopy":{…}}` → `{"progress":LINE}` per round,
+//!   then `{"completed":SUMMARY}` or `{"failed":…}`; the guest runs on here either way.
 
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -14,12 +16,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use multifd::{Address, KvmDirtyLogMode};
+use multifd::{Address, KvmDirtyLogMode, SnapshotConfig};
 use multifd_testvm::KvmVm;
 use serde_json::{json, Value};
 
 use super::MigrateSettings;
-use crate::precopy;
+use crate::precopy::{self, PrecopyArgs};
 
 /// How often the server looks for a connection (and its deadline).
 pub const POLL: Duration = Duration::from_millis(50);
@@ -121,14 +123,18 @@ fn handle(stream: &UnixStream, vm: &KvmVm, arrival: &Value) -> bool {
             }));
             false
         }
-        Some("migrate") => {
-            let migrated = migrate_here(vm, &request, &mut |line| {
-                reply(json!({ "progress": line }));
-            });
-            match migrated {
+        Some(kind @ ("migrate" | "snapshot")) => {
+            let mut progress = |line| reply(json!({ "progress": line }));
+            let done = if kind == "migrate" {
+                migrate_here(vm, &request, &mut progress)
+            } else {
+                snapshot_here(vm, &request, &mut progress)
+            };
+            match done {
                 Ok(summary) => {
                     reply(json!({ "completed": summary }));
-                    true
+                    // A migrated guest runs elsewhere now; a snapshot's runs on here.
+                    kind == "migrate"
                 }
                 Err(error) => {
                     reply(json!({
@@ -159,6 +165,24 @@ fn migrate_here(vm: &KvmVm, request: &Value, progress: &mut dyn FnMut(String)) -
         &source,
         &precopy.config(),
         KvmDirtyLogMode::default(),
+        &mut |update| {
+            if let Some(line) = precopy::progress_line(update) {
+                progress(line);
+            }
+        },
+    )?;
+    Ok(precopy::summary(&stats))
+}
+
+/// Saves a live snapshot of `vm` where `request` says; the guest runs on.
+fn snapshot_here(vm: &KvmVm, request: &Value, progress: &mut dyn FnMut(String)) -> Result<Value> {
+    let out = request["out"].as_str().context("no snapshot file")?;
+    let precopy = PrecopyArgs::from_json(&request["precopy"])?;
+    let stats = multifd_testvm::snapshot(
+        vm,
+        Path::new(out),
+        &SnapshotConfig::default(),
+        &precopy.config(),
         &mut |update| {
             if let Some(line) = precopy::progress_line(update) {
                 progress(line);
@@ -204,12 +228,37 @@ pub fn migrate(
     settings: &MigrateSettings,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Value> {
+    let request =
+        json!({ "request": "migrate", "to": to.to_string(), "settings": settings.to_json() });
+    precopy_request(path, &request, "migration", progress)
+}
+
+/// Asks the VM at `path` for a live snapshot into `out` (a path the VM process can
+/// write); returns the summary once the file is complete.
+pub fn snapshot(
+    path: &Path,
+    out: &Path,
+    precopy: &PrecopyArgs,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Value> {
+    let request = json!({
+        "request": "snapshot",
+        "out": out.display().to_string(),
+        "precopy": precopy.to_json(),
+    });
+    precopy_request(path, &request, "snapshot", progress)
+}
+
+/// Sends `request`, which runs the precopy driver (`what` names it), and follows its
+/// progress lines to the end.
+fn precopy_request(
+    path: &Path,
+    request: &Value,
+    what: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Value> {
     let stream = connect(path, MIGRATION_LINE_TIMEOUT)?;
-    writeln!(
-        &stream,
-        "{}",
-        json!({ "request": "migrate", "to": to.to_string(), "settings": settings.to_json() })
-    )?;
+    writeln!(&stream, "{request}")?;
     let mut reader = BufReader::new(&stream);
     loop {
         let mut reply = read_json(&mut reader)
@@ -218,7 +267,7 @@ pub fn migrate(
             progress(line);
         } else if let Some(error) = reply["failed"].as_str() {
             bail!(
-                "migration failed: {error} (the guest {} on the source)",
+                "{what} failed: {error} (the guest {} on the source)",
                 if reply["source_running"].as_bool() == Some(true) {
                     "keeps running"
                 } else {

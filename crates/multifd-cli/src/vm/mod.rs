@@ -32,8 +32,12 @@ pub enum VmCommand {
     Image(ImageArgs),
     /// Boot the guest and serve its control socket until it has migrated away.
     Run(RunArgs),
-    /// Receive a guest, resume it and run it on.
+    /// Receive a guest (or, with --from, restore it from a snapshot file: `vm restore` is
+    /// the same command), resume it and run it on.
+    #[command(visible_alias = "restore")]
     Incoming(IncomingArgs),
+    /// Save a live snapshot of a running guest into a file; the guest runs on.
+    Snapshot(SnapshotArgs),
     /// Ask a running guest (`vm run` or `vm incoming`) to live-migrate.
     Migrate(MigrateArgs),
     /// Show a running guest's passes per vCPU and any error it reported.
@@ -49,6 +53,7 @@ pub fn run(command: VmCommand) -> Result<()> {
         VmCommand::Run(args) => run_vm(&args),
         VmCommand::Incoming(args) => incoming(&args),
         VmCommand::Migrate(args) => migrate(&args),
+        VmCommand::Snapshot(args) => snapshot(&args),
         VmCommand::Status(args) => status(&args),
         VmCommand::Pingpong(args) => hops::pingpong(&args),
     }
@@ -155,8 +160,11 @@ pub struct RunArgs {
 #[derive(clap::Args)]
 pub struct IncomingArgs {
     /// Address to receive on: tcp:HOST:PORT (port 0 picks one, printed) or unix:PATH.
+    #[arg(long, required_unless_present = "from", conflicts_with = "from")]
+    listen: Option<Address>,
+    /// Restore the guest from this snapshot file (`vm snapshot`) instead of receiving it.
     #[arg(long)]
-    listen: Address,
+    from: Option<PathBuf>,
     /// The guest: the same as the source's.
     #[command(flatten)]
     guest: GuestArgs,
@@ -248,6 +256,22 @@ pub struct MigrateArgs {
 }
 
 #[derive(clap::Args)]
+pub struct SnapshotArgs {
+    /// The running VM's control socket.
+    #[arg(long)]
+    control: PathBuf,
+    /// The snapshot file to write (by the VM's process; a relative path is taken from
+    /// here).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    precopy: PrecopyArgs,
+    /// Print one JSON object on stdout instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
 pub struct StatusArgs {
     /// The running VM's control socket.
     #[arg(long)]
@@ -323,16 +347,23 @@ fn incoming(args: &IncomingArgs) -> Result<()> {
         .map(control::Server::bind)
         .transpose()?;
     let vm = KvmVm::incoming(&args.guest.config(args.serial.as_deref()))?;
-    let listener = Listener::bind(&args.listen)?;
-    let address = listener.address();
-    event(
-        args.json,
-        &json!({ "event": "listening", "address": address.to_string() }),
-        &format!("waiting for the guest on {address}"),
-    );
-    let mut config = DestinationConfig::default();
-    config.wait_for_source = Some(Duration::from_secs(args.timeout));
-    let stats = multifd_testvm::receive(&vm, &listener, &config)?;
+    let stats = match (&args.from, &args.listen) {
+        (Some(file), _) => multifd_testvm::restore(&vm, file)
+            .with_context(|| format!("restoring {}", file.display()))?,
+        (None, Some(listen)) => {
+            let listener = Listener::bind(listen)?;
+            let address = listener.address();
+            event(
+                args.json,
+                &json!({ "event": "listening", "address": address.to_string() }),
+                &format!("waiting for the guest on {address}"),
+            );
+            let mut config = DestinationConfig::default();
+            config.wait_for_source = Some(Duration::from_secs(args.timeout));
+            multifd_testvm::receive(&vm, &listener, &config)?
+        }
+        (None, None) => bail!("vm incoming needs --listen or --from"),
+    };
     let (arrived, resumed) = (vm.progress(), Instant::now());
     let arrival = json!({
         "event": "resumed",
@@ -419,6 +450,22 @@ fn migrate(args: &MigrateArgs) -> Result<()> {
         let status = control::status(path)?;
         summary["destination_downtime_ms"] = status["arrival"]["destination_downtime_ms"].clone();
     }
+    if args.json {
+        multifd_cli::outln!("{summary}");
+    } else {
+        multifd_cli::out!("{}", precopy::table(&summary));
+    }
+    Ok(())
+}
+
+fn snapshot(args: &SnapshotArgs) -> Result<()> {
+    let out = std::path::absolute(&args.out)
+        .with_context(|| format!("the snapshot path {}", args.out.display()))?;
+    let summary = control::snapshot(&args.control, &out, &args.precopy, &mut |line| {
+        if !args.json {
+            eprintln!("{line}");
+        }
+    })?;
     if args.json {
         multifd_cli::outln!("{summary}");
     } else {

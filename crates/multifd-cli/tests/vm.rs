@@ -427,3 +427,42 @@ fn snapshot_and_restore_move_a_guest_through_a_file() {
     assert!(arrived >= 1, "{arrival}");
     wait_for_pass(&restored_control, arrived + 1);
 }
+
+/// Without `/dev/kvm` (hidden here by a private tmpfs over `/dev`), `demo` says so in one
+/// line and moves the simulated guest instead. Skipped loudly where a private mount
+/// namespace is not allowed.
+#[test]
+fn demo_without_kvm_says_so_and_moves_the_simulated_guest() {
+    let hide_dev = "mount -t tmpfs tmpfs /dev";
+    let probe = Command::new("unshare")
+        .args(["--mount", "sh", "-c", hide_dev])
+        .output();
+    if !probe.is_ok_and(|output| output.status.success()) {
+        eprintln!("SKIPPED: no private mount namespace with tmpfs here (needs root and unshare)");
+        return;
+    }
+    let output = Command::new("unshare")
+        .args(["--mount", "sh", "-c"])
+        .arg(format!(
+            "{hide_dev} && exec {} demo --memory 64M --dirty-rate 16M --json",
+            env!("CARGO_BIN_EXE_multifd")
+        ))
+        .output()
+        .expect("run the demo");
+    let stderr = stderr(&output);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(
+        stderr
+            .lines()
+            .filter(|line| line.contains("/dev/kvm is not available"))
+            .count(),
+        1,
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("running the simulated guest instead"),
+        "{stderr}"
+    );
+    let summary: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(summary["status"], "completed", "{summary}");
+}

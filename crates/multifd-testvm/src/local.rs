@@ -82,8 +82,10 @@ impl LocalMigration {
             let mut config = DestinationConfig::default();
             // `anonymous_memory` maps fresh zeroed memory.
             config.memory_zeroed = true;
+            let destination = Destination::new(config);
+            let cancel = destination.cancel_handle();
             let destination = scope.spawn(move || {
-                Destination::new(config).run_with_devices(
+                destination.run_with_devices(
                     listener,
                     |blocks| {
                         let memory = anonymous_memory(&blocks[0].name, memory_bytes)
@@ -95,6 +97,11 @@ impl LocalMigration {
                 )
             });
             let result = self.migrate(&mut guest, progress);
+            if result.is_err() {
+                // A source that failed before connecting (or mid-way) must not leave the
+                // destination waiting for it.
+                cancel.cancel();
+            }
             let destination = destination.join().unwrap_or_else(|_| {
                 Err(multifd::Error::Config(
                     "the destination thread panicked".into(),

@@ -960,9 +960,13 @@ fn read_control(
 }
 
 fn random_uuid() -> std::io::Result<[u8; 16]> {
-    use std::io::Read;
     let mut uuid = [0u8; 16];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut uuid)?;
+    // getrandom(2), not /dev/urandom: a container or sandbox may have no /dev.
+    // SAFETY: `uuid` is a valid, writable 16-byte buffer for the call.
+    let read = unsafe { libc::getrandom(uuid.as_mut_ptr().cast(), uuid.len(), 0) };
+    if read != uuid.len() as isize {
+        return Err(std::io::Error::last_os_error());
+    }
     // Version 4, variant 1, as RFC 9562 lays out random uuids.
     uuid[6] = (uuid[6] & 0x0f) | 0x40;
     uuid[8] = (uuid[8] & 0x3f) | 0x80;

@@ -8,6 +8,7 @@
 //! newer copy of a page this round sent on another channel.
 
 use std::io::{self, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,10 @@ use crate::transport::{push_page, Stream};
 pub(crate) struct SyncBarrier {
     state: Mutex<BarrierState>,
     changed: Condvar,
+    /// Per channel: a packet has begun arriving and is not fully handled yet. Atomics
+    /// outside the state lock: every packet sets and clears its flag, and the channels
+    /// should not contend on one mutex for it.
+    mid_packet: Vec<AtomicBool>,
 }
 
 struct BarrierState {
@@ -40,8 +45,6 @@ struct BarrierState {
     synced: Vec<u64>,
     /// Rounds released so far.
     released: u64,
-    /// Per channel: a packet has begun arriving and is not fully handled yet.
-    mid_packet: Vec<bool>,
     /// Completion confirmed: a connection closing at a packet boundary is expected.
     finishing: bool,
     failed: bool,
@@ -61,12 +64,12 @@ impl SyncBarrier {
         let barrier = Arc::new(Self {
             state: Mutex::new(BarrierState {
                 synced: vec![0; usize::from(channels)],
-                mid_packet: vec![false; usize::from(channels)],
                 released: 0,
                 finishing: false,
                 failed: false,
             }),
             changed: Condvar::new(),
+            mid_packet: (0..channels).map(|_| AtomicBool::new(false)).collect(),
         });
         let waker = Arc::clone(&barrier);
         failure.on_failure(move |_| {
@@ -87,7 +90,7 @@ impl SyncBarrier {
         let mut state = self.lock();
         state.synced[usize::from(channel)] += 1;
         // The SYNC is read whole: the channel waits here at a packet boundary.
-        state.mid_packet[usize::from(channel)] = false;
+        self.set_mid_packet(channel, false);
         let round = state.synced[usize::from(channel)];
         self.changed.notify_all();
         while !state.failed && !state.finishing && state.released < round {
@@ -120,7 +123,7 @@ impl SyncBarrier {
 
     /// Channel `channel` has begun reading a packet (`true`) or handled one (`false`).
     fn set_mid_packet(&self, channel: u8, mid_packet: bool) {
-        self.lock().mid_packet[usize::from(channel)] = mid_packet;
+        self.mid_packet[usize::from(channel)].store(mid_packet, Ordering::SeqCst);
     }
 
     /// The source completed after `rounds` rounds: from now on channels may see their
@@ -135,7 +138,11 @@ impl SyncBarrier {
                 rounds,
             });
         }
-        if let Some(channel) = state.mid_packet.iter().position(|&mid| mid) {
+        let mid_packet = self
+            .mid_packet
+            .iter()
+            .position(|mid| mid.load(Ordering::SeqCst));
+        if let Some(channel) = mid_packet {
             return Err(Violation::PacketAfterCompletion {
                 channel: channel as u8,
             });

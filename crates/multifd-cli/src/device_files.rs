@@ -14,7 +14,8 @@ use anyhow::{Context, Result};
 use multifd::{
     DeviceError, DeviceId, LoadDevice, LoadDevices, SaveDevice, SaveDevices, StateWriter,
 };
-use multifd_cli::outputs::Outputs;
+use multifd_cli::outputs::{self, Outputs};
+use multifd_cli::ram_files::RamFile;
 
 /// How much of the end of a device file is its config blob.
 pub const CONFIG_BLOB_LEN: u64 = 4096;
@@ -121,6 +122,26 @@ pub fn open_for_sending(files: &[DeviceFile]) -> Result<SaveDevices> {
             Ok((device.id.clone(), Box::new(save) as Box<dyn SaveDevice>))
         })
         .collect()
+}
+
+/// Refuses, before anything listens or is written, `--ram` and `--device` outputs that
+/// would collide or could not be written (see [`outputs::check`]).
+pub fn check_outputs(ram: &[RamFile], devices: &[DeviceFile]) -> Result<()> {
+    let ram = ram.iter().map(|file| outputs::Output {
+        flag: "--ram",
+        name: &file.name,
+        path: &file.path,
+    });
+    let ids: Vec<String> = devices.iter().map(|device| device.id.to_string()).collect();
+    let devices = devices
+        .iter()
+        .zip(&ids)
+        .map(|(device, id)| outputs::Output {
+            flag: "--device",
+            name: id,
+            path: &device.path,
+        });
+    outputs::check(&ram.chain(devices).collect::<Vec<_>>())
 }
 
 /// Creates a new file (in `outputs`, renamed into place on success) for each device, for

@@ -18,7 +18,7 @@ use multifd::{
     MigrationStats, SaveDevices, Source, SourceConfig, ZeroPageMode,
 };
 use multifd_cli::bench;
-use multifd_cli::outputs::{self, Outputs};
+use multifd_cli::outputs::Outputs;
 use multifd_cli::ram_files::{self, RamFile};
 use multifd_cli::tls::TlsArgs;
 use multifd_cli::Method;
@@ -282,26 +282,7 @@ pub(crate) fn send_all(
 }
 
 fn recv(args: &RecvArgs) -> Result<()> {
-    let ram = args.ram.iter().map(|file| outputs::Output {
-        flag: "--ram",
-        name: &file.name,
-        path: &file.path,
-    });
-    let ids: Vec<String> = args
-        .devices
-        .iter()
-        .map(|device| device.id.to_string())
-        .collect();
-    let devices = args
-        .devices
-        .iter()
-        .zip(&ids)
-        .map(|(device, id)| outputs::Output {
-            flag: "--device",
-            name: id,
-            path: &device.path,
-        });
-    outputs::check(&ram.chain(devices).collect::<Vec<_>>())?;
+    device_files::check_outputs(&args.ram, &args.devices)?;
     let default_chunk = u64::from(multifd::DEFAULT_DEVICE_CHUNK_SIZE);
     anyhow::ensure!(
         args.devices.is_empty() || args.max_queued_device_bytes >= default_chunk,

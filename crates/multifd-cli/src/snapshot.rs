@@ -165,26 +165,7 @@ fn canonical_output(path: &Path) -> Result<PathBuf> {
 }
 
 fn restore(args: &RestoreArgs) -> Result<()> {
-    let ram = args.ram.iter().map(|file| outputs::Output {
-        flag: "--ram",
-        name: &file.name,
-        path: &file.path,
-    });
-    let ids: Vec<String> = args
-        .devices
-        .iter()
-        .map(|device| device.id.to_string())
-        .collect();
-    let devices = args
-        .devices
-        .iter()
-        .zip(&ids)
-        .map(|(device, id)| outputs::Output {
-            flag: "--device",
-            name: id,
-            path: &device.path,
-        });
-    outputs::check(&ram.chain(devices).collect::<Vec<_>>())?;
+    device_files::check_outputs(&args.ram, &args.devices)?;
     let from = args.from.canonicalize().ok();
     for file in &args.ram {
         if from.is_some() && canonical_output(&file.path).ok() == from {

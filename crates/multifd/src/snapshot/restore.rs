@@ -504,7 +504,7 @@ impl Reader<'_> {
             .clone()
             .find(|&page| present(page))
             .zip(pages.clone().rev().find(|&page| present(page)));
-        let mut normal = 0;
+        let (mut normal, mut calls) = (0, 0);
         if let Some((start, end)) = range {
             iovecs.clear();
             for page in start..=end {
@@ -527,7 +527,7 @@ impl Reader<'_> {
                 )?;
             }
             iovecs.clear();
-            ChannelCounters::add(&self.counters.packets, 1);
+            calls = 1;
         }
         for page in pages {
             if present(page) {
@@ -541,12 +541,7 @@ impl Reader<'_> {
                 unsafe { block.zero_page(page * page_size, metadata.page_size) };
             }
         }
-        let bytes = normal * page_size;
-        ChannelCounters::add(&self.counters.bytes, bytes);
-        ChannelCounters::add(&self.counters.normal_pages, normal);
-        ChannelCounters::add(&self.counters.zero_pages, count - normal);
-        ChannelCounters::add(&self.counters.payload_bytes, bytes);
-        ChannelCounters::add(&self.counters.raw_payload_bytes, bytes);
+        self.count(normal * page_size, (normal, count - normal), calls);
         Ok(())
     }
 
@@ -603,13 +598,19 @@ impl Reader<'_> {
             normal += 1;
         }
         flush(&mut run_start, iovecs)?;
-        let bytes = normal * page_size;
-        ChannelCounters::add(&self.counters.bytes, bytes);
-        ChannelCounters::add(&self.counters.packets, calls);
-        ChannelCounters::add(&self.counters.normal_pages, normal);
-        ChannelCounters::add(&self.counters.zero_pages, zero);
-        ChannelCounters::add(&self.counters.payload_bytes, bytes);
-        ChannelCounters::add(&self.counters.raw_payload_bytes, bytes);
+        self.count(normal * page_size, (normal, zero), calls);
         Ok(())
+    }
+
+    /// Adds one job to the reader's counters: `bytes` read in `calls` reads, and its
+    /// present and absent pages.
+    fn count(&self, bytes: u64, (normal, zero): (u64, u64), calls: u64) {
+        let counters = &self.counters;
+        ChannelCounters::add(&counters.bytes, bytes);
+        ChannelCounters::add(&counters.packets, calls);
+        ChannelCounters::add(&counters.normal_pages, normal);
+        ChannelCounters::add(&counters.zero_pages, zero);
+        ChannelCounters::add(&counters.payload_bytes, bytes);
+        ChannelCounters::add(&counters.raw_payload_bytes, bytes);
     }
 }

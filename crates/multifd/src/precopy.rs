@@ -6,9 +6,13 @@
 //! memory and how fast the channels moved it. The expected downtime is what would still
 //! have to move after a stop — the dirty pages plus the device state the devices report
 //! as pending — divided by the switchover bandwidth (measured, or configured). When it is
-//! within [`PrecopyConfig::downtime_limit`], the driver stops the VM ([`VmControl::stop`]),
-//! harvests the last dirty pages, sends them while every device saves concurrently, and
-//! completes; otherwise it sends the dirty pages as the next round.
+//! within [`PrecopyConfig::downtime_limit`] and another round would not make it much
+//! shorter, the driver stops the VM ([`VmControl::stop`]), harvests the last dirty pages,
+//! sends them while every device saves concurrently, and completes; otherwise it sends the
+//! dirty pages as the next round. Rounds go on within the limit while each at least halves
+//! the pages still to send (the guest dirties at most half of what the link moves) and
+//! those would take more than 1/64 of the limit: a downtime well under the limit costs a
+//! few short rounds.
 //!
 //! **Auto-converge.** A guest that dirties memory faster than the link moves it never
 //! converges. When two rounds in a row dirty more than half of what they sent (QEMU's
@@ -292,6 +296,14 @@ impl Default for PrecopyConfig {
 /// to matter.
 const MIN_MEASURED_BYTES: u64 = 8 << 20;
 
+/// Once the expected downtime is within the limit, rounds go on while they at least halve
+/// the dirty pages still to send, until those would take under `1/64` of the limit (4.7 ms
+/// at the default 300 ms): about the fixed cost of a switchover (stopping the vCPUs, saving
+/// their state, the `Complete` round trip), so a further round could not make the downtime
+/// visibly shorter. Halving rounds bound the extra time by twice the first estimate within
+/// the limit.
+const MIN_WORTHWHILE_SHARE: f64 = 64.0;
+
 /// How long the driver waits before the next round when the last harvest found nothing
 /// dirty but the estimate is still over the limit (pending device state): long enough
 /// that an idle guest does not turn the loop into a busy spin, short next to any downtime
@@ -572,7 +584,8 @@ impl<'a> Run<'a> {
             self.measure(&harvest, round_time, pages_sent);
             self.pending_device = source.pending_device_bytes();
             self.expected = self.expected_downtime();
-            if self.expected <= self.config.downtime_limit {
+            let within_limit = self.expected <= self.config.downtime_limit;
+            if within_limit && !self.another_round_pays() {
                 return Ok(Converged {
                     harvest,
                     forced: false,
@@ -580,6 +593,12 @@ impl<'a> Run<'a> {
             }
             if let Some(timeout) = self.config.timeout {
                 if self.started.elapsed() >= timeout {
+                    if within_limit {
+                        return Ok(Converged {
+                            harvest,
+                            forced: false,
+                        });
+                    }
                     return match self.config.timeout_strategy {
                         TimeoutStrategy::Force => Ok(Converged {
                             harvest,
@@ -663,15 +682,36 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// The bandwidth the switchover counts on: configured or measured on a round that moved
+    /// enough, else the last round's, else none yet.
+    fn switchover_bandwidth(&self) -> Option<f64> {
+        self.bandwidth
+            .or((self.last_bandwidth > 0.0).then_some(self.last_bandwidth))
+    }
+
     fn expected_downtime(&self) -> Duration {
         let bytes = (self.remaining_dirty + self.pending_device) as f64;
-        match self
-            .bandwidth
-            .or((self.last_bandwidth > 0.0).then_some(self.last_bandwidth))
-        {
+        match self.switchover_bandwidth() {
             Some(bandwidth) => Duration::from_secs_f64(bytes / bandwidth),
             None => Duration::MAX,
         }
+    }
+
+    /// Whether one more round would still cut the downtime, once it is within the limit.
+    ///
+    /// The next round sends what is dirty now, taking `remaining / bandwidth`, while the
+    /// guest dirties `dirty_rate` of it again: at most half the rest is dirty afterwards
+    /// when the guest dirties at most half of what the link moves. A guest that keeps
+    /// rewriting the same few pages measures a higher rate over a shorter round, so this
+    /// stops the iteration by itself once rounds no longer shrink the rest. Below
+    /// [`MIN_WORTHWHILE_SHARE`] of the limit, a round buys a few milliseconds at most.
+    fn another_round_pays(&self) -> bool {
+        let Some(bandwidth) = self.switchover_bandwidth() else {
+            return false;
+        };
+        let dirty_time = self.remaining_dirty as f64 / bandwidth;
+        let floor = self.config.downtime_limit.as_secs_f64() / MIN_WORTHWHILE_SHARE;
+        dirty_time > floor && self.dirty_rate * 2.0 <= bandwidth
     }
 
     /// Raises the throttle after two busy rounds in a row (see the module docs).
@@ -757,5 +797,69 @@ fn dirty_log_error(source: std::io::Error) -> Error {
     Error::DirtyLog {
         side: Side::Source,
         source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A run that measured `bandwidth` and `dirty_rate` (bytes/s) and has `dirty` bytes left.
+    fn measured(
+        config: &PrecopyConfig,
+        progress: &mut dyn FnMut(&PrecopyProgress),
+        bandwidth: f64,
+        dirty_rate: f64,
+        dirty: u64,
+    ) -> bool {
+        let mut run = Run {
+            config,
+            progress,
+            started: Instant::now(),
+            page_size: 4096,
+            block_pages: vec![],
+            rounds: Vec::new(),
+            bandwidth: Some(bandwidth),
+            dirty_rate,
+            last_bandwidth: bandwidth,
+            throttle: 0,
+            max_throttle: 0,
+            busy_rounds: 0,
+            remaining_dirty: dirty,
+            pending_device: 0,
+            expected: Duration::ZERO,
+            forced: false,
+        };
+        run.expected = run.expected_downtime();
+        assert!(run.expected <= config.downtime_limit);
+        run.another_round_pays()
+    }
+
+    #[test]
+    fn rounds_go_on_within_the_limit_while_they_halve_the_rest() {
+        let config = PrecopyConfig::default();
+        let gib = 1024.0 * MIB as f64;
+        // 100 ms of pages left; the guest dirties a quarter of what the link moves.
+        assert!(measured(&config, &mut |_| {}, gib, gib / 4.0, 100 * MIB));
+        // Exactly half still halves the rest.
+        assert!(measured(&config, &mut |_| {}, gib, gib / 2.0, 100 * MIB));
+    }
+
+    #[test]
+    fn a_round_that_would_not_halve_the_rest_is_not_sent() {
+        let config = PrecopyConfig::default();
+        let gib = 1024.0 * MIB as f64;
+        assert!(!measured(&config, &mut |_| {}, gib, gib * 0.6, 100 * MIB));
+    }
+
+    #[test]
+    fn a_rest_under_a_64th_of_the_limit_is_not_worth_a_round() {
+        let config = PrecopyConfig::default();
+        let gib = 1024.0 * MIB as f64;
+        // 4 MiB at 1 GiB/s is 3.9 ms, under 300 ms / 64 = 4.7 ms; 8 MiB (7.8 ms) is over.
+        assert!(!measured(&config, &mut |_| {}, gib, 0.0, 4 * MIB));
+        assert!(measured(&config, &mut |_| {}, gib, 0.0, 8 * MIB));
     }
 }

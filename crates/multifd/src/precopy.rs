@@ -394,7 +394,7 @@ pub struct PrecopyStats {
     pub rounds: Vec<RoundStats>,
     /// Pages sent after the stop.
     pub final_pages: u64,
-    /// From [`VmControl::stop`] returning to the destination's `Completed`: the downtime
+    /// From the call to [`VmControl::stop`] to the destination's `Completed`: the downtime
     /// as the source sees it (Cloud Hypervisor's measure; at least the destination's).
     pub downtime: Duration,
     /// What the driver expected the downtime to be when it decided to switch over.
@@ -747,13 +747,15 @@ impl<'a> Run<'a> {
         mut pending: Harvest,
     ) -> Result<PrecopyStats, Error> {
         self.report(Phase::Switchover);
+        // The downtime starts with the stop request, as QEMU's does: the first vCPU may
+        // park long before the last one.
+        let stopped = Instant::now();
         if let Err(error) = vm.stop() {
             vm.resume();
             return Err(source.abort(Error::Vm {
                 message: format!("stopping the vCPUs failed: {error}"),
             }));
         }
-        let stopped = Instant::now();
         let result = (|| {
             source.switchover()?;
             // The pages harvested before the stop are still to send; OR the last ones in.

@@ -219,6 +219,15 @@ pub enum ControlMessage {
     Completed(Totals),
     /// Destination → source: the destination failed.
     Failed(String),
+    /// Destination → source: every page and chunk of this round (1-based) arrived and
+    /// was loaded. Sent after each `RoundEnd` only when the source asked for receipts
+    /// ([`Flags::ROUND_RECEIPTS`](crate::Flags::ROUND_RECEIPTS)); the source waits for
+    /// the last one before it stops the VM, so nothing of the rounds before is still in
+    /// flight during the downtime.
+    RoundReceived {
+        /// The round loaded.
+        round: u64,
+    },
 }
 
 const HELLO: u32 = 1;
@@ -233,6 +242,7 @@ const WELCOME: u32 = 0x101;
 const REJECT: u32 = 0x102;
 const COMPLETED: u32 = 0x103;
 const FAILED: u32 = 0x104;
+const ROUND_RECEIVED: u32 = 0x105;
 
 impl ControlMessage {
     /// Appends the whole frame: type, length and payload.
@@ -316,6 +326,9 @@ impl ControlMessage {
             }),
             COMPLETED => Self::Completed(read_totals(&mut payload)?),
             FAILED => Self::Failed(payload.string("failure reason")?),
+            ROUND_RECEIVED => Self::RoundReceived {
+                round: payload.u64()?,
+            },
             other => return Err(WireError::UnknownMessageType(other)),
         };
         payload.finish()?;
@@ -337,6 +350,7 @@ impl ControlMessage {
             Self::Reject(_) => "Reject",
             Self::Completed(_) => "Completed",
             Self::Failed(_) => "Failed",
+            Self::RoundReceived { .. } => "RoundReceived",
         }
     }
 
@@ -354,6 +368,7 @@ impl ControlMessage {
             Self::Reject(_) => REJECT,
             Self::Completed(_) => COMPLETED,
             Self::Failed(_) => FAILED,
+            Self::RoundReceived { .. } => ROUND_RECEIVED,
         }
     }
 
@@ -394,7 +409,7 @@ impl ControlMessage {
                 put_u32(out, settings.max_payload);
                 put_u32(out, settings.dedicated_channels);
             }
-            Self::RoundEnd { round } => put_u64(out, *round),
+            Self::RoundEnd { round } | Self::RoundReceived { round } => put_u64(out, *round),
             Self::SwitchoverStart | Self::Welcome => {}
             Self::Complete(totals) | Self::Completed(totals) => {
                 for value in [

@@ -40,6 +40,10 @@ impl Flags {
     /// packet: source and destination share a host, and the source hands its RAM blocks
     /// over as file descriptors on the Unix control connection instead of sending pages.
     pub const LOCAL_MEMORY: u32 = 0x800;
+    /// Extension (round receipts), negotiated in `Hello.extensions` only and never set in
+    /// a packet: the destination answers every `RoundEnd` with `RoundReceived` once the
+    /// round is loaded.
+    pub const ROUND_RECEIPTS: u32 = 0x1000;
 
     /// Whether the SYNC bit is set.
     pub fn is_sync(self) -> bool {

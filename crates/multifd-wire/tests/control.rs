@@ -109,6 +109,16 @@ fn round_end_frame_bytes() {
 }
 
 #[test]
+fn round_received_frame_bytes() {
+    let expected = [
+        0x00, 0x00, 0x01, 0x05, // 0..4: type RoundReceived
+        0x00, 0x00, 0x00, 0x08, // 4..8: length 8
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x07, // 8..16: round
+    ];
+    check_frame(ControlMessage::RoundReceived { round: 7 }, &expected);
+}
+
+#[test]
 fn ram_blocks_frame_bytes() {
     let mut expected = Vec::new();
     expected.extend_from_slice(&[0x00, 0x00, 0x00, 0x02]); // 0..4: type RamBlocks
@@ -601,7 +611,7 @@ fn payload_trailing_bytes() {
 
 #[test]
 fn unknown_message_types() {
-    for message_type in [0, 9, 0x100, 0x105, 0x4d46_4443, u32::MAX] {
+    for message_type in [0, 9, 0x100, 0x106, 0x4d46_4443, u32::MAX] {
         assert_eq!(
             ControlMessage::decode(&frame(message_type, &[])),
             Err(WireError::UnknownMessageType(message_type))

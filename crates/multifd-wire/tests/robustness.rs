@@ -228,7 +228,7 @@ fn plausible_bytes() -> impl Strategy<Value = Vec<u8>> {
             out
         }),
         (
-            prop_oneof![1u32..=7, 0x101u32..=0x104, any::<u32>(),],
+            prop_oneof![1u32..=7, 0x101u32..=0x105, any::<u32>(),],
             vec(any::<u8>(), 0..2048),
         )
             .prop_map(|(message_type, payload)| common::frame(message_type, &payload)),

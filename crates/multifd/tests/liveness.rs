@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::*;
-use multifd::{Address, Error, GuestMemory, Link, Side, Source, SourceConfig};
+use multifd::{Address, Error, GuestMemory, Link, Side, Source, SourceConfig, Violation};
 use multifd_wire::{ControlMessage, CONTROL_FRAME_HEADER_LEN};
 
 /// What the hand-driven destination does once the handshake is done.
@@ -20,6 +20,8 @@ enum Misbehaviour {
     NeverAnswers,
     /// Accepts the channels but never reads from them.
     NeverReads,
+    /// Reads everything and confirms round 2 although round 1 was never confirmed.
+    ReceiptOutOfOrder,
 }
 
 /// Reads one control frame.
@@ -64,7 +66,14 @@ fn misbehaving_destination(
         }
         let started = Instant::now();
         let mut readers: Vec<JoinHandle<()>> = Vec::new();
-        if let Misbehaviour::NeverAnswers = misbehaviour {
+        if let Misbehaviour::ReceiptOutOfOrder = misbehaviour {
+            let mut frame = Vec::new();
+            ControlMessage::RoundReceived { round: 2 }
+                .encode(&mut frame)
+                .expect("encode");
+            control.write_all(&frame).expect("receipt");
+        }
+        if let Misbehaviour::NeverAnswers | Misbehaviour::ReceiptOutOfOrder = misbehaviour {
             for mut stream in held.drain(..) {
                 readers.push(std::thread::spawn(move || {
                     let _ = std::io::copy(&mut stream, &mut std::io::sink());
@@ -158,6 +167,82 @@ fn cancel_frees_a_source_waiting_for_completed() {
         started.elapsed()
     );
     canceller.join().expect("canceller");
+    destination.join().expect("destination");
+}
+
+#[test]
+fn the_wait_for_a_round_receipt_that_never_comes_is_bounded() {
+    let (address, destination) =
+        misbehaving_destination(2, Misbehaviour::NeverAnswers, Duration::from_secs(20));
+    let mut source = Source::connect(&address, &config(Duration::from_secs(60)), source_memory())
+        .expect("connect");
+    source.queue_block(0).expect("queue");
+    source.end_round().expect("round 1");
+    let bound = Duration::from_millis(400);
+    let started = Instant::now();
+    assert!(!source.wait_until_received(bound).expect("no error"));
+    let waited = started.elapsed();
+    assert!(
+        waited >= bound && waited < bound + Duration::from_secs(2),
+        "{waited:?}"
+    );
+    drop(source);
+    destination.join().expect("destination");
+}
+
+#[test]
+fn cancel_ends_the_wait_for_a_round_receipt() {
+    let (address, destination) =
+        misbehaving_destination(2, Misbehaviour::NeverAnswers, Duration::from_secs(20));
+    let mut source = Source::connect(&address, &config(Duration::from_secs(60)), source_memory())
+        .expect("connect");
+    source.queue_block(0).expect("queue");
+    source.end_round().expect("round 1");
+    let cancel = source.cancel_handle();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        cancel.cancel();
+    });
+    let started = Instant::now();
+    let error = source
+        .wait_until_received(Duration::from_secs(60))
+        .expect_err("cancelled");
+    assert!(
+        matches!(error, Error::Cancelled { side: Side::Source }),
+        "{error}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    canceller.join().expect("canceller");
+    drop(source);
+    destination.join().expect("destination");
+}
+
+#[test]
+fn a_receipt_for_a_round_not_confirmed_in_order_fails_the_source() {
+    let (address, destination) =
+        misbehaving_destination(2, Misbehaviour::ReceiptOutOfOrder, Duration::from_secs(20));
+    let mut source = Source::connect(&address, &config(Duration::from_secs(60)), source_memory())
+        .expect("connect");
+    // The receipt for round 2 comes before round 1 even ended: whatever call sees the
+    // failure first reports it.
+    let error = source
+        .queue_block(0)
+        .and_then(|()| source.end_round())
+        .and_then(|()| {
+            source
+                .wait_until_received(Duration::from_secs(5))
+                .map(|_| ())
+        })
+        .expect_err("the source fails");
+    assert_eq!(
+        error.violation(),
+        Some(&Violation::RoundOutOfOrder {
+            expected: 1,
+            received: 2,
+        }),
+        "{error}"
+    );
+    drop(source);
     destination.join().expect("destination");
 }
 

@@ -58,6 +58,47 @@ fn later_rounds_overwrite_earlier_copies() {
     );
 }
 
+/// With round receipts the source learns when a round is in the destination's memory:
+/// once `wait_until_received` says so, the destination holds every page of the rounds
+/// ended so far.
+#[test]
+fn a_round_receipt_means_the_round_is_in_the_destination_memory() {
+    let source_block = block("pc.ram", 8 << 20);
+    fill_mixed(&source_block, 5);
+    let source_memory = GuestMemory::new(vec![source_block.clone()]).expect("memory");
+    let destination_memory = empty_like(&source_memory);
+    let (listener, address) = listener(false);
+    let destination = spawn_destination(
+        listener,
+        DestinationConfig::default(),
+        destination_memory.clone(),
+    );
+    let mut config = SourceConfig::default();
+    config.channels = 2;
+    let mut source = Source::connect(&address, &config, source_memory).expect("connect");
+    let timeout = std::time::Duration::from_secs(10);
+    // Nothing ended yet: nothing to wait for.
+    assert!(source.wait_until_received(timeout).expect("no rounds"));
+    source.queue_block(0).expect("queue");
+    source.end_round().expect("round 1");
+    assert!(source
+        .wait_until_received(timeout)
+        .expect("round 1 received"));
+    assert!(bytes(&source_block) == bytes(&destination_memory.blocks()[0]));
+
+    bytes_mut(&source_block)[5 * PAGE..6 * PAGE].fill(0x77);
+    source.queue_page(0, 5 * PAGE as u64).expect("queue page");
+    source.end_round().expect("round 2");
+    assert!(source
+        .wait_until_received(timeout)
+        .expect("round 2 received"));
+    assert!(bytes(&source_block) == bytes(&destination_memory.blocks()[0]));
+
+    let sent = source.complete().expect("complete");
+    destination.join().expect("join").expect("destination");
+    assert_eq!(sent.rounds, 2);
+}
+
 /// Queueing a page that is not a whole page inside a block is refused before anything
 /// is sent, and the migration can go on.
 #[test]

@@ -304,6 +304,7 @@ pub fn control_message() -> impl Strategy<Value = ControlMessage> {
         )
         .prop_map(ControlMessage::Devices),
         any::<u64>().prop_map(|round| ControlMessage::RoundEnd { round }),
+        any::<u64>().prop_map(|round| ControlMessage::RoundReceived { round }),
         Just(ControlMessage::SwitchoverStart),
         totals().prop_map(ControlMessage::Complete),
         control_string().prop_map(ControlMessage::Abort),
@@ -352,6 +353,7 @@ pub fn one_of_each_message() -> Vec<ControlMessage> {
         }),
         ControlMessage::Completed(Totals::default()),
         ControlMessage::Failed("disk full".into()),
+        ControlMessage::RoundReceived { round: 3 },
     ]
 }
 

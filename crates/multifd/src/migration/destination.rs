@@ -316,7 +316,7 @@ impl Destination {
             })
         } else {
             self.run_rounds(
-                &control,
+                (&control, hello.extensions & Flags::ROUND_RECEIPTS != 0),
                 (reader, early),
                 &barrier,
                 &counters,
@@ -850,7 +850,7 @@ impl Destination {
     /// while channels were accepted, then the control channel through `reader`.
     fn run_rounds(
         &self,
-        control: &Mutex<ControlChannel>,
+        (control, receipts): (&Mutex<ControlChannel>, bool),
         (mut reader, early): (ControlChannel, Vec<ControlMessage>),
         barrier: &SyncBarrier,
         counters: &Counters,
@@ -896,6 +896,9 @@ impl Destination {
                     }
                     released = round;
                     counters.rounds.store(released, Ordering::Relaxed);
+                    if receipts {
+                        lock(control).send(&ControlMessage::RoundReceived { round })?;
+                    }
                 }
                 ControlMessage::SwitchoverStart => {
                     if !counters.switchover_started() {

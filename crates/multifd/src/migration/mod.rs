@@ -2,7 +2,9 @@
 //!
 //! A source connects the control channel, sends `Hello` (settings), `RamBlocks` and
 //! `Devices`, and waits for `Welcome` or `Reject`; then it connects every multifd channel.
-//! Each round ends with a SYNC on every channel and `RoundEnd` on the control channel. At
+//! Each round ends with a SYNC on every channel and `RoundEnd` on the control channel; the
+//! destination answers `RoundReceived` once every channel's pages of the round are in
+//! memory (round receipts, which the source always asks for). At
 //! the end the source sends `Complete` with its totals, and succeeds only on the
 //! destination's `Completed`, whose totals must match. Until then the source's memory is
 //! only read, so a failed migration leaves the source VM intact.
@@ -99,17 +101,19 @@ pub(crate) fn check_settings(hello: &Hello) -> Result<(), RejectReason> {
     if let Err(detail) = compression.check() {
         return reject(RejectCode::Compression, detail);
     }
-    let extensions = hello.extensions & !(Flags::CRC32C | Flags::LOCAL_MEMORY);
+    let extensions =
+        hello.extensions & !(Flags::CRC32C | Flags::LOCAL_MEMORY | Flags::ROUND_RECEIPTS);
     if extensions != compression.extensions() {
         return reject(
             RejectCode::Extensions,
             format!(
                 "extensions {:#x}, {compression} uses exactly {:#x} (and optionally {:#x}, \
-                 crc32c integrity, and {:#x}, local memory)",
+                 crc32c integrity, {:#x}, local memory, and {:#x}, round receipts)",
                 hello.extensions,
                 compression.extensions(),
                 Flags::CRC32C,
-                Flags::LOCAL_MEMORY
+                Flags::LOCAL_MEMORY,
+                Flags::ROUND_RECEIPTS
             ),
         );
     }

@@ -122,6 +122,7 @@ impl Default for SourceConfig {
 
 /// What the control reader thread reports to the driver.
 enum ControlEvent {
+    RoundReceived(u64),
     Completed(Totals),
     PeerFailed(String),
 }
@@ -155,6 +156,8 @@ pub struct Source {
     batch: Batch,
     pages_this_round: u64,
     rounds: u64,
+    /// The last round the destination confirmed it loaded (`RoundReceived`).
+    received_round: u64,
     /// Devices not saved yet: all of them until [`Source::switchover`].
     unsaved_devices: Vec<SaveJob>,
     /// Whether [`Source::switchover`] ran.
@@ -305,8 +308,9 @@ impl Source {
         }
         let (events_sender, events) = mpsc::channel();
         let reader_failure = Arc::clone(&failure);
+        let reader_counters = Arc::clone(&counters);
         let control_reader = failure.spawn(Side::Source, "multifd-source-control", move || {
-            read_control(reader, &reader_failure, &events_sender);
+            read_control(reader, (&reader_failure, &reader_counters), &events_sender);
         })?;
 
         let pages_per_packet = config.packet_size / config.page_size;
@@ -355,6 +359,7 @@ impl Source {
             },
             pages_this_round: 0,
             rounds: 0,
+            received_round: 0,
             unsaved_devices,
             switched_over: false,
             save_threads: Vec::new(),
@@ -450,6 +455,42 @@ impl Source {
         self.pages_this_round = 0;
         let round = self.rounds;
         self.send_control(&ControlMessage::RoundEnd { round })
+    }
+
+    /// Live migration: waits, at most `bound`, until the destination confirmed it loaded
+    /// every round ended so far; returns whether it did. The precopy driver calls it
+    /// before stopping the VM: what is still in flight then (in socket buffers, or being
+    /// written into the destination's memory) would otherwise move during the downtime.
+    /// A cancel or failure meanwhile ends the wait with the error.
+    pub fn wait_until_received(&mut self, bound: Duration) -> Result<bool, Error> {
+        let deadline = deadline_after(bound);
+        while self.received_round < self.rounds {
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(false);
+            }
+            match self
+                .events
+                .recv_timeout((deadline - now).min(COMPLETION_POLL))
+            {
+                Ok(ControlEvent::RoundReceived(round)) => self.received_round = round,
+                Ok(ControlEvent::Completed(_)) => {
+                    return Err(self.fail(Error::protocol(
+                        Side::Source,
+                        Link::Control,
+                        Violation::UnexpectedMessage("Completed"),
+                    )))
+                }
+                Ok(ControlEvent::PeerFailed(_)) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(self.stopped())
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) if self.failure.is_failed() => {
+                    return Err(self.stopped())
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+        }
+        Ok(true)
     }
 
     /// Live migration: lets every device with a pre-copy phase send what it can now
@@ -599,6 +640,7 @@ impl Source {
         loop {
             match self.events.recv_timeout(COMPLETION_POLL) {
                 Ok(ControlEvent::Completed(received)) => return Ok(received),
+                Ok(ControlEvent::RoundReceived(_)) => {}
                 Ok(ControlEvent::PeerFailed(_)) | Err(mpsc::RecvTimeoutError::Disconnected) => {
                     return Err(self.stopped())
                 }
@@ -802,6 +844,7 @@ impl Offer {
             zero_page: config.zero_page,
             extensions: config.compression.extensions()
                 | integrity_extension(config.integrity)
+                | Flags::ROUND_RECEIPTS
                 | if config.local_memory {
                     Flags::LOCAL_MEMORY
                 } else {
@@ -929,32 +972,57 @@ fn open_channel(
     Ok(stream)
 }
 
+/// The source's control reader: delivers round receipts, then `Completed` or `Failed`;
+/// anything else fails the migration.
 fn read_control(
     mut control: ControlChannel,
-    failure: &Failure,
+    (failure, counters): (&Failure, &Counters),
     events: &mpsc::Sender<ControlEvent>,
 ) {
-    let error = match control.receive() {
-        Ok(ControlMessage::Completed(totals)) => {
-            // The driver may have stopped waiting; then nobody needs the totals.
-            let _ = events.send(ControlEvent::Completed(totals));
-            return;
+    let mut receipts = 0u64;
+    let error = loop {
+        match control.receive() {
+            // One per round, in order, never for a round not ended yet (`end_round`
+            // counts a round before it sends `RoundEnd`).
+            Ok(ControlMessage::RoundReceived { round })
+                if round == receipts + 1 && round <= counters.rounds.load(Ordering::Relaxed) =>
+            {
+                receipts = round;
+                let _ = events.send(ControlEvent::RoundReceived(round));
+            }
+            Ok(ControlMessage::RoundReceived { round }) => {
+                break Error::protocol(
+                    Side::Source,
+                    Link::Control,
+                    Violation::RoundOutOfOrder {
+                        expected: receipts + 1,
+                        received: round,
+                    },
+                )
+            }
+            Ok(ControlMessage::Completed(totals)) => {
+                // The driver may have stopped waiting; then nobody needs the totals.
+                let _ = events.send(ControlEvent::Completed(totals));
+                return;
+            }
+            Ok(ControlMessage::Failed(reason)) => {
+                // Recorded before the driver hears of it, so the driver reports this error.
+                failure.fail(Error::PeerFailed {
+                    side: Side::Source,
+                    reason: reason.clone(),
+                });
+                let _ = events.send(ControlEvent::PeerFailed(reason));
+                return;
+            }
+            Ok(other) => {
+                break Error::protocol(
+                    Side::Source,
+                    Link::Control,
+                    Violation::UnexpectedMessage(other.name()),
+                )
+            }
+            Err(error) => break error,
         }
-        Ok(ControlMessage::Failed(reason)) => {
-            // Recorded before the driver hears of it, so the driver reports this error.
-            failure.fail(Error::PeerFailed {
-                side: Side::Source,
-                reason: reason.clone(),
-            });
-            let _ = events.send(ControlEvent::PeerFailed(reason));
-            return;
-        }
-        Ok(other) => Error::protocol(
-            Side::Source,
-            Link::Control,
-            Violation::UnexpectedMessage(other.name()),
-        ),
-        Err(error) => error,
     };
     failure.fail(error);
 }

@@ -850,7 +850,7 @@ impl Destination {
     /// while channels were accepted, then the control channel through `reader`.
     fn run_rounds(
         &self,
-        (control, receipts): (&Mutex<ControlChannel>, bool),
+        (control, mut receipts): (&Mutex<ControlChannel>, bool),
         (mut reader, early): (ControlChannel, Vec<ControlMessage>),
         barrier: &SyncBarrier,
         counters: &Counters,
@@ -896,8 +896,15 @@ impl Destination {
                     }
                     released = round;
                     counters.rounds.store(released, Ordering::Relaxed);
-                    if receipts {
-                        lock(control).send(&ControlMessage::RoundReceived { round })?;
+                    // A receipt that cannot be written means the source closed the
+                    // connection, usually after an `Abort` still to be read here: that
+                    // reason, or the read error, is what to report, not this write's.
+                    if receipts
+                        && lock(control)
+                            .send(&ControlMessage::RoundReceived { round })
+                            .is_err()
+                    {
+                        receipts = false;
                     }
                 }
                 ControlMessage::SwitchoverStart => {

@@ -31,7 +31,7 @@ use crate::error::Error;
 use crate::failure::{join_threads, Failure};
 use crate::ids::{DeviceId, Link, Side};
 use crate::integrity::{checksum, Integrity, TRAILER_LEN};
-use crate::ram::GuestMemory;
+use crate::ram::{GuestMemory, RamBlock};
 use crate::stats::{ChannelCounters, Counters};
 use crate::sync::{deadline_after, lock, wait};
 use crate::transport::{iovec, push_page, Stream};
@@ -421,12 +421,26 @@ impl ChannelSender {
                 Work::Sync => self.send_sync(),
             };
             if let Err(error) = result {
-                failure.fail(Error::io_or_stalled(
-                    Side::Source,
-                    Link::Channel(self.id),
-                    "write packet",
-                    error,
-                ));
+                // The kernel could not read the pages: if a block's file shrank, that is
+                // the error to report, naming the block.
+                let shrank = (error.raw_os_error() == Some(libc::EFAULT))
+                    .then(|| {
+                        self.settings
+                            .memory
+                            .blocks()
+                            .iter()
+                            .try_for_each(RamBlock::check_file)
+                            .err()
+                    })
+                    .flatten();
+                failure.fail(shrank.unwrap_or_else(|| {
+                    Error::io_or_stalled(
+                        Side::Source,
+                        Link::Channel(self.id),
+                        "write packet",
+                        error,
+                    )
+                }));
                 return;
             }
             if let Some(limit) = &self.settings.bandwidth {
@@ -682,7 +696,6 @@ mod tests {
     use multifd_wire::{Compression, PacketHeader, RamLimits, RamPacket, RAM_PACKET_FIXED_LEN};
 
     use super::*;
-    use crate::ram::RamBlock;
 
     const PAGE: u32 = 4096;
     const PAGES_PER_PACKET: u32 = 4;

@@ -1,6 +1,7 @@
 //! The control channel's framing over a connection.
 
 use std::io::{self, Read, Write};
+use std::sync::{Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use multifd_wire::{ControlMessage, CONTROL_FRAME_HEADER_LEN, CONTROL_MAGIC};
@@ -23,6 +24,30 @@ pub(crate) struct ControlChannel {
 /// How long a control write may block: the peer reads its control channel promptly, so a
 /// write stuck this long means the peer is gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a failure report waits for the control channel: another thread writing a
+/// small frame (a round's receipt or end) holds it for microseconds; one that holds it
+/// longer is stuck on a peer that stopped reading, which then learns of the failure from
+/// the closed connections instead.
+const REPORT_LOCK_WAIT: Duration = Duration::from_millis(50);
+
+/// The control channel for a failure report, unless another thread keeps it longer than
+/// [`REPORT_LOCK_WAIT`]. Never blocks on a lock this thread holds.
+pub(crate) fn lock_for_report(
+    control: &Mutex<ControlChannel>,
+) -> Option<MutexGuard<'_, ControlChannel>> {
+    let deadline = Instant::now() + REPORT_LOCK_WAIT;
+    loop {
+        match control.try_lock() {
+            Ok(guard) => return Some(guard),
+            Err(TryLockError::Poisoned(poisoned)) => return Some(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(TryLockError::WouldBlock) => return None,
+        }
+    }
+}
 
 impl ControlChannel {
     pub(crate) fn new(side: Side, stream: Stream) -> Result<Self, Error> {

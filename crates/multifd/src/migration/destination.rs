@@ -12,7 +12,7 @@ use multifd_wire::{
 };
 
 use super::admission::{Admission, Identified};
-use super::control::ControlChannel;
+use super::control::{lock_for_report, ControlChannel};
 use super::{
     check_blocks, check_device_settings, check_devices, check_settings, expect, integrity_of,
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
@@ -273,9 +273,7 @@ impl Destination {
         let control = Arc::new(Mutex::new(control));
         let notifier = Arc::clone(&control);
         self.failure.on_failure(move |reason| {
-            // A control thread blocked mid-write holds the lock; the source then learns
-            // from the closed connections instead.
-            if let Ok(mut control) = notifier.try_lock() {
+            if let Some(mut control) = lock_for_report(&notifier) {
                 // Best effort: the source may already be gone.
                 let _ = control.send(&ControlMessage::Failed(reason.into()));
                 control.stream().shutdown();

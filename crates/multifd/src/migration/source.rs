@@ -14,7 +14,7 @@ use multifd_wire::{
     PROTOCOL_VERSION,
 };
 
-use super::control::ControlChannel;
+use super::control::{lock_for_report, ControlChannel};
 use super::{
     check_device_settings, check_devices, check_settings, integrity_extension,
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
@@ -696,29 +696,27 @@ impl Source {
     }
 
     /// The error to report once the migration has failed. When the source only saw a
-    /// broken channel, the destination's report (arriving on the control channel) says why.
+    /// broken connection (a channel, or the control channel's write side), the
+    /// destination's report, arriving on the control channel, says why.
     fn stopped(&self) -> Error {
         let first = self
             .failure
             .first_error(Error::Cancelled { side: Side::Source });
-        let broken_link = matches!(
-            first,
-            Error::Io {
-                link: Link::Channel(_),
-                ..
-            } | Error::Closed {
-                link: Link::Channel(_),
-                ..
-            }
-        );
-        if broken_link {
-            if let Ok(ControlEvent::PeerFailed(reason)) =
-                self.events.recv_timeout(PEER_REASON_GRACE)
-            {
-                return Error::PeerFailed {
-                    side: Side::Source,
-                    reason,
-                };
+        if !matches!(first, Error::Io { .. } | Error::Closed { .. }) {
+            return first;
+        }
+        let deadline = Instant::now() + PEER_REASON_GRACE;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.events.recv_timeout(left) {
+                Ok(ControlEvent::PeerFailed(reason)) => {
+                    return Error::PeerFailed {
+                        side: Side::Source,
+                        reason,
+                    }
+                }
+                // Receipts nobody waited for are still queued before the report.
+                Ok(ControlEvent::RoundReceived(_)) => {}
+                _ => break,
             }
         }
         first
@@ -748,9 +746,7 @@ fn notify_on_failure(
 ) -> Result<(), Error> {
     let notifier = Arc::clone(control);
     failure.on_failure(move |reason| {
-        // A driver blocked mid-write holds the lock; then the peer learns from the
-        // closed connections instead.
-        if let Ok(mut control) = notifier.try_lock() {
+        if let Some(mut control) = lock_for_report(&notifier) {
             // Best effort: the peer may already be gone.
             let _ = control.send(&ControlMessage::Abort(reason.into()));
             let stream = control.stream();

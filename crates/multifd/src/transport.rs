@@ -279,7 +279,7 @@ impl Stream {
 
 /// Repeats a vectored system call until every iovec is done: resumes after partial
 /// transfers and interruptions, and reports a transfer of zero bytes as `on_zero`.
-fn transfer_all(
+pub(crate) fn transfer_all(
     iovecs: &mut [libc::iovec],
     on_zero: io::ErrorKind,
     mut call: impl FnMut(&mut [libc::iovec], usize) -> isize,

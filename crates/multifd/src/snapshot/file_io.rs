@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::Error;
 use crate::ram::GuestMemory;
-use crate::transport::{advance, IOV_MAX};
+use crate::transport::transfer_all;
 
 /// Alignment `O_DIRECT` needs of memory addresses, lengths and file offsets: 4 KiB
 /// covers both logical block sizes disks use (512 bytes and 4 KiB). Guest pages of 4 KiB
@@ -65,11 +65,24 @@ pub(crate) unsafe fn transfer_at(
     direction: Direction,
 ) -> io::Result<()> {
     let fd = file.as_raw_fd();
-    let mut remaining = iovecs;
-    while !remaining.is_empty() {
-        let count = remaining.len().min(IOV_MAX) as libc::c_int;
-        let position = libc::off_t::try_from(offset)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset past 2^63"))?;
+    let total: u64 = iovecs.iter().map(|iovec| iovec.iov_len as u64).sum();
+    if offset
+        .checked_add(total)
+        .is_none_or(|end| libc::off_t::try_from(end).is_err())
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "offset past 2^63",
+        ));
+    }
+    let on_zero = match direction {
+        Direction::Write => io::ErrorKind::WriteZero,
+        Direction::Read => io::ErrorKind::UnexpectedEof,
+    };
+    transfer_all(iovecs, on_zero, |remaining, count| {
+        // Within `off_t`: the whole transfer's end was checked above.
+        let position = offset as libc::off_t;
+        let count = count as libc::c_int;
         let done = match direction {
             // SAFETY: the iovecs describe mapped, readable memory (contract above);
             // `count` is within the slice.
@@ -78,24 +91,11 @@ pub(crate) unsafe fn transfer_at(
             // above); `count` is within the slice.
             Direction::Read => unsafe { libc::preadv(fd, remaining.as_ptr(), count, position) },
         };
-        if done < 0 {
-            let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(error);
+        if done > 0 {
+            offset += done as u64;
         }
-        if done == 0 {
-            return Err(match direction {
-                Direction::Write => io::ErrorKind::WriteZero,
-                Direction::Read => io::ErrorKind::UnexpectedEof,
-            }
-            .into());
-        }
-        offset += done as u64;
-        remaining = advance(remaining, done as usize);
-    }
-    Ok(())
+        done
+    })
 }
 
 /// Allocates `length` bytes at `offset` as unwritten extents: they read as zeros and

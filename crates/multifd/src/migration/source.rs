@@ -465,29 +465,17 @@ impl Source {
     pub fn wait_until_received(&mut self, bound: Duration) -> Result<bool, Error> {
         let deadline = deadline_after(bound);
         while self.received_round < self.rounds {
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(false);
-            }
-            match self
-                .events
-                .recv_timeout((deadline - now).min(COMPLETION_POLL))
-            {
-                Ok(ControlEvent::RoundReceived(round)) => self.received_round = round,
-                Ok(ControlEvent::Completed(_)) => {
+            match self.next_event(deadline)? {
+                Some(ControlEvent::RoundReceived(round)) => self.received_round = round,
+                // `Completed` before `Complete` was sent.
+                Some(_) => {
                     return Err(self.fail(Error::protocol(
                         Side::Source,
                         Link::Control,
                         Violation::UnexpectedMessage("Completed"),
                     )))
                 }
-                Ok(ControlEvent::PeerFailed(_)) | Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(self.stopped())
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) if self.failure.is_failed() => {
-                    return Err(self.stopped())
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                None => return Ok(false),
             }
         }
         Ok(true)
@@ -638,21 +626,37 @@ impl Source {
     fn wait_for_completed(&self) -> Result<Totals, Error> {
         let deadline = deadline_after(self.idle_timeout);
         loop {
-            match self.events.recv_timeout(COMPLETION_POLL) {
-                Ok(ControlEvent::Completed(received)) => return Ok(received),
-                Ok(ControlEvent::RoundReceived(_)) => {}
-                Ok(ControlEvent::PeerFailed(_)) | Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(self.stopped())
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) if self.failure.is_failed() => {
-                    return Err(self.stopped())
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
+            match self.next_event(deadline)? {
+                Some(ControlEvent::Completed(received)) => return Ok(received),
+                // Receipts nobody waited for.
+                Some(_) => {}
+                None => {
                     return Err(self.fail(Error::Stalled {
                         side: Side::Source,
                         link: Link::Control,
                         context: "waiting for the destination's Completed",
                     }))
+                }
+            }
+        }
+    }
+
+    /// The control reader's next receipt or `Completed`, or `None` once `deadline`
+    /// passes; a cancel, a failure or the destination's `Failed` meanwhile ends the wait
+    /// with the error to report.
+    fn next_event(&self, deadline: Instant) -> Result<Option<ControlEvent>, Error> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left.min(COMPLETION_POLL)) {
+                Ok(ControlEvent::PeerFailed(_)) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(self.stopped())
+                }
+                Ok(event) => return Ok(Some(event)),
+                Err(mpsc::RecvTimeoutError::Timeout) if self.failure.is_failed() => {
+                    return Err(self.stopped())
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
+                    return Ok(None)
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }

@@ -276,6 +276,11 @@ impl GuestMemory {
         self.blocks.iter().position(|block| block.name == name)
     }
 
+    /// Checks that no block's file shrank below the block ([`RamBlock::check_file`]).
+    pub(crate) fn check_files(&self) -> Result<(), Error> {
+        self.blocks.iter().try_for_each(RamBlock::check_file)
+    }
+
     /// Checks every block is a whole number of pages and the host addresses are aligned
     /// for word-at-a-time access.
     pub(crate) fn check_layout(&self, page_size: u32) -> Result<(), Error> {

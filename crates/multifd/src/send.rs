@@ -31,7 +31,7 @@ use crate::error::Error;
 use crate::failure::{join_threads, Failure};
 use crate::ids::{DeviceId, Link, Side};
 use crate::integrity::{checksum, Integrity, TRAILER_LEN};
-use crate::ram::{GuestMemory, RamBlock};
+use crate::ram::GuestMemory;
 use crate::stats::{ChannelCounters, Counters};
 use crate::sync::{deadline_after, lock, wait};
 use crate::transport::{iovec, push_page, Stream};
@@ -423,16 +423,11 @@ impl ChannelSender {
             if let Err(error) = result {
                 // The kernel could not read the pages: if a block's file shrank, that is
                 // the error to report, naming the block.
-                let shrank = (error.raw_os_error() == Some(libc::EFAULT))
-                    .then(|| {
-                        self.settings
-                            .memory
-                            .blocks()
-                            .iter()
-                            .try_for_each(RamBlock::check_file)
-                            .err()
-                    })
-                    .flatten();
+                let shrank = if error.raw_os_error() == Some(libc::EFAULT) {
+                    self.settings.memory.check_files().err()
+                } else {
+                    None
+                };
                 failure.fail(shrank.unwrap_or_else(|| {
                     Error::io_or_stalled(
                         Side::Source,
@@ -696,6 +691,7 @@ mod tests {
     use multifd_wire::{Compression, PacketHeader, RamLimits, RamPacket, RAM_PACKET_FIXED_LEN};
 
     use super::*;
+    use crate::ram::RamBlock;
 
     const PAGE: u32 = 4096;
     const PAGES_PER_PACKET: u32 = 4;

@@ -569,12 +569,7 @@ impl Source {
         }
         self.counters.drained();
         // Every page has been read: a file that shrank meanwhile made some unreadable.
-        if let Err(error) = self
-            .memory
-            .blocks()
-            .iter()
-            .try_for_each(RamBlock::check_file)
-        {
+        if let Err(error) = self.memory.check_files() {
             return Err(self.fail(error));
         }
         let totals = self.counters.totals();

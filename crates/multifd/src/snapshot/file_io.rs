@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::Error;
@@ -38,6 +39,17 @@ pub(crate) fn check_direct_io(page_size: u32, memory: &GuestMemory) -> Result<()
         }
     }
     Ok(())
+}
+
+/// Turns an I/O error on the snapshot file at `path` while doing `context` into the
+/// error to report, for `map_err`.
+pub(crate) fn snapshot_io(path: &Path, context: &'static str) -> impl FnOnce(io::Error) -> Error {
+    let path = path.to_owned();
+    move |source| Error::SnapshotIo {
+        path,
+        context,
+        source,
+    }
 }
 
 /// Which way a transfer goes.

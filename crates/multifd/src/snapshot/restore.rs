@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use memmap2::MmapOptions;
 use multifd_wire::BlockAnnouncement;
 
-use super::file_io::{check_direct_io, transfer_at, Direction};
+use super::file_io::{check_direct_io, snapshot_io, transfer_at, Direction};
 use super::format::{self, DeviceEntry, Metadata, FIXED_LEN};
 use crate::device::{LoadDevice, LoadDevices};
 use crate::error::{Error, SnapshotFault};
@@ -89,14 +89,7 @@ impl Snapshot {
     /// [`Error::BadSnapshot`] naming the field.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
         let path = path.as_ref().to_owned();
-        let io_error = |context| {
-            let path = path.clone();
-            move |source| Error::SnapshotIo {
-                path,
-                context,
-                source,
-            }
-        };
+        let io_error = |context| snapshot_io(&path, context);
         let file = File::open(&path).map_err(io_error("open"))?;
         let actual_len = file.metadata().map_err(io_error("stat"))?.len();
         let bad = |source| Error::BadSnapshot {
@@ -184,11 +177,10 @@ impl Snapshot {
                     .read(true)
                     .custom_flags(libc::O_DIRECT)
                     .open(&self.path)
-                    .map_err(|source| Error::SnapshotIo {
-                        path: self.path.clone(),
-                        context: "open with O_DIRECT (the filesystem may not support it)",
-                        source,
-                    })?,
+                    .map_err(snapshot_io(
+                        &self.path,
+                        "open with O_DIRECT (the filesystem may not support it)",
+                    ))?,
             )
         } else {
             None
@@ -277,11 +269,7 @@ impl Snapshot {
                         .len(length)
                         .map_copy(&self.file)
                 }
-                .map_err(|source| Error::SnapshotIo {
-                    path: self.path.clone(),
-                    context: "map a block privately",
-                    source,
-                })?;
+                .map_err(snapshot_io(&self.path, "map a block privately"))?;
                 RamBlock::from_mapping(&block.name, mapping)
             })
             .collect::<Result<Vec<_>, Error>>()?;
@@ -365,11 +353,7 @@ impl Snapshot {
             let mut blob = vec![0u8; length];
             self.file
                 .read_exact_at(&mut blob, entry.offset)
-                .map_err(|source| Error::SnapshotIo {
-                    path: self.path.clone(),
-                    context: "read device state",
-                    source,
-                })?;
+                .map_err(snapshot_io(&self.path, "read device state"))?;
             let computed = checksum(&[&blob]);
             if computed != entry.crc {
                 return Err(bad(SnapshotFault::ChecksumMismatch {

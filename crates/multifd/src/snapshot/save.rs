@@ -26,7 +26,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use super::file_io::{
-    check_direct_io, preallocate, punch_hole, transfer_at, Direction, PresentPages,
+    check_direct_io, preallocate, punch_hole, snapshot_io, transfer_at, Direction, PresentPages,
 };
 use super::format::{BlockEntry, DeviceEntry, Metadata, Plan};
 use crate::device::{SaveDevice, SaveDevices, StateWriter};
@@ -253,14 +253,7 @@ impl SnapshotWriter {
         let lengths: Vec<u64> = memory.blocks().iter().map(RamBlock::len).collect();
         let plan = Plan::new(config.page_size, &lengths, devices.len())
             .ok_or_else(|| Error::Config("the snapshot would pass 2^64 bytes".into()))?;
-        let io_error = |context| {
-            let path = path.clone();
-            move |source| Error::SnapshotIo {
-                path,
-                context,
-                source,
-            }
-        };
+        let io_error = |context| snapshot_io(&path, context);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -554,14 +547,7 @@ impl SnapshotWriter {
             devices,
             bitmaps: self.shared.present.bitmaps(),
         };
-        let io_error = |context| {
-            let path = self.shared.path.clone();
-            move |source| Error::SnapshotIo {
-                path,
-                context,
-                source,
-            }
-        };
+        let io_error = |context| snapshot_io(&self.shared.path, context);
         self.file
             .set_len(file_len)
             .map_err(io_error("set the length"))?;
@@ -747,13 +733,7 @@ fn save_devices(
             device: slot.id.clone(),
             message,
         };
-        let io_error = |context| {
-            move |source| Error::SnapshotIo {
-                path: path.to_owned(),
-                context,
-                source,
-            }
-        };
+        let io_error = |context| snapshot_io(path, context);
         io::Write::write_all(&mut area, &slot.precopy).map_err(io_error("write device state"))?;
         slot.device
             .save_state(&mut StateWriter::new(&mut area))

@@ -423,6 +423,24 @@ impl DeviceLoad {
 }
 
 /// One restore thread.
+/// One block of the snapshot as a reader job sees it.
+#[derive(Clone, Copy)]
+struct JobBlock<'a> {
+    /// Where the block's pages start in the file.
+    file_offset: u64,
+    /// Which pages the file holds.
+    bitmap: &'a [u64],
+    /// Where they go.
+    block: &'a RamBlock,
+    page_size: u64,
+}
+
+impl JobBlock<'_> {
+    fn present(&self, page: u64) -> bool {
+        self.bitmap[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+}
+
 struct Reader<'a> {
     snapshot: &'a Snapshot,
     /// The descriptor pages are read through (`O_DIRECT` when asked).
@@ -477,12 +495,9 @@ impl Reader<'_> {
         (index, first, count): (usize, u64, u64),
         iovecs: &mut Vec<libc::iovec>,
     ) -> std::io::Result<()> {
-        let metadata = &self.snapshot.metadata;
-        let entry = &metadata.blocks[index];
-        let bitmap = &metadata.bitmaps[index];
-        let block = &self.memory.blocks()[self.targets[index]];
-        let page_size = u64::from(metadata.page_size);
-        let present = |page: u64| bitmap[(page / 64) as usize] & (1 << (page % 64)) != 0;
+        let job = self.job_block(index);
+        let (block, page_size) = (job.block, job.page_size);
+        let present = |page| job.present(page);
         let pages = first..first + count;
         let range = pages
             .clone()
@@ -506,7 +521,7 @@ impl Reader<'_> {
                 transfer_at(
                     self.pages,
                     iovecs,
-                    entry.file_offset + start * page_size,
+                    job.file_offset + start * page_size,
                     Direction::Read,
                 )?;
             }
@@ -522,7 +537,7 @@ impl Reader<'_> {
             if inside || !self.memory_zeroed {
                 // SAFETY: a whole page inside the target block (as above), whose page size
                 // is a multiple of 8 (checked when the file was parsed).
-                unsafe { block.zero_page(page * page_size, metadata.page_size) };
+                unsafe { block.zero_page(page * page_size, page_size as u32) };
             }
         }
         self.count(normal * page_size, (normal, count - normal), calls);
@@ -536,11 +551,8 @@ impl Reader<'_> {
         (index, first, count): (usize, u64, u64),
         iovecs: &mut Vec<libc::iovec>,
     ) -> std::io::Result<()> {
-        let metadata = &self.snapshot.metadata;
-        let entry = &metadata.blocks[index];
-        let bitmap = &metadata.bitmaps[index];
-        let block = &self.memory.blocks()[self.targets[index]];
-        let page_size = u64::from(metadata.page_size);
+        let job = self.job_block(index);
+        let (block, page_size) = (job.block, job.page_size);
         let mut run_start = None;
         let (mut normal, mut zero, mut calls) = (0u64, 0u64, 0u64);
         let mut flush = |run_start: &mut Option<u64>, iovecs: &mut Vec<libc::iovec>| {
@@ -549,12 +561,7 @@ impl Reader<'_> {
                 // range comes from the file block, whose length equals the target's),
                 // mapped writable (checked), and the engine forms no reference to them.
                 unsafe {
-                    transfer_at(
-                        self.pages,
-                        iovecs,
-                        entry.file_offset + start,
-                        Direction::Read,
-                    )?;
+                    transfer_at(self.pages, iovecs, job.file_offset + start, Direction::Read)?;
                 }
                 iovecs.clear();
                 calls += 1;
@@ -563,13 +570,12 @@ impl Reader<'_> {
         };
         for page in first..first + count {
             let offset = page * page_size;
-            let present = bitmap[(page / 64) as usize] & (1 << (page % 64)) != 0;
-            if !present {
+            if !job.present(page) {
                 flush(&mut run_start, iovecs)?;
                 if !self.memory_zeroed {
                     // SAFETY: a whole page inside the target block (as above), whose
                     // page size is a multiple of 8 (checked when the file was parsed).
-                    unsafe { block.zero_page(offset, metadata.page_size) };
+                    unsafe { block.zero_page(offset, page_size as u32) };
                 }
                 zero += 1;
                 continue;
@@ -584,6 +590,18 @@ impl Reader<'_> {
         flush(&mut run_start, iovecs)?;
         self.count(normal * page_size, (normal, zero), calls);
         Ok(())
+    }
+
+    /// Block `index` as a job reads it: where it starts in the file, which pages the file
+    /// holds, and the target block.
+    fn job_block(&self, index: usize) -> JobBlock<'_> {
+        let metadata = &self.snapshot.metadata;
+        JobBlock {
+            file_offset: metadata.blocks[index].file_offset,
+            bitmap: &metadata.bitmaps[index],
+            block: &self.memory.blocks()[self.targets[index]],
+            page_size: u64::from(metadata.page_size),
+        }
     }
 
     /// Adds one job to the reader's counters: `bytes` read in `calls` reads, and its

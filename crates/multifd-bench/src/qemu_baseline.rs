@@ -56,7 +56,7 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 
 use crate::qemu_process::{
-    option_path, qemu_version, u64_field, work_directory, Qemu, POLL_INTERVAL,
+    image_backend, memory_only_guest, qemu_version, u64_field, work_directory, Qemu, POLL_INTERVAL,
 };
 
 /// Guest RAM sizes must be a multiple of this (2 MiB).
@@ -259,33 +259,12 @@ impl Pair {
         let workdir = work_directory()?;
         let mib = size >> 20;
         let common = |backend: String| -> Vec<String> {
-            let mut common: Vec<String> = [
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-S",
-                "-accel",
-                "kvm",
-                "-accel",
-                "tcg",
-                "-machine",
-                "pc,memory-backend=mem",
-                "-m",
-                &format!("{mib}M"),
-                "-object",
-                &backend,
-            ]
-            .map(str::to_owned)
-            .to_vec();
+            let mut common = memory_only_guest(mib, &backend);
             common.extend_from_slice(arguments);
             common
         };
 
-        let source_backend = format!(
-            "memory-backend-file,id=mem,size={mib}M,mem-path={},share=off,readonly=on",
-            option_path(image)?
-        );
+        let source_backend = image_backend(image, mib)?;
         let source = Qemu::launch("source", &common(source_backend), workdir.path())?;
 
         let destination_backend = match destination_ram {
@@ -298,7 +277,7 @@ impl Pair {
                     .with_context(|| format!("sizing {}", path.display()))?;
                 format!(
                     "memory-backend-file,id=mem,size={mib}M,mem-path={},share=on",
-                    option_path(path)?
+                    crate::qemu_process::option_path(path)?
                 )
             }
             DestinationRam::Fresh => format!("memory-backend-ram,id=mem,size={mib}M"),

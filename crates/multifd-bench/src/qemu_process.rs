@@ -55,6 +55,39 @@ pub fn option_path(path: &Path) -> Result<String> {
     Ok(text.replace(',', ",,"))
 }
 
+/// Arguments for a paused PC without devices whose `mib` MiB of RAM is `backend` (a
+/// `-object` memory backend with id `mem`), on KVM, or TCG where KVM is missing.
+pub fn memory_only_guest(mib: u64, backend: &str) -> Vec<String> {
+    [
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-S",
+        "-accel",
+        "kvm",
+        "-accel",
+        "tcg",
+        "-machine",
+        "pc,memory-backend=mem",
+        "-m",
+        &format!("{mib}M"),
+        "-object",
+        backend,
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// A memory backend of `mib` MiB that maps `image` private and read-only: QEMU's guest
+/// RAM is the image, which it never changes.
+pub fn image_backend(image: &Path, mib: u64) -> Result<String> {
+    Ok(format!(
+        "memory-backend-file,id=mem,size={mib}M,mem-path={},share=off,readonly=on",
+        option_path(image)?
+    ))
+}
+
 /// The TCP port in a destination's `query-migrate` reply after `migrate-incoming`.
 fn listening_port(reply: &Value) -> Result<u16> {
     let port = &reply["socket-address"][0]["port"];

@@ -34,7 +34,9 @@ use multifd_cli::image::{self, parse_size};
 use multifd_cli::GIB;
 use serde_json::json;
 
-use crate::qemu_process::{option_path, qemu_version, work_directory, Qemu, QEMU};
+use crate::qemu_process::{
+    image_backend, memory_only_guest, option_path, qemu_version, work_directory, Qemu, QEMU,
+};
 
 /// How often QEMU's `query-migrate` is polled: a few milliseconds, so that polling adds
 /// under 1% to a run of a second or more.
@@ -192,25 +194,7 @@ fn qemu(
     });
     let capabilities = [("multifd", true), ("mapped-ram", true)];
     let arguments = |backend: String, incoming: bool| -> Vec<String> {
-        let mut arguments: Vec<String> = [
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-S",
-            "-accel",
-            "kvm",
-            "-accel",
-            "tcg",
-            "-machine",
-            "pc,memory-backend=mem",
-            "-m",
-            &format!("{mib}M"),
-            "-object",
-            &backend,
-        ]
-        .map(str::to_owned)
-        .to_vec();
+        let mut arguments = memory_only_guest(mib, &backend);
         if incoming {
             arguments.extend(["-incoming".to_owned(), "defer".to_owned()]);
         }
@@ -218,10 +202,7 @@ fn qemu(
     };
 
     let save = {
-        let backend = format!(
-            "memory-backend-file,id=mem,size={mib}M,mem-path={},share=off,readonly=on",
-            option_path(image_path)?
-        );
+        let backend = image_backend(image_path, mib)?;
         let mut source = Qemu::launch("source", &arguments(backend, false), workdir.path())?;
         source.configure_migration(&capabilities, &parameters)?;
         let started = Instant::now();

@@ -106,6 +106,14 @@ fn misbehaving_destination(
     (address, thread)
 }
 
+/// A source of 2 channels with idle timeout `idle`, connected to a destination that
+/// misbehaves as told (for 20 s at most).
+fn source_against(misbehaviour: Misbehaviour, idle: Duration) -> (Source, JoinHandle<()>) {
+    let (address, destination) = misbehaving_destination(2, misbehaviour, Duration::from_secs(20));
+    let source = Source::connect(&address, &config(idle), source_memory()).expect("connect");
+    (source, destination)
+}
+
 fn source_memory() -> GuestMemory {
     let block = block("pc.ram", 64 << 20);
     fill_random(&block, 3);
@@ -121,10 +129,8 @@ fn config(idle_timeout: Duration) -> SourceConfig {
 
 #[test]
 fn a_destination_that_never_confirms_ends_complete_at_the_idle_timeout() {
-    let (address, destination) =
-        misbehaving_destination(2, Misbehaviour::NeverAnswers, Duration::from_secs(20));
     let idle = Duration::from_millis(800);
-    let mut source = Source::connect(&address, &config(idle), source_memory()).expect("connect");
+    let (mut source, destination) = source_against(Misbehaviour::NeverAnswers, idle);
     source.queue_block(0).expect("queue");
     let started = Instant::now();
     let error = source.complete().expect_err("no Completed ever comes");
@@ -145,10 +151,8 @@ fn a_destination_that_never_confirms_ends_complete_at_the_idle_timeout() {
 
 #[test]
 fn cancel_frees_a_source_waiting_for_completed() {
-    let (address, destination) =
-        misbehaving_destination(2, Misbehaviour::NeverAnswers, Duration::from_secs(20));
-    let mut source = Source::connect(&address, &config(Duration::from_secs(60)), source_memory())
-        .expect("connect");
+    let (mut source, destination) =
+        source_against(Misbehaviour::NeverAnswers, Duration::from_secs(60));
     source.queue_block(0).expect("queue");
     let cancel = source.cancel_handle();
     let canceller = std::thread::spawn(move || {
@@ -172,10 +176,8 @@ fn cancel_frees_a_source_waiting_for_completed() {
 
 #[test]
 fn the_wait_for_a_round_receipt_that_never_comes_is_bounded() {
-    let (address, destination) =
-        misbehaving_destination(2, Misbehaviour::NeverAnswers, Duration::from_secs(20));
-    let mut source = Source::connect(&address, &config(Duration::from_secs(60)), source_memory())
-        .expect("connect");
+    let (mut source, destination) =
+        source_against(Misbehaviour::NeverAnswers, Duration::from_secs(60));
     source.queue_block(0).expect("queue");
     source.end_round().expect("round 1");
     let bound = Duration::from_millis(400);
@@ -192,10 +194,8 @@ fn the_wait_for_a_round_receipt_that_never_comes_is_bounded() {
 
 #[test]
 fn cancel_ends_the_wait_for_a_round_receipt() {
-    let (address, destination) =
-        misbehaving_destination(2, Misbehaviour::NeverAnswers, Duration::from_secs(20));
-    let mut source = Source::connect(&address, &config(Duration::from_secs(60)), source_memory())
-        .expect("connect");
+    let (mut source, destination) =
+        source_against(Misbehaviour::NeverAnswers, Duration::from_secs(60));
     source.queue_block(0).expect("queue");
     source.end_round().expect("round 1");
     let cancel = source.cancel_handle();
@@ -219,10 +219,8 @@ fn cancel_ends_the_wait_for_a_round_receipt() {
 
 #[test]
 fn a_receipt_for_a_round_not_confirmed_in_order_fails_the_source() {
-    let (address, destination) =
-        misbehaving_destination(2, Misbehaviour::ReceiptOutOfOrder, Duration::from_secs(20));
-    let mut source = Source::connect(&address, &config(Duration::from_secs(60)), source_memory())
-        .expect("connect");
+    let (mut source, destination) =
+        source_against(Misbehaviour::ReceiptOutOfOrder, Duration::from_secs(60));
     // The receipt for round 2 comes before round 1 even ended: whatever call sees the
     // failure first reports it.
     let error = source
@@ -248,10 +246,8 @@ fn a_receipt_for_a_round_not_confirmed_in_order_fails_the_source() {
 
 #[test]
 fn a_destination_that_never_reads_a_channel_stalls_the_write_at_the_idle_timeout() {
-    let (address, destination) =
-        misbehaving_destination(2, Misbehaviour::NeverReads, Duration::from_secs(20));
     let idle = Duration::from_millis(800);
-    let mut source = Source::connect(&address, &config(idle), source_memory()).expect("connect");
+    let (mut source, destination) = source_against(Misbehaviour::NeverReads, idle);
     let started = Instant::now();
     // 64 MiB of random pages cannot fit in the socket buffers: a write blocks, then fails.
     let error = match source.queue_block(0) {
